@@ -1,0 +1,45 @@
+"""Shared bench plumbing: a table on stdout, JSON with machine facts under bench/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = None) -> dict:
+    """Print ``rows`` as a table and write them (plus machine facts) to ``json_path``."""
+    table = Table(title=title)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    for c in cols:
+        table.add_column(c, justify="right" if any(isinstance(r.get(c), (int, float)) for r in rows) else "left")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    Console().print(table)
+    doc = {"bench": title, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+           "rows": rows, **(extra or {})}
+    json_path = Path(json_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(doc, indent=2))
+    Console().print(f"wrote {json_path}")
+    return doc
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:,.1f}" if abs(v) >= 100 else f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)

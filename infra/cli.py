@@ -1,0 +1,208 @@
+"""``ctr``: the command line of the CTR adaptation system. Every command has ``--help``.
+
+Imports are lazy on purpose: ``import feast`` alone takes seconds, and ``ctr broker status``
+should answer instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+broker_app = typer.Typer(help="The embedded Kafka-protocol broker (no Docker needed).", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON under bench/results/.", no_args_is_help=True)
+app.add_typer(broker_app, name="broker")
+app.add_typer(bench_app, name="bench")
+
+Bootstrap = Annotated[str | None, typer.Option(
+    "--bootstrap", envvar="CTR_BOOTSTRAP",
+    help="Kafka bootstrap HOST:PORT (external Apache Kafka, or the embedded broker; "
+         "default: the broker started by `ctr broker start`).")]
+
+
+def _fail(msg: str) -> None:
+    typer.secho(msg, fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _bootstrap(explicit: str | None) -> str:
+    from infra.config import resolve_bootstrap
+
+    try:
+        return resolve_bootstrap(explicit)
+    except RuntimeError as err:
+        _fail(str(err))
+        raise
+
+
+# --------------------------------------------------------------------------- broker
+@broker_app.command("start")
+def broker_start(
+    kind: Annotated[str, typer.Option(help="noida (default: transactions, exact end offsets) or tansu.")] = "noida",
+    port: Annotated[int | None, typer.Option(help="Port on 127.0.0.1 (default: a free one).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Broker data (default: .ctr/broker-<kind>).")] = None,
+    foreground: Annotated[bool, typer.Option("--foreground", help="Run until Ctrl-C instead of detaching.")] = False,
+) -> None:
+    """Start the embedded broker on loopback, wait until it accepts connections, create the topics."""
+    from infra.broker import KINDS, EmbeddedBroker
+    from infra.config import state_dir
+
+    if kind not in KINDS:
+        _fail(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
+    state = state_dir() / "broker.json"
+    if state.exists() and not foreground:
+        info = json.loads(state.read_text())
+        from infra.procs import pid_alive
+
+        if pid_alive(info["pid"]):
+            _fail(f"a broker is already running: {info['kind']} at {info['bootstrap']} (pid {info['pid']}); "
+                  "`ctr broker stop` first")
+        state.unlink()
+    data_dir = data_dir or state_dir() / f"broker-{kind}"
+    broker = EmbeddedBroker(kind=kind, port=port, data_dir=data_dir, detach=not foreground).start()
+    info = {"kind": kind, "bootstrap": broker.bootstrap, "pid": broker.proc.pid, "data_dir": str(data_dir)}
+    if not foreground:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(info))
+        typer.echo(f"broker {kind} running at {broker.bootstrap} (pid {broker.proc.pid}); "
+                   f"stop it with `ctr broker stop`")
+        return
+    typer.echo(f"broker {kind} running at {broker.bootstrap}; Ctrl-C stops it")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while broker.proc.poll() is None:
+            time.sleep(0.5)
+        _fail(f"broker exited with code {broker.proc.returncode}; log: {data_dir / 'broker.log'}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop(keep_data=True)
+
+
+@broker_app.command("stop")
+def broker_stop() -> None:
+    """Stop the broker started by `ctr broker start` (SIGTERM, then SIGKILL after 10 s)."""
+    from infra.config import state_dir
+    from infra.procs import stop_process
+
+    state = state_dir() / "broker.json"
+    if not state.exists():
+        typer.echo("no broker running (nothing in .ctr/broker.json)")
+        return
+    info = json.loads(state.read_text())
+    stop_process(info["pid"])
+    state.unlink()
+    typer.echo(f"stopped broker {info['kind']} (pid {info['pid']})")
+
+
+@broker_app.command("status")
+def broker_status(bootstrap: Bootstrap = None) -> None:
+    """Show the broker's address and each topic's partitions and end offsets."""
+    from confluent_kafka import TopicPartition
+
+    from infra.config import TOPICS
+    from streams.kafka_io import make_consumer
+
+    bs = _bootstrap(bootstrap)
+    try:
+        consumer = make_consumer(bs, "ctr-status")
+        meta = consumer.list_topics(timeout=5)
+    except Exception as err:  # noqa: BLE001 - report any client error as "not reachable"
+        _fail(f"broker at {bs} not reachable: {err}")
+    typer.echo(f"broker at {bs}: reachable")
+    for t in TOPICS:
+        if t.name not in meta.topics:
+            typer.echo(f"  {t.name:<18} missing")
+            continue
+        parts = meta.topics[t.name].partitions
+        ends = [consumer.get_watermark_offsets(TopicPartition(t.name, p), timeout=5)[1] for p in parts]
+        typer.echo(f"  {t.name:<18} partitions={len(parts)} messages={sum(ends)}")
+    consumer.close()
+
+
+# --------------------------------------------------------------------------- replay
+@app.command("replay")
+def replay_cmd(
+    data: Annotated[str, typer.Option(help="synthetic | criteo:PATH | avazu:PATH | obd:PATH | csv:PATH")] = "synthetic",
+    mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH (see streams/datasets).")] = None,
+    rate: Annotated[str, typer.Option(help="Events per second, or 'max'.")] = "max",
+    events: Annotated[int | None, typer.Option(help="Impressions to replay (clicks follow them).")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed for the synthetic stream and click delays.")] = 0,
+    bootstrap: Bootstrap = None,
+) -> None:
+    """Write impressions and delayed clicks to Kafka in event-time order, with progress."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from streams.datasets import open_source
+    from streams.replay import replay
+
+    bs = _bootstrap(bootstrap)
+    try:
+        per_s = None if rate == "max" else float(rate)
+        records = open_source(data, mapping=mapping, seed=seed, events=events)
+    except ValueError as err:
+        _fail(str(err))
+    with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed:,.0f} impressions"),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False) as progress:
+        task = progress.add_task("replay", total=events, rate="")
+
+        def on_progress(s) -> None:
+            progress.update(task, completed=s.impressions, rate=f"{s.events_per_s:,.0f} events/s")
+
+        summary = replay(records, bs, rate=per_s, on_progress=on_progress)
+    typer.echo(json.dumps(summary.as_dict()))
+
+
+# --------------------------------------------------------------------------- demo
+@app.command("demo")
+def demo_cmd(
+    data: Annotated[str, typer.Option(help="synthetic | criteo:PATH | avazu:PATH | obd:PATH | csv:PATH")] = "synthetic",
+    mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH.")] = None,
+    events: Annotated[int, typer.Option(help="Impressions to replay.")] = 200_000,
+    rate: Annotated[str, typer.Option(help="Events per second, or 'max'.")] = "max",
+    out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<timestamp>).")] = None,
+    kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
+    bootstrap: Annotated[str | None, typer.Option(help="Use an external Kafka instead of the embedded broker.")] = None,
+    seed: int = 0,
+) -> None:
+    """The main job on the embedded default: broker, replay, validated read-back, summary."""
+    from infra.demo import run_demo
+
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    try:
+        run_demo(out, data=data, mapping=mapping, events=events, rate=None if rate == "max" else float(rate),
+                 kind=kind, bootstrap=bootstrap, seed=seed)
+    except ValueError as err:
+        _fail(str(err))
+
+
+# --------------------------------------------------------------------------- bench
+@bench_app.command("replay")
+def bench_replay(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] =
+        Path("bench/results/replay.json"),
+    events: Annotated[int, typer.Option(help="Events per client.")] = 100_000,
+    kind: Annotated[str, typer.Option(help="Embedded broker kind to run against.")] = "noida",
+    bootstrap: Annotated[str | None, typer.Option(help="Use this broker instead of starting one.")] = None,
+) -> None:
+    """Events/s into the broker per client (confluent-kafka, aiokafka, kafka-python) and of the
+    full replay path (generate + validate + encode + produce)."""
+    from bench.replay import main
+
+    main(json_path=json_path, events=events, kind=kind, bootstrap=bootstrap)
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

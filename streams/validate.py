@@ -1,0 +1,26 @@
+"""Validation on the way in, shared by every confluent-kafka stage: decode a batch, send what
+does not decode to the dead-letter topic, return the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from confluent_kafka import Message
+
+from streams.deadletter import DeadLetterSink
+from streams.schema import SchemaError
+
+T = TypeVar("T")
+
+
+def decode_batch(msgs: Sequence[Message], decode: Callable[[bytes], T], sink: DeadLetterSink) -> list[T]:
+    """Decode each message; a :class:`SchemaError` sends it to ``sink`` and the batch goes on."""
+    out: list[T] = []
+    for m in msgs:
+        try:
+            out.append(decode(m.value()))
+        except SchemaError as err:
+            sink.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(),
+                      offset=m.offset(), key=m.key())
+    return out
