@@ -106,7 +106,7 @@ def _decoder(kind: type[T]) -> Any:
             return dec.decode(data)
         except msgspec.ValidationError as err:
             raise SchemaError(str(err)) from None
-        except msgspec.DecodeError as err:
+        except (msgspec.DecodeError, UnicodeDecodeError) as err:
             raise SchemaError(f"malformed JSON: {err}") from None
 
     decode.__doc__ = f"Decode and validate one :class:`{kind.__name__}`; raises :class:`SchemaError`."

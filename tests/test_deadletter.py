@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streams.deadletter import DeadLetterSink, read_dead_letter
 from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 from streams.replay import IMPRESSIONS_TOPIC
-from streams.schema import MAX_MESSAGE_BYTES, Impression, decode_impression, encode
+from streams.schema import (
+    MAX_MESSAGE_BYTES,
+    Impression,
+    SchemaError,
+    decode_click,
+    decode_impression,
+    decode_training_example,
+    encode,
+)
 from streams.validate import decode_batch
 from tests.kafka_helpers import read_topic_confluent
 
@@ -22,6 +32,7 @@ BAD = {
     b"[1, 2, 3]": "Expected `object`",
     b"\xff\xfe\x00garbage": "malformed JSON",
     b"": "malformed JSON",
+    b'{"event_id": "\xed\xa0\x80", "event_time_ms": 1, "user_id": "u", "item_id": "a"}': "malformed JSON",
     b'{"event_id": "' + b"x" * MAX_MESSAGE_BYTES + b'"}': "bytes >",
 }
 
@@ -59,7 +70,15 @@ def test_malformed_messages_go_to_dead_letter(broker, group_id: str) -> None:
 
 @pytest.mark.parametrize("raw", list(BAD))
 def test_decoder_never_raises_anything_but_schema_error(raw: bytes) -> None:
-    from streams.schema import SchemaError
-
     with pytest.raises(SchemaError):
         decode_impression(raw)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300) | st.from_regex(rb'\{"event_id": ".{0,5}", "event_time_ms": .{0,4}\}', fullmatch=True))
+def test_decoders_raise_only_schema_error(raw: bytes) -> None:
+    for decode in (decode_impression, decode_click, decode_training_example):
+        try:
+            decode(raw)
+        except SchemaError:
+            pass
