@@ -65,9 +65,11 @@ def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeou
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = admin.list_topics(timeout=timeout_s).topics
     wanted = [t for t in topics if t.name not in existing]
+    # 1 on the embedded broker; a production cluster sets CTR_REPLICATION_FACTOR=3.
+    replication = int(os.environ.get("CTR_REPLICATION_FACTOR", "1"))
     if wanted:
         futures = admin.create_topics(
-            [NewTopic(t.name, num_partitions=t.partitions, replication_factor=1) for t in wanted],
+            [NewTopic(t.name, num_partitions=t.partitions, replication_factor=replication) for t in wanted],
             request_timeout=timeout_s,
         )
         for name, fut in futures.items():

@@ -7,6 +7,7 @@ should answer instantly.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import time
@@ -128,6 +129,22 @@ def broker_status(bootstrap: Bootstrap = None) -> None:
     consumer.close()
 
 
+topics_app = typer.Typer(help="Kafka topics of the pipeline.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+def topics_create(bootstrap: Bootstrap = None) -> None:
+    """Create the pipeline's topics with their partition counts on any Kafka (idempotent)."""
+    from infra.broker import create_topics
+    from infra.config import TOPICS
+
+    bs = _bootstrap(bootstrap)
+    create_topics(bs)
+    for t in TOPICS:
+        typer.echo(f"{t.name:<18} partitions={t.partitions}  {t.purpose}")
+
+
 # --------------------------------------------------------------------------- replay
 @app.command("replay")
 def replay_cmd(
@@ -159,6 +176,45 @@ def replay_cmd(
 
         summary = replay(records, bs, rate=per_s, on_progress=on_progress)
     typer.echo(json.dumps(summary.as_dict()))
+
+
+# --------------------------------------------------------------------------- learn
+@app.command("learn")
+def learn_cmd(
+    bootstrap: Bootstrap = None,
+    state_dir: Annotated[Path, typer.Option(help="Checkpoint, snapshots and metrics log.")] = Path(".ctr/learner"),
+    batch_size: Annotated[int, typer.Option(help="Micro-batch size.")] = 2048,
+    max_latency: Annotated[float, typer.Option(help="Max seconds to wait to fill a micro-batch.")] = 0.1,
+    publish_interval: Annotated[float, typer.Option(help="Seconds between published versions.")] = 1.0,
+    checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 10.0,
+    snapshot_interval: Annotated[float, typer.Option(help="Seconds between snapshot files.")] = 60.0,
+    gate_margin: Annotated[float, typer.Option(help="Withhold a version whose AUC trails the served one by more.")]
+        = 0.02,
+    table_bits: Annotated[int, typer.Option(help="Unified table has 2**bits rows.")] = 18,
+    categorical: Annotated[str, typer.Option(help="Comma-separated categorical fields.")] = ",".join(
+        f"C{i}" for i in range(1, 27)),
+    numeric: Annotated[str, typer.Option(help="Comma-separated numeric fields.")] = ",".join(
+        f"I{i}" for i in range(1, 14)),
+    fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
+    max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,
+    idle_exit: Annotated[float | None, typer.Option(help="Stop after this many seconds without examples.")] = None,
+    frozen_after: Annotated[int | None, typer.Option(help="Also score with a frozen copy taken after N examples.")]
+        = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+) -> None:
+    """Train the unified-embedding model online from training-examples; publish versions."""
+    from online_learner.model import ModelConfig
+    from online_learner.trainer import TrainerConfig, run_trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = ModelConfig(tuple(f for f in categorical.split(",") if f), tuple(f for f in numeric.split(",") if f),
+                        table_bits=table_bits)
+    cfg = TrainerConfig(bootstrap=_bootstrap(bootstrap), state_dir=state_dir, batch_size=batch_size,
+                        max_latency_s=max_latency, publish_interval_s=publish_interval,
+                        checkpoint_interval_s=checkpoint_interval, snapshot_interval_s=snapshot_interval,
+                        gate_margin=gate_margin, fp16_deltas=fp16, model=model, frozen_after_examples=frozen_after)
+    result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
+    typer.echo(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
 
 
 # --------------------------------------------------------------------------- demo

@@ -70,6 +70,25 @@ class TrainingExample(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     click_time_ms: EventTimeMs | None = None
 
 
+class FieldWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Per-field importance published by the reweighting agent on ``field-weights``.
+
+    ``weights`` are normalised to mean 1 over the fields (a multiplier the learner's field gate
+    applies); ``importance`` is the raw score (OutRank-normalised mutual information) and
+    ``psi`` the drift of each field between the last two windows. ``version`` increases by one
+    per publication; consumers ignore anything not newer than what they hold.
+    """
+
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    computed_at_ms: EventTimeMs
+    #: Event time of the newest example in the window the weights were computed from.
+    event_time_ms: EventTimeMs
+    window_examples: Annotated[int, msgspec.Meta(ge=0)] = 0
+    weights: Annotated[dict[FieldName, Annotated[float, msgspec.Meta(ge=0.0)]], msgspec.Meta(max_length=MAX_FIELDS)]
+    importance: dict[FieldName, float] = {}
+    psi: dict[FieldName, float] = {}
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A message some stage could not process: the reason, where it came from, the bytes."""
 
@@ -116,4 +135,4 @@ def _decoder(kind: type[T]) -> Any:
 decode_impression = _decoder(Impression)
 decode_click = _decoder(Click)
 decode_training_example = _decoder(TrainingExample)
-decode_dead_letter = _decoder(DeadLetter)
+decode_field_weights = _decoder(FieldWeights)
