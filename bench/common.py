@@ -15,8 +15,12 @@ from rich.table import Table
 def machine() -> dict:
     import psutil
 
-    return {"cpus": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpus": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = None) -> dict:
@@ -28,8 +32,13 @@ def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = N
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
     Console().print(table)
-    doc = {"bench": title, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
-           "rows": rows, **(extra or {})}
+    doc = {
+        "bench": title,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        "rows": rows,
+        **(extra or {}),
+    }
     json_path = Path(json_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(doc, indent=2))

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from bench.common import report
 from infra.broker import EmbeddedBroker
-from streams.datasets import open_source
-from streams.replay import event_stream, replay
+from streams.datasets import interleave_clicks, open_source
+from streams.replay import replay
 from streams.schema import Impression, decode_impression, encode
 
 TARGET_EVENTS_PER_S = 50_000
@@ -23,7 +23,7 @@ TARGET_EVENTS_PER_S = 50_000
 
 def _events(n: int) -> list[tuple[str, bytes, bytes]]:
     out = []
-    for e in event_stream(open_source("synthetic", seed=1, events=n)):
+    for e in interleave_clicks(open_source("synthetic", seed=1, events=n)):
         if isinstance(e, Impression):
             out.append(("impressions", e.event_id.encode(), encode(e)))
         else:
@@ -90,7 +90,9 @@ def _serialisation(events) -> list[dict]:
     t = time.perf_counter()
     for v in values:
         json.loads(v)
-    rows.append({"stage": "decode stdlib json (no validation)", "events_per_s": len(values) / (time.perf_counter() - t)})
+    rows.append(
+        {"stage": "decode stdlib json (no validation)", "events_per_s": len(values) / (time.perf_counter() - t)}
+    )
     return rows
 
 
@@ -104,8 +106,14 @@ def main(json_path: Path, events: int = 100_000, kind: str = "noida", bootstrap:
         finally:
             if broker:
                 broker.stop()
-        rows.append({"stage": f"produce {name}", "events": len(data), "seconds": round(dt, 3),
-                     "events_per_s": round(len(data) / dt)})
+        rows.append(
+            {
+                "stage": f"produce {name}",
+                "events": len(data),
+                "seconds": round(dt, 3),
+                "events_per_s": round(len(data) / dt),
+            }
+        )
     broker = None if bootstrap else EmbeddedBroker(kind=kind).start()
     try:
         # The source counts impressions; clicks come on top, so ask for fewer impressions.
@@ -113,10 +121,24 @@ def main(json_path: Path, events: int = 100_000, kind: str = "noida", bootstrap:
     finally:
         if broker:
             broker.stop()
-    rows.append({"stage": "replay path (generate+validate+encode+produce)", "events": s.events,
-                 "seconds": round(s.seconds, 3), "events_per_s": round(s.events_per_s)})
+    rows.append(
+        {
+            "stage": "replay path (generate+validate+encode+produce)",
+            "events": s.events,
+            "seconds": round(s.seconds, 3),
+            "events_per_s": round(s.events_per_s),
+        }
+    )
     rows += [{**r, "events_per_s": round(r["events_per_s"])} for r in _serialisation(data)]
     replay_rate = rows[3]["events_per_s"]
-    return report(f"replay into the embedded broker ({kind})", rows, json_path,
-                  {"broker": kind, "target_events_per_s": TARGET_EVENTS_PER_S,
-                   "replay_path_events_per_s": replay_rate, "meets_target": replay_rate >= TARGET_EVENTS_PER_S})
+    return report(
+        f"replay into the embedded broker ({kind})",
+        rows,
+        json_path,
+        {
+            "broker": kind,
+            "target_events_per_s": TARGET_EVENTS_PER_S,
+            "replay_path_events_per_s": replay_rate,
+            "meets_target": replay_rate >= TARGET_EVENTS_PER_S,
+        },
+    )

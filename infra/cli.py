@@ -16,17 +16,25 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 broker_app = typer.Typer(help="The embedded Kafka-protocol broker (no Docker needed).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON under bench/results/.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 app.add_typer(bench_app, name="bench")
 
-Bootstrap = Annotated[str | None, typer.Option(
-    "--bootstrap", envvar="CTR_BOOTSTRAP",
-    help="Kafka bootstrap HOST:PORT (external Apache Kafka, or the embedded broker; "
-         "default: the broker started by `ctr broker start`).")]
+Bootstrap = Annotated[
+    str | None,
+    typer.Option(
+        "--bootstrap",
+        envvar="CTR_BOOTSTRAP",
+        help="Kafka bootstrap HOST:PORT (external Apache Kafka, or the embedded broker; "
+        "default: the broker started by `ctr broker start`).",
+    ),
+]
 
 
 def _fail(msg: str) -> None:
@@ -64,8 +72,10 @@ def broker_start(
         from infra.procs import pid_alive
 
         if pid_alive(info["pid"]):
-            _fail(f"a broker is already running: {info['kind']} at {info['bootstrap']} (pid {info['pid']}); "
-                  "`ctr broker stop` first")
+            _fail(
+                f"a broker is already running: {info['kind']} at {info['bootstrap']} (pid {info['pid']}); "
+                "`ctr broker stop` first"
+            )
         state.unlink()
     data_dir = data_dir or state_dir() / f"broker-{kind}"
     broker = EmbeddedBroker(kind=kind, port=port, data_dir=data_dir, detach=not foreground).start()
@@ -73,8 +83,9 @@ def broker_start(
     if not foreground:
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(info))
-        typer.echo(f"broker {kind} running at {broker.bootstrap} (pid {broker.proc.pid}); "
-                   f"stop it with `ctr broker stop`")
+        typer.echo(
+            f"broker {kind} running at {broker.bootstrap} (pid {broker.proc.pid}); stop it with `ctr broker stop`"
+        )
         return
     typer.echo(f"broker {kind} running at {broker.bootstrap}; Ctrl-C stops it")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -167,8 +178,14 @@ def replay_cmd(
         records = open_source(data, mapping=mapping, seed=seed, events=events)
     except ValueError as err:
         _fail(str(err))
-    with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed:,.0f} impressions"),
-                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), transient=False) as progress:
+    with Progress(
+        TextColumn("replay"),
+        BarColumn(),
+        TextColumn("{task.completed:,.0f} impressions"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    ) as progress:
         task = progress.add_task("replay", total=events, rate="")
 
         def on_progress(s) -> None:
@@ -188,18 +205,22 @@ def learn_cmd(
     publish_interval: Annotated[float, typer.Option(help="Seconds between published versions.")] = 1.0,
     checkpoint_interval: Annotated[float, typer.Option(help="Seconds between checkpoints.")] = 10.0,
     snapshot_interval: Annotated[float, typer.Option(help="Seconds between snapshot files.")] = 60.0,
-    gate_margin: Annotated[float, typer.Option(help="Withhold a version whose AUC trails the served one by more.")]
-        = 0.02,
+    gate_margin: Annotated[
+        float, typer.Option(help="Withhold a version whose AUC trails the served one by more.")
+    ] = 0.02,
     table_bits: Annotated[int, typer.Option(help="Unified table has 2**bits rows.")] = 18,
     categorical: Annotated[str, typer.Option(help="Comma-separated categorical fields.")] = ",".join(
-        f"C{i}" for i in range(1, 27)),
+        f"C{i}" for i in range(1, 27)
+    ),
     numeric: Annotated[str, typer.Option(help="Comma-separated numeric fields.")] = ",".join(
-        f"I{i}" for i in range(1, 14)),
+        f"I{i}" for i in range(1, 14)
+    ),
     fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
     max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="Stop after this many seconds without examples.")] = None,
-    frozen_after: Annotated[int | None, typer.Option(help="Also score with a frozen copy taken after N examples.")]
-        = None,
+    frozen_after: Annotated[
+        int | None, typer.Option(help="Also score with a frozen copy taken after N examples.")
+    ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT.")] = None,
 ) -> None:
     """Train the unified-embedding model online from training-examples; publish versions."""
@@ -207,12 +228,22 @@ def learn_cmd(
     from online_learner.trainer import TrainerConfig, run_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = ModelConfig(tuple(f for f in categorical.split(",") if f), tuple(f for f in numeric.split(",") if f),
-                        table_bits=table_bits)
-    cfg = TrainerConfig(bootstrap=_bootstrap(bootstrap), state_dir=state_dir, batch_size=batch_size,
-                        max_latency_s=max_latency, publish_interval_s=publish_interval,
-                        checkpoint_interval_s=checkpoint_interval, snapshot_interval_s=snapshot_interval,
-                        gate_margin=gate_margin, fp16_deltas=fp16, model=model, frozen_after_examples=frozen_after)
+    model = ModelConfig(
+        tuple(f for f in categorical.split(",") if f), tuple(f for f in numeric.split(",") if f), table_bits=table_bits
+    )
+    cfg = TrainerConfig(
+        bootstrap=_bootstrap(bootstrap),
+        state_dir=state_dir,
+        batch_size=batch_size,
+        max_latency_s=max_latency,
+        publish_interval_s=publish_interval,
+        checkpoint_interval_s=checkpoint_interval,
+        snapshot_interval_s=snapshot_interval,
+        gate_margin=gate_margin,
+        fp16_deltas=fp16,
+        model=model,
+        frozen_after_examples=frozen_after,
+    )
     result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
     typer.echo(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
 
@@ -234,8 +265,16 @@ def demo_cmd(
 
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        run_demo(out, data=data, mapping=mapping, events=events, rate=None if rate == "max" else float(rate),
-                 kind=kind, bootstrap=bootstrap, seed=seed)
+        run_demo(
+            out,
+            data=data,
+            mapping=mapping,
+            events=events,
+            rate=None if rate == "max" else float(rate),
+            kind=kind,
+            bootstrap=bootstrap,
+            seed=seed,
+        )
     except ValueError as err:
         _fail(str(err))
 
@@ -243,8 +282,9 @@ def demo_cmd(
 # --------------------------------------------------------------------------- bench
 @bench_app.command("replay")
 def bench_replay(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] =
-        Path("bench/results/replay.json"),
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/replay.json"
+    ),
     events: Annotated[int, typer.Option(help="Events per client.")] = 100_000,
     kind: Annotated[str, typer.Option(help="Embedded broker kind to run against.")] = "noida",
     bootstrap: Annotated[str | None, typer.Option(help="Use this broker instead of starting one.")] = None,

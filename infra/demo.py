@@ -43,12 +43,25 @@ def read_back(bootstrap: str, expect: int, timeout_s: float = 60.0) -> dict:
         clicks += len(decode_batch([m for m in msgs if m.topic() == CLICKS_TOPIC], decode_click, sink))
     consumer.close()
     flush(producer, tracker)
-    return {"read": seen, "impressions": impressions, "unique_impressions": len(ids), "clicks": clicks,
-            "dead_letters": sink.count}
+    return {
+        "read": seen,
+        "impressions": impressions,
+        "unique_impressions": len(ids),
+        "clicks": clicks,
+        "dead_letters": sink.count,
+    }
 
 
-def run_demo(out: Path, data: str = "synthetic", mapping: Path | None = None, events: int = 200_000,
-             rate: float | None = None, kind: str = "noida", bootstrap: str | None = None, seed: int = 0) -> dict:
+def run_demo(
+    out: Path,
+    data: str = "synthetic",
+    mapping: Path | None = None,
+    events: int = 200_000,
+    rate: float | None = None,
+    kind: str = "noida",
+    bootstrap: str | None = None,
+    seed: int = 0,
+) -> dict:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
@@ -57,12 +70,23 @@ def run_demo(out: Path, data: str = "synthetic", mapping: Path | None = None, ev
     bs = bootstrap or broker.bootstrap
     console.print(f"[bold]broker[/] {kind if broker else 'external'} at {bs}; run folder {out}")
     try:
-        with Progress(TextColumn("replay"), BarColumn(), TextColumn("{task.completed:,.0f} impressions"),
-                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console) as progress:
+        with Progress(
+            TextColumn("replay"),
+            BarColumn(),
+            TextColumn("{task.completed:,.0f} impressions"),
+            TextColumn("{task.fields[rate]}"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
             task = progress.add_task("replay", total=events, rate="")
-            summary = replay(open_source(data, mapping=mapping, seed=seed, events=events), bs, rate=rate,
-                             on_progress=lambda s: progress.update(
-                                 task, completed=s.impressions, rate=f"{s.events_per_s:,.0f} events/s"))
+            summary = replay(
+                open_source(data, mapping=mapping, seed=seed, events=events),
+                bs,
+                rate=rate,
+                on_progress=lambda s: progress.update(
+                    task, completed=s.impressions, rate=f"{s.events_per_s:,.0f} events/s"
+                ),
+            )
         t = time.perf_counter()
         back = read_back(bs, summary.events)
         read_s = time.perf_counter() - t
@@ -70,11 +94,17 @@ def run_demo(out: Path, data: str = "synthetic", mapping: Path | None = None, ev
         if broker:
             broker.stop(keep_data=True)
     result = {
-        "data": data, "events": summary.events, "impressions": summary.impressions, "clicks": summary.clicks,
-        "ctr": round(summary.clicks / max(1, summary.impressions), 4), "bytes": summary.bytes,
-        "events_per_s": round(summary.events_per_s), "read_back_events_per_s": round(back["read"] / read_s),
+        "data": data,
+        "events": summary.events,
+        "impressions": summary.impressions,
+        "clicks": summary.clicks,
+        "ctr": round(summary.clicks / max(1, summary.impressions), 4),
+        "bytes": summary.bytes,
+        "events_per_s": round(summary.events_per_s),
+        "read_back_events_per_s": round(back["read"] / read_s),
         "lost": summary.impressions - back["unique_impressions"],
-        "duplicated": back["impressions"] - back["unique_impressions"], "dead_letters": back["dead_letters"],
+        "duplicated": back["impressions"] - back["unique_impressions"],
+        "dead_letters": back["dead_letters"],
     }
     table = Table(title="ctr demo: replay -> Kafka -> validated read-back")
     table.add_column("metric")

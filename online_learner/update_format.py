@@ -106,8 +106,9 @@ def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray]) -> bytes
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         data = arr.tobytes()
-        metas.append(TensorMeta(name=name, dtype=_dtype_name(arr), shape=list(arr.shape), offset=offset,
-                                nbytes=len(data)))
+        metas.append(
+            TensorMeta(name=name, dtype=_dtype_name(arr), shape=list(arr.shape), offset=offset, nbytes=len(data))
+        )
         chunks.append(data)
         offset += len(data)
     payload = b"".join(chunks)
@@ -137,14 +138,14 @@ def _split(data: bytes | memoryview) -> tuple[UpdateHeader, memoryview]:
     if hlen > MAX_HEADER_BYTES or 8 + hlen > len(mv):
         raise UpdateError(f"header length {hlen} out of bounds")
     try:
-        header = _header_decoder.decode(mv[8:8 + hlen])
+        header = _header_decoder.decode(mv[8 : 8 + hlen])
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as err:
         raise UpdateError(f"bad header: {err}") from None
     if header.format != FORMAT_VERSION:
         raise UpdateError(f"unsupported update format {header.format}")
     if header.part >= header.parts:
         raise UpdateError(f"part {header.part} >= parts {header.parts}")
-    return header, mv[8 + hlen:]
+    return header, mv[8 + hlen :]
 
 
 def decode_update(data: bytes | memoryview) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
@@ -169,15 +170,14 @@ def decode_update(data: bytes | memoryview) -> tuple[UpdateHeader, dict[str, np.
         if meta.offset != end or meta.offset + meta.nbytes > len(payload):
             raise UpdateError(f"tensor {meta.name}: bytes [{meta.offset}, +{meta.nbytes}) out of place")
         end = meta.offset + meta.nbytes
-        arr = np.frombuffer(payload[meta.offset:end], dtype=dtype).reshape(meta.shape).copy()
+        arr = np.frombuffer(payload[meta.offset : end], dtype=dtype).reshape(meta.shape).copy()
         tensors[meta.name] = arr
     if end != len(payload):
         raise UpdateError(f"{len(payload) - end} trailing payload bytes")
     return header, tensors
 
 
-def split_delta(header: UpdateHeader, tensors: dict[str, np.ndarray],
-                max_bytes: int = MAX_PART_BYTES) -> list[bytes]:
+def split_delta(header: UpdateHeader, tensors: dict[str, np.ndarray], max_bytes: int = MAX_PART_BYTES) -> list[bytes]:
     """Encode a delta as one or more messages, splitting the touched rows across parts.
 
     Dense tensors (everything not ``table.*``) travel in part 0; ``table.ids``/``table.rows``

@@ -15,9 +15,7 @@ from prometheus_client import Counter
 
 from streams.schema import DeadLetter
 
-DEAD_LETTERS = Counter(
-    "ctr_dead_letters_total", "Messages sent to the dead-letter topic", ["stage", "source_topic"]
-)
+DEAD_LETTERS = Counter("ctr_dead_letters_total", "Messages sent to the dead-letter topic", ["stage", "source_topic"])
 DEAD_LETTER_TOPIC = "dead-letter"
 _PREFIX = "ctr.dlq."
 
@@ -44,8 +42,16 @@ class DeadLetterSink:
         self.topic = topic
         self.count = 0
 
-    def send(self, reason: str, original: bytes | None, *, source_topic: str,
-             partition: int | None = None, offset: int | None = None, key: bytes | None = None) -> None:
+    def send(
+        self,
+        reason: str,
+        original: bytes | None,
+        *,
+        source_topic: str,
+        partition: int | None = None,
+        offset: int | None = None,
+        key: bytes | None = None,
+    ) -> None:
         headers = [
             (_PREFIX + "reason", reason[:2000].encode()),
             (_PREFIX + "stage", self.stage.encode()),
@@ -63,13 +69,17 @@ class DeadLetterSink:
 
 def read_dead_letter(value: bytes | None, headers: Sequence[tuple[str, bytes | None]] | None) -> DeadLetter:
     """Rebuild a :class:`DeadLetter` from a consumed dead-letter message."""
-    h = {k[len(_PREFIX):]: (v or b"").decode() for k, v in (headers or []) if k.startswith(_PREFIX)}
+    h = {k[len(_PREFIX) :]: (v or b"").decode() for k, v in (headers or []) if k.startswith(_PREFIX)}
 
     def opt_int(name: str) -> int | None:
         return int(h[name]) if name in h else None
 
     return DeadLetter(
-        reason=h.get("reason", ""), source_topic=h.get("source_topic", ""), stage=h.get("stage", ""),
-        original=bytes(value or b""), partition=opt_int("partition"), offset=opt_int("offset"),
+        reason=h.get("reason", ""),
+        source_topic=h.get("source_topic", ""),
+        stage=h.get("stage", ""),
+        original=bytes(value or b""),
+        partition=opt_int("partition"),
+        offset=opt_int("offset"),
         failed_at_ms=opt_int("failed_at_ms") or 0,
     )

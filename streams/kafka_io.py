@@ -65,8 +65,14 @@ def make_consumer(bootstrap: str, group_id: str, **overrides: object) -> Consume
     return Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, **CONSUMER_DEFAULTS, **overrides})
 
 
-def produce(producer: Producer, topic: str, value: bytes, key: bytes | None, on_delivery: DeliveryTracker,
-            headers: list[tuple[str, bytes]] | None = None) -> None:
+def produce(
+    producer: Producer,
+    topic: str,
+    value: bytes,
+    key: bytes | None,
+    on_delivery: DeliveryTracker,
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     """Enqueue one message, waiting for room instead of failing when the local queue is full."""
     while True:
         try:

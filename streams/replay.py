@@ -1,48 +1,23 @@
 """Replay producer: a dataset becomes impressions and (delayed) clicks on Kafka, in event-time
 order, at a chosen rate.
 
-Clicks are held in a heap keyed by their event time and released just before the first
-impression that is later than them, so the topic order is the order a live system would see.
-Memory is bounded by the clicks pending inside the delay horizon, not by the dataset.
+Clicks are released just before the first impression later than them
+(:func:`~streams.datasets.base.interleave_clicks`), so the topic order is the order a live
+system would see; memory is bounded by the clicks pending inside the delay horizon.
 """
 
 from __future__ import annotations
 
-import heapq
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+from streams.datasets.base import interleave_clicks
 from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
-from streams.schema import Click, Impression, encode
+from streams.schema import Impression, encode
 
 IMPRESSIONS_TOPIC = "impressions"
 CLICKS_TOPIC = "clicks"
-
-
-def event_stream(records: Iterable) -> Iterator[Impression | Click]:
-    """Merge ``LabeledImpression`` records (time-ordered) with their delayed clicks.
-
-    >>> from streams.datasets.base import LabeledImpression
-    >>> imp = lambda i, t: Impression(event_id=f"e{i}", event_time_ms=t, user_id="u", item_id="a")
-    >>> recs = [LabeledImpression(imp(0, 0), True, 1500), LabeledImpression(imp(1, 1000), False, None),
-    ...         LabeledImpression(imp(2, 2000), False, None)]
-    >>> [(type(e).__name__, e.event_time_ms) for e in event_stream(recs)]
-    [('Impression', 0), ('Impression', 1000), ('Click', 1500), ('Impression', 2000)]
-    """
-    pending: list[tuple[int, int, Click]] = []
-    seq = 0
-    for rec in records:
-        imp = rec.impression
-        while pending and pending[0][0] <= imp.event_time_ms:
-            yield heapq.heappop(pending)[2]
-        yield imp
-        if rec.clicked:
-            t = imp.event_time_ms + int(rec.click_delay_ms or 0)
-            heapq.heappush(pending, (t, seq, Click(impression_id=imp.event_id, event_time_ms=t)))
-            seq += 1
-    while pending:
-        yield heapq.heappop(pending)[2]
 
 
 @dataclass
@@ -94,7 +69,7 @@ def replay(
     summary = ReplaySummary()
     limiter = RateLimiter(rate)
     start = time.perf_counter()
-    for event in event_stream(records):
+    for event in interleave_clicks(records):
         value = encode(event)
         if isinstance(event, Impression):
             produce(producer, IMPRESSIONS_TOPIC, value, event.event_id.encode(), tracker)

@@ -21,6 +21,7 @@ def decode_batch(msgs: Sequence[Message], decode: Callable[[bytes], T], sink: De
         try:
             out.append(decode(m.value()))
         except SchemaError as err:
-            sink.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(),
-                      offset=m.offset(), key=m.key())
+            sink.send(
+                str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset(), key=m.key()
+            )
     return out

@@ -12,15 +12,22 @@ from streams.kafka_io import make_consumer
 from streams.schema import Impression
 
 
-def make_records(n: int, click_rate: float = 0.2, seed: int = 0, start_ms: int = 1_700_000_000_000,
-                 max_delay_ms: int = 20_000) -> list[LabeledImpression]:
+def make_records(
+    n: int, click_rate: float = 0.2, seed: int = 0, start_ms: int = 1_700_000_000_000, max_delay_ms: int = 20_000
+) -> list[LabeledImpression]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
         clicked = rng.random() < click_rate
-        imp = Impression(event_id=f"t{seed}-{i}", event_time_ms=start_ms + i * 10, user_id=f"u{rng.randrange(50)}",
-                         item_id=f"ad{rng.randrange(20)}", position=rng.randrange(3),
-                         categorical={"site": f"s{rng.randrange(5)}"}, numeric={"I1": float(i % 7)})
+        imp = Impression(
+            event_id=f"t{seed}-{i}",
+            event_time_ms=start_ms + i * 10,
+            user_id=f"u{rng.randrange(50)}",
+            item_id=f"ad{rng.randrange(20)}",
+            position=rng.randrange(3),
+            categorical={"site": f"s{rng.randrange(5)}"},
+            numeric={"I1": float(i % 7)},
+        )
         out.append(LabeledImpression(imp, clicked, rng.randrange(max_delay_ms) if clicked else None))
     return out
 
@@ -60,8 +67,15 @@ def read_topic_confluent(bootstrap: str, topic: str, expect: int, group: str, ti
 def read_topic_kafka_python(bootstrap: str, topic: str, expect: int, group: str, timeout_s: float = 30.0) -> list:
     from kafka import KafkaConsumer
 
-    c = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=group, auto_offset_reset="earliest",
-                      enable_auto_commit=False, session_timeout_ms=10_000, heartbeat_interval_ms=1_000)
+    c = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        session_timeout_ms=10_000,
+        heartbeat_interval_ms=1_000,
+    )
     out: list = []
     deadline = time.monotonic() + timeout_s
     while len(out) < expect and time.monotonic() < deadline:

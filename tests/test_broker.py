@@ -57,8 +57,9 @@ def test_unknown_kind_is_a_clear_error() -> None:
 
 
 def _ctr(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_start_status_stop(tmp_path) -> None:
@@ -88,9 +89,21 @@ def test_cli_without_broker_says_what_to_do(tmp_path) -> None:
     assert out.returncode == 2 and "ctr broker start" in out.stderr
 
 
-@pytest.mark.parametrize("cmd", [[], ["broker"], ["broker", "start"], ["broker", "stop"], ["broker", "status"],
-                                 ["replay"], ["bench"], ["bench", "replay"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        [],
+        ["broker"],
+        ["broker", "start"],
+        ["broker", "stop"],
+        ["broker", "status"],
+        ["replay"],
+        ["bench"],
+        ["bench", "replay"],
+    ],
+)
 def test_every_command_has_help(cmd: list[str]) -> None:
-    out = subprocess.run([sys.executable, "-m", "infra.cli", *cmd, "--help"], capture_output=True, text=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "infra.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0 and "Usage" in out.stdout, out.stderr

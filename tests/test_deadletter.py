@@ -57,8 +57,10 @@ def test_malformed_messages_go_to_dead_letter(broker, group_id: str) -> None:
     flush(producer, tracker)
 
     assert good == [GOOD, GOOD] and sink.count == len(BAD)
-    letters = [read_dead_letter(m.value(), m.headers())
-               for m in read_topic_confluent(broker.bootstrap, "dead-letter", len(BAD), group_id + "-dlq")]
+    letters = [
+        read_dead_letter(m.value(), m.headers())
+        for m in read_topic_confluent(broker.bootstrap, "dead-letter", len(BAD), group_id + "-dlq")
+    ]
     assert len(letters) == len(BAD)
     by_original = {bytes(letter.original): letter for letter in letters}
     for raw, reason in BAD.items():

@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from streams.replay import CLICKS_TOPIC, IMPRESSIONS_TOPIC, event_stream, replay
+from streams.datasets import interleave_clicks
+from streams.replay import CLICKS_TOPIC, IMPRESSIONS_TOPIC, replay
 from streams.schema import decode_click, decode_impression
 from tests.kafka_helpers import make_records, read_topic_confluent, read_topic_kafka_python
 
@@ -39,8 +40,10 @@ def test_click_lands_on_its_impressions_partition(any_broker, group_id: str) -> 
     records = make_records(2_000, click_rate=0.5, seed=4)
     replay(records, any_broker.bootstrap)
     n_clicks = sum(r.clicked for r in records)
-    imp_part = {decode_impression(m.value()).event_id: m.partition()
-                for m in read_topic_confluent(any_broker.bootstrap, IMPRESSIONS_TOPIC, 2_000, group_id)}
+    imp_part = {
+        decode_impression(m.value()).event_id: m.partition()
+        for m in read_topic_confluent(any_broker.bootstrap, IMPRESSIONS_TOPIC, 2_000, group_id)
+    }
     for m in read_topic_confluent(any_broker.bootstrap, CLICKS_TOPIC, n_clicks, group_id + "-c"):
         assert imp_part[decode_click(m.value()).impression_id] == m.partition()
     assert len(set(imp_part.values())) == 4, "keys should spread over all partitions"
@@ -60,7 +63,7 @@ def test_aiokafka_agrees_on_partitions(broker) -> None:
 
 def test_event_stream_is_in_event_time_order() -> None:
     records = make_records(3_000, click_rate=0.3, seed=6)
-    times = [e.event_time_ms for e in event_stream(records)]
+    times = [e.event_time_ms for e in interleave_clicks(records)]
     assert times == sorted(times)
     assert len(times) == 3_000 + sum(r.clicked for r in records)
 

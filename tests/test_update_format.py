@@ -25,9 +25,11 @@ HEADER = UpdateHeader(kind="delta", model_id="m", version=5, base_version=4)
 
 def _tensors(n: int = 100, d: int = 8) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    return {"table.ids": rng.choice(1 << 20, n, replace=False).astype(np.int64),
-            "table.rows": rng.normal(size=(n, d)).astype(np.float32),
-            "head.w": rng.normal(size=(16, 4)).astype(np.float32)}
+    return {
+        "table.ids": rng.choice(1 << 20, n, replace=False).astype(np.int64),
+        "table.rows": rng.normal(size=(n, d)).astype(np.float32),
+        "head.w": rng.normal(size=(16, 4)).astype(np.float32),
+    }
 
 
 def test_round_trip_is_exact() -> None:
@@ -60,8 +62,8 @@ def test_wrong_checksum_is_rejected() -> None:
 
 def _rewrite_header(data: bytes, **changes) -> bytes:
     (hlen,) = struct.unpack("<I", data[4:8])
-    header = msgspec.json.decode(data[8:8 + hlen])
-    payload = data[8 + hlen:-32]
+    header = msgspec.json.decode(data[8 : 8 + hlen])
+    payload = data[8 + hlen : -32]
     for k, v in changes.items():
         header[k] = v(header[k]) if callable(v) else v
     head = msgspec.json.encode(header)
@@ -69,16 +71,19 @@ def _rewrite_header(data: bytes, **changes) -> bytes:
     return body + hashlib.sha256(body).digest()  # a well-formed checksum over a bad header
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"tensors": lambda ts: [{**ts[0], "shape": [ts[0]["shape"][0] + 1]}, *ts[1:]]}, "bytes"),
-    ({"tensors": lambda ts: [{**ts[0], "dtype": "object"}, *ts[1:]]}, "not allowed"),
-    ({"tensors": lambda ts: [{**ts[0], "dtype": "float64"}, *ts[1:]]}, "not allowed"),
-    ({"tensors": lambda ts: [{**ts[1], "name": ts[0]["name"]}, ts[0], *ts[2:]]}, "out of place|twice"),
-    ({"format": 99}, "unsupported"),
-    ({"part": 3, "parts": 2}, "part"),
-    ({"version": -1}, "bad header"),
-    ({"kind": "exec"}, "bad header"),
-])
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"tensors": lambda ts: [{**ts[0], "shape": [ts[0]["shape"][0] + 1]}, *ts[1:]]}, "bytes"),
+        ({"tensors": lambda ts: [{**ts[0], "dtype": "object"}, *ts[1:]]}, "not allowed"),
+        ({"tensors": lambda ts: [{**ts[0], "dtype": "float64"}, *ts[1:]]}, "not allowed"),
+        ({"tensors": lambda ts: [{**ts[1], "name": ts[0]["name"]}, ts[0], *ts[2:]]}, "out of place|twice"),
+        ({"format": 99}, "unsupported"),
+        ({"part": 3, "parts": 2}, "part"),
+        ({"version": -1}, "bad header"),
+        ({"kind": "exec"}, "bad header"),
+    ],
+)
 def test_wrong_shape_dtype_or_header_is_rejected(change, reason) -> None:
     with pytest.raises(UpdateError, match=reason):
         decode_update(_rewrite_header(encode_update(HEADER, _tensors()), **change))
