@@ -31,7 +31,7 @@ def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = N
         table.add_column(c, justify="right" if any(isinstance(r.get(c), (int, float)) for r in rows) else "left")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console().print(table)
+    Console(width=max(120, Console().width)).print(table)
     doc = {
         "bench": title,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -24,6 +24,16 @@ app = typer.Typer(
 broker_app = typer.Typer(help="The embedded Kafka-protocol broker (no Docker needed).", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON under bench/results/.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
+
+
+def _mount_features() -> None:
+    # features/cli.py imports nothing heavy at module level (feast is imported per command)
+    from features.cli import features_app
+
+    app.add_typer(features_app, name="features", help="The Feast feature store: apply, get, serve.")
+
+
+_mount_features()
 app.add_typer(bench_app, name="bench")
 
 Bootstrap = Annotated[
@@ -294,6 +304,30 @@ def bench_replay(
     from bench.replay import main
 
     main(json_path=json_path, events=events, kind=kind, bootstrap=bootstrap)
+
+
+@bench_app.command("learner")
+def bench_learner(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/learner.json"
+    ),
+    events: Annotated[int, typer.Option(help="Examples in the synthetic stream.")] = 200_000,
+    river_events: Annotated[int, typer.Option(help="Prefix River runs on (it is slow).")] = 20_000,
+    batch_size: Annotated[int, typer.Option(help="Our micro-batch size.")] = 2048,
+    threads: Annotated[int, typer.Option(help="torch threads for our learner.")] = 1,
+    skip_peers: Annotated[bool, typer.Option(help="Only our learner.")] = False,
+) -> None:
+    """Examples/s, progressive AUC and log loss: ours vs Vowpal Wabbit and River, same stream."""
+    from bench.learner import main
+
+    main(
+        json_path=json_path,
+        events=events,
+        river_events=river_events,
+        batch_size=batch_size,
+        skip_peers=skip_peers,
+        threads=threads,
+    )
 
 
 def main() -> None:  # pragma: no cover

@@ -89,19 +89,23 @@ def test_cli_without_broker_says_what_to_do(tmp_path) -> None:
     assert out.returncode == 2 and "ctr broker start" in out.stderr
 
 
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        [],
-        ["broker"],
-        ["broker", "start"],
-        ["broker", "stop"],
-        ["broker", "status"],
-        ["replay"],
-        ["bench"],
-        ["bench", "replay"],
-    ],
-)
+def _all_commands() -> list[list[str]]:
+    """Every command path of the ``ctr`` app, discovered from the app itself."""
+    import typer
+
+    from infra.cli import app
+
+    def walk(cmd, path: list[str]) -> list[list[str]]:
+        out = [path]
+        if hasattr(cmd, "commands"):  # a group (typer vendors its own click)
+            for name, sub in cmd.commands.items():
+                out += walk(sub, [*path, name])
+        return out
+
+    return walk(typer.main.get_command(app), [])
+
+
+@pytest.mark.parametrize("cmd", _all_commands(), ids=lambda c: " ".join(c) or "ctr")
 def test_every_command_has_help(cmd: list[str]) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "infra.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60
