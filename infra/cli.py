@@ -205,6 +205,33 @@ def replay_cmd(
     typer.echo(json.dumps(summary.as_dict()))
 
 
+# --------------------------------------------------------------------------- worker
+@app.command("worker")
+def worker_cmd(
+    bootstrap: Bootstrap = None,
+    feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default: .ctr/feast).")] = None,
+    app_id: Annotated[str, typer.Option(help="Faust app id (workers with one id share partitions).")] = "ctr-stream",
+    instance_id: Annotated[
+        str | None, typer.Option(help="Stable group.instance.id; each worker on a host needs its own.")
+    ] = None,
+    window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = 30_000,
+    lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness before the watermark.")] = 0,
+    guarantee: Annotated[str, typer.Option(help="at_least_once or exactly_once.")] = "at_least_once",
+    features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+) -> None:
+    """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
+    from streams.worker import default_instance_id, run_worker
+
+    raise typer.Exit(
+        run_worker(
+            _bootstrap(bootstrap), feast_dir=feast_dir, app_id=app_id, window_ms=window_ms,
+            allowed_lateness_ms=lateness_ms, processing_guarantee=guarantee, features=features,
+            metrics_port=metrics_port, instance_id=instance_id or default_instance_id(),
+        )
+    )
+
+
 # --------------------------------------------------------------------------- learn
 @app.command("learn")
 def learn_cmd(

@@ -35,12 +35,11 @@ def read_back(bootstrap: str, expect: int, timeout_s: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while seen < expect and time.monotonic() < deadline:
         msgs = [m for m in consumer.consume(5000, 0.2) if m.error() is None]
-        seen += len(msgs)
-        imp_msgs = [m for m in msgs if m.topic() == IMPRESSIONS_TOPIC]
-        for imp in decode_batch(imp_msgs, decode_impression, sink):
+        for imp in decode_batch([m for m in msgs if m.topic() == IMPRESSIONS_TOPIC], decode_impression, sink):
             ids.add(imp.event_id)
             impressions += 1
         clicks += len(decode_batch([m for m in msgs if m.topic() == CLICKS_TOPIC], decode_click, sink))
+        seen = impressions + clicks + sink.count  # data messages (watermark markers are skipped)
     consumer.close()
     flush(producer, tracker)
     return {

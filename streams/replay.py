@@ -60,10 +60,16 @@ def replay(
     rate: float | None = None,
     on_progress: Callable[[ReplaySummary], None] | None = None,
     producer_config: dict | None = None,
+    close_after_ms: int | None = 60_000,
 ) -> ReplaySummary:
     """Write the records' impressions and clicks to Kafka; returns only after every message
     was acknowledged by the broker (raises if any was rejected). Limit the count at the
-    source (``open_source(..., events=N)``) so every replayed impression keeps its click."""
+    source (``open_source(..., events=N)``) so every replayed impression keeps its click.
+
+    After the last event a watermark marker at ``last event time + close_after_ms`` goes to
+    every impressions/clicks partition, so the label join closes the last attribution windows
+    instead of waiting for more data (event time only ever comes from the data). Pass None
+    when more data will follow (a replay resumed later, a live producer)."""
     producer = make_producer(bootstrap, **(producer_config or {}))
     tracker = DeliveryTracker()
     summary = ReplaySummary()
@@ -71,6 +77,7 @@ def replay(
     start = time.perf_counter()
     for event in interleave_clicks(records):
         value = encode(event)
+        last_ms = event.event_time_ms
         if isinstance(event, Impression):
             produce(producer, IMPRESSIONS_TOPIC, value, event.event_id.encode(), tracker)
             summary.impressions += 1
@@ -86,6 +93,10 @@ def replay(
                 on_progress(summary)
         limiter.wait(summary.events)
     flush(producer, tracker)
+    if close_after_ms is not None and summary.events:
+        from streams.agents.label_join import send_watermark
+
+        send_watermark(bootstrap, last_ms + close_after_ms)
     summary.seconds = time.perf_counter() - start
     summary.delivered, summary.failed = tracker.delivered, tracker.failed
     if on_progress is not None:

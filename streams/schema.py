@@ -21,6 +21,9 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+#: Header of a watermark control message on impressions/clicks (empty value): "event time on
+#: this partition has reached <ms>". Sent by a replay after its last event; decoders skip it.
+WATERMARK_HEADER = "ctr.watermark"
 #: Largest message any decoder accepts; bigger ones are dead-lettered unread.
 MAX_MESSAGE_BYTES = 64 * 1024
 #: Bounds that keep one event from blowing up downstream memory (feature dicts, hashing).

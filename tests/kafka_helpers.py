@@ -9,7 +9,12 @@ from confluent_kafka import TopicPartition
 
 from streams.datasets.base import LabeledImpression
 from streams.kafka_io import make_consumer
-from streams.schema import Impression
+from streams.schema import WATERMARK_HEADER, Impression
+
+
+def _is_marker(headers) -> bool:
+    """Watermark control messages (sent after a replay) are not data."""
+    return bool(headers) and any(k == WATERMARK_HEADER for k, _ in headers)
 
 
 def make_records(
@@ -53,13 +58,9 @@ def read_topic_confluent(bootstrap: str, topic: str, expect: int, group: str, ti
     out: list = []
     deadline = time.monotonic() + timeout_s
     while len(out) < expect and time.monotonic() < deadline:
-        for m in c.consume(1000, 0.2):
-            if m.error() is None:
-                out.append(m)
+        out += [m for m in c.consume(1000, 0.2) if m.error() is None and not _is_marker(m.headers())]
     # Drain a little longer: more than `expect` would mean duplicates.
-    for m in c.consume(1000, 0.5):
-        if m.error() is None:
-            out.append(m)
+    out += [m for m in c.consume(1000, 0.5) if m.error() is None and not _is_marker(m.headers())]
     c.close()
     return out
 
@@ -80,8 +81,8 @@ def read_topic_kafka_python(bootstrap: str, topic: str, expect: int, group: str,
     deadline = time.monotonic() + timeout_s
     while len(out) < expect and time.monotonic() < deadline:
         for recs in c.poll(timeout_ms=200, max_records=5000).values():
-            out.extend(recs)
+            out.extend(r for r in recs if not _is_marker(r.headers))
     for recs in c.poll(timeout_ms=500).values():
-        out.extend(recs)
+        out.extend(r for r in recs if not _is_marker(r.headers))
     c.close()
     return out

@@ -1,0 +1,309 @@
+"""``python -m bench.stream``: the Faust agents' throughput, Feast write rate and feature freshness.
+
+Rows (all in one run, on one embedded noida-db broker):
+
+* ``aiokafka raw consume`` -- an ``AIOKafkaConsumer`` reading the same impressions + clicks
+  topics and doing nothing else: the client's ceiling on this machine right now;
+* ``agents: label join`` -- one ``python -m streams.worker --no-features`` process on the same
+  topics (new consumer group): events/s through the join (decode, join, changelog record per
+  micro-batch, examples + deltas out), measured from its Prometheus counter between the first
+  and the last event, so worker start-up is excluded; ``ratio`` is to the raw consume;
+* ``agents: label join, exactly_once`` -- the same with Faust's transactions (one commit per
+  round, before the round's outputs leave): the cost of ``exactly_once``;
+* ``agents: join + features`` -- the same with the windowed-feature agent and its Feast writer;
+* ``feast write`` -- ``features.store.FeatureWriter.write`` of 1,000-row micro-batches into
+  the SQLite online store, in-process (the rate the feature agent's helper process can reach);
+* ``freshness`` -- on a fresh broker and store, a live stream (event time = wall clock) at
+  ``--live-rate`` events/s with a probe impression of a new user every ~50 ms: time from a
+  probe's event time until its ``user_impressions_5m`` is readable with
+  ``get_online_features``, p50/p99. The rate must stay within what the online store can
+  write (each event updates ~8 entity rows; SQLite Feast writes ~4k rows/s here).
+
+Numbers depend on the machine's load (2 shared cores here): compare rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+from bench.common import report
+from infra.procs import die_with_parent, free_port, stop_process
+
+TARGET_EVENTS_PER_S = 20_000
+TARGET_FRESHNESS_P99_S = 2.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _metric(port: int, name: str) -> float:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return 0.0
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _worker(bootstrap: str, app_id: str, feast_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    args = [sys.executable, "-m", "streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
+            "--feast-dir", str(feast_dir), "--metrics-port", str(port), "--instance-id", f"bench-{app_id}",
+            "--loglevel", "info", *extra]  # fmt: skip
+    with open(log, "a") as f:
+        proc = subprocess.Popen(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+    return proc, port
+
+
+def _measure_agent(proc: subprocess.Popen, port: int, total: int, timeout_s: float) -> dict:
+    """Poll the join's event counter: events/s between the first and the last event."""
+    name = "ctr_join_events_total"
+    first_t = last_t = None
+    first_n = 0.0
+    n = 0.0
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        n = _metric(port, name)
+        now = time.perf_counter()
+        if n > 0 and first_t is None:
+            first_t, first_n = now, n
+        if n >= total:
+            last_t = now
+            break
+        time.sleep(0.05)
+    if first_t is None or last_t is None or last_t <= first_t:
+        return {"events": int(n), "events_per_s": None, "error": "did not finish"}
+    return {"events": int(n), "seconds": round(last_t - first_t, 2),
+            "events_per_s": round((n - first_n) / (last_t - first_t), 1)}  # fmt: skip
+
+
+def _raw_aiokafka(bootstrap: str, total: int) -> dict:
+    from aiokafka import AIOKafkaConsumer
+
+    async def run() -> dict:
+        c = AIOKafkaConsumer(
+            "impressions",
+            "clicks",
+            bootstrap_servers=bootstrap,
+            group_id=f"raw-{uuid.uuid4().hex[:6]}",
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+        await c.start()
+        n = 0
+        t0 = None
+        try:
+            while n < total:
+                batch = await c.getmany(timeout_ms=1000, max_records=10_000)
+                if t0 is None and batch:
+                    t0 = time.perf_counter()
+                for recs in batch.values():
+                    n += len(recs)
+            dt = time.perf_counter() - t0
+        finally:
+            await c.stop()
+        return {"events": n, "seconds": round(dt, 2), "events_per_s": round(n / dt, 1)}
+
+    return asyncio.run(run())
+
+
+def _feast_write(feast_dir: Path, rows: int = 20_000) -> dict:
+    from features.store import FeatureWriter, open_store, view_features
+
+    store = open_store(feast_dir)
+    w = FeatureWriter(store)
+    cols = view_features("user_stats")
+    data = [{"user_id": f"bench-u{i}", **{c: i % 7 for c in cols}} for i in range(rows)]
+    w.write("user_stats", data[:1000], 1)  # warm up (view resolution, imports)
+    t = time.perf_counter()
+    for start in range(0, rows, 1000):
+        w.write("user_stats", data[start : start + 1000], 1_700_000_000_000 + start)
+    dt = time.perf_counter() - t
+    return {"rows": rows, "seconds": round(dt, 2), "rows_per_s": round(rows / dt, 1)}
+
+
+def _freshness(
+    bootstrap: str, feast_dir: Path, app_id: str, log: Path, rate: float, probes: int, warmup_s: float = 10.0
+) -> dict:
+    """Live stream at ``rate`` events/s (event time = now) plus ``probes`` probe impressions of
+    unique users; time until each probe's count is readable from the online store."""
+    from features.store import open_store
+    from streams.datasets import open_source
+    from streams.kafka_io import DeliveryTracker, make_producer, produce
+    from streams.schema import Click, Impression, encode
+
+    store = open_store(feast_dir)
+    proc, port = _worker(bootstrap, app_id, feast_dir, log)
+    try:
+        # wait until the worker is consuming and the Feast helper has written something
+        p = make_producer(bootstrap)
+        tracker = DeliveryTracker()
+        source = iter(open_source("synthetic", seed=5, events=None))
+        warm = time.monotonic() + 120
+        seen: dict[str, float] = {}
+        sent: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                pending = [u for u in list(sent) if u not in seen]
+                if pending:
+                    resp = store.get_online_features(features=["user_stats:user_impressions_5m"],
+                                                     entity_rows={"user_id": pending}).to_dict()  # fmt: skip
+                    now = time.time()
+                    for u, v in zip(pending, resp["user_impressions_5m"], strict=True):
+                        if v:
+                            seen[u] = now
+                time.sleep(0.01)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        interval = 1.0 / rate
+        probe_every = max(1, int(rate * 0.05))  # a probe every ~50 ms
+        i = probe = 0
+        measuring = False
+        warm_from = None
+        t_next = time.perf_counter()
+        while probe < probes:
+            if warm_from is None and (any(u in seen for u in list(sent)) or time.monotonic() > warm):
+                warm_from = time.monotonic()  # the Feast helper process is up: let the backlog drain
+            if not measuring and warm_from is not None and time.monotonic() > warm_from + warmup_s:
+                measuring = True
+                sent.clear()
+                seen.clear()
+            rec = next(source)
+            now_ms = int(time.time() * 1000)
+            imp = Impression(event_id=f"live-{i}", event_time_ms=now_ms, user_id=rec.impression.user_id,
+                             item_id=rec.impression.item_id, categorical=rec.impression.categorical,
+                             numeric=rec.impression.numeric)  # fmt: skip
+            produce(p, "impressions", encode(imp), imp.event_id.encode(), tracker)
+            if rec.clicked:
+                c = Click(impression_id=imp.event_id, event_time_ms=now_ms + 1)
+                produce(p, "clicks", encode(c), imp.event_id.encode(), tracker)
+            if i % probe_every == 0:
+                user = f"probe-{app_id}-{i}"
+                t_ev = time.time()
+                pimp = Impression(event_id=f"probe-{i}", event_time_ms=int(t_ev * 1000), user_id=user,
+                                  item_id="probe-item")  # fmt: skip
+                produce(p, "impressions", encode(pimp), pimp.event_id.encode(), tracker)
+                sent[user] = t_ev
+                probe += measuring
+            p.poll(0)
+            i += 1
+            t_next += interval
+            delay = t_next - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        p.flush(30)
+        deadline = time.monotonic() + 30
+        while len(seen) < len(sent) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop.set()
+        lat = sorted(seen[u] - sent[u] for u in sent if u in seen)
+        if not lat:
+            return {"probes": 0, "error": "no probe became visible"}
+        rows = _metric(port, "ctr_features_feast_rows_total")
+        p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+        return {"rate_events_per_s": rate, "probes": len(sent), "visible": len(lat),
+                "p50_s": round(statistics.median(lat), 3), "p99_s": round(p99, 3),
+                "max_s": round(lat[-1], 3), "feast_rows_written": int(rows)}  # fmt: skip
+    finally:
+        stop_process(proc, grace_s=15)
+
+
+def main(json_path: Path, events: int, live_rate: float, probes: int, kind: str, bootstrap: str | None) -> dict:
+    from infra.broker import EmbeddedBroker
+    from streams.agents.label_join import send_watermark
+    from streams.datasets import open_source
+    from streams.replay import replay
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    broker = None
+    if bootstrap is None:
+        broker = EmbeddedBroker(kind=kind, data_dir=tmp / "broker").start()
+        bootstrap = broker.bootstrap
+    rows: list[dict] = []
+    extra: dict = {"events": events, "loadavg_before": os.getloadavg(), "broker": kind if broker else bootstrap}
+    try:
+        print(f"replaying {events:,} impressions (+ clicks) ...", flush=True)
+        summary = replay(open_source("synthetic", seed=1, events=events), bootstrap)
+        send_watermark(bootstrap, 10**15)
+        total = summary.events
+        extra["replayed_events"] = total
+
+        def raw_row() -> dict:
+            r = _raw_aiokafka(bootstrap, total)
+            return {"name": "aiokafka raw consume", **r}
+
+        variants = (
+            ("agents: label join", ("--no-features",)),
+            ("agents: label join, exactly_once", ("--no-features", "--guarantee", "exactly_once")),
+            ("agents: join + features", ()),
+        )
+        for label, flags in variants:
+            raw = raw_row()
+            rows.append(raw)
+            app_id = f"bench-{uuid.uuid4().hex[:6]}"
+            proc, port = _worker(bootstrap, app_id, tmp / "feast", tmp / f"{app_id}.log", *flags)
+            try:
+                r = _measure_agent(proc, port, total, timeout_s=300)
+            finally:
+                os.kill(proc.pid, signal.SIGTERM)
+                stop_process(proc, grace_s=15)
+            ratio = round(r["events_per_s"] / raw["events_per_s"], 3) if r.get("events_per_s") else None
+            rows.append({"name": label, **r, "ratio_to_raw": ratio, "target_events_per_s": TARGET_EVENTS_PER_S})
+            print(rows[-2], rows[-1], flush=True)
+        rows.append({"name": "feast write (FeatureWriter, sqlite, 1k-row batches)", **_feast_write(tmp / "feast")})
+        print(rows[-1], flush=True)
+        # freshness on its own broker and store: the topics above hold a finished replay
+        if broker is not None:
+            broker.stop()
+            broker = EmbeddedBroker(kind=kind, data_dir=tmp / "broker-live").start()
+            bootstrap = broker.bootstrap
+        fr = _freshness(
+            bootstrap, tmp / "feast-live", f"bench-live-{uuid.uuid4().hex[:6]}", tmp / "live.log", live_rate, probes
+        )
+        rows.append({"name": "freshness: event time -> readable in Feast", **fr,
+                     "target_p99_s": TARGET_FRESHNESS_P99_S})  # fmt: skip
+        extra["loadavg_after"] = os.getloadavg()
+        extra["logs"] = str(tmp)
+    finally:
+        if broker is not None:
+            broker.stop()
+    return report("stream agents", rows, json_path, extra)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.stream", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", type=Path, default=Path("bench/results/stream.json"))
+    ap.add_argument("--events", type=int, default=100_000, help="impressions to replay (clicks come on top)")
+    ap.add_argument(
+        "--live-rate",
+        type=float,
+        default=300.0,
+        help="events/s of the live freshness stream (default synthetic stream: each event touches "
+        "~8 entities, several of them new, and SQLite Feast writes ~4k rows/s here)",
+    )
+    ap.add_argument("--probes", type=int, default=200)
+    ap.add_argument("--kind", default="noida")
+    ap.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
+    a = ap.parse_args(argv)
+    main(a.json, a.events, a.live_rate, a.probes, a.kind, a.bootstrap)
+
+
+if __name__ == "__main__":
+    cli()

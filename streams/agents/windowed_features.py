@@ -1,0 +1,563 @@
+"""Windowed feature agent: hopping-window impression/click counts and smoothed CTR per user,
+per item and per (field, value), written to the Feast online store in micro-batches.
+
+Data flow: the label join turns each micro-batch into count deltas per (entity, hop bucket)
+and sends them, already re-keyed by entity (:func:`~streams.agents.label_join.entity_partition`),
+as one :class:`~streams.agents.label_join.DeltaBatch` per feature partition to the internal
+topic ``<app id>-feature-deltas`` (4 partitions, co-partitioned with everything else). This
+agent sums them into per-entity buckets (:class:`FeatureShard`, pure logic, no Faust) and
+writes the touched entities' current window values (``features.spec.SPEC``: impressions,
+clicks and smoothed CTR for every window) to Feast.
+
+Windows. Counts live in buckets of the finest hop (60 s by default). The value of a window of
+size S and hop H "now" is the window ``[end - S, end)`` whose end is the first hop boundary
+after the shard's event-time clock (the largest event time any delta batch reported): with
+the default spec, the last 5 (or 60) one-minute buckets including the current one. A Feast row
+holds the values as of its event timestamp (= that clock); an entity with no new events keeps
+its last row until its next event (readers who care about staleness can compare the row's
+``<entity>_event_time_us`` column with the current time).
+
+Exactly-once counting under at-least-once delivery. Every delta batch carries a version
+``(source partition, join seq)``; the shard keeps the last version applied per source
+partition and skips anything at or below it (a replayed or re-sent batch). Each micro-batch
+here becomes one changelog record (:class:`FeatureRecord`: the rows applied, the versions,
+the clock, and ``feast_confirmed`` = the last record whose touched entities are known written to
+Feast), acknowledged by the broker before the input offsets are acked. After a kill -9,
+:meth:`FeatureShard.restore` sums the live records again and the entities touched after
+``feast_confirmed`` are written again (a Feast write is an idempotent overwrite with the newest
+event time winning). Records whose buckets have left every window are deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from features.spec import SPEC, FeatureSpec
+from streams.agents.label_join import (
+    ENTITY_KINDS,
+    NEG_INF,
+    DeltaBatch,
+    bucket_ms,
+    decode_deltas,
+    partition_prefix,
+    record_key,
+)
+
+log = logging.getLogger(__name__)
+
+EntityKey = tuple[int, str]
+
+
+class FeatureRecord(msgspec.Struct, array_like=True, frozen=True):
+    """One micro-batch of one feature partition, as written to the changelog."""
+
+    seq: int
+    applied: dict[int, int]
+    clock: int
+    feast_confirmed: int
+    rows: list[tuple[int, str, int, int, int]]
+
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(FeatureRecord)
+
+
+def encode_record(rec: FeatureRecord) -> bytes:
+    return _enc.encode(rec)
+
+
+def decode_record(data: bytes) -> FeatureRecord:
+    return _dec.decode(data)
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Bucket arithmetic of the spec's windows (sizes and hops in buckets)."""
+
+    bucket_ms: int
+    windows: tuple[tuple[str, int, int], ...]  # (name, size in buckets, hop in buckets)
+
+    @classmethod
+    def of(cls, spec: FeatureSpec) -> WindowPlan:
+        b = bucket_ms(spec)
+        return cls(b, tuple((w.name, w.size_s * 1000 // b, w.hop_s * 1000 // b) for w in spec.windows))
+
+    @property
+    def horizon(self) -> int:
+        """Buckets any window can still reach back from the current one."""
+        return max(size + hop for _, size, hop in self.windows)
+
+    def ranges(self, clock_ms: int) -> list[tuple[str, int, int]]:
+        """``(name, first bucket, end bucket exclusive)`` of each window at ``clock_ms``."""
+        cur = clock_ms // self.bucket_ms
+        out = []
+        for name, size, hop in self.windows:
+            end = (cur // hop + 1) * hop
+            out.append((name, end - size, end))
+        return out
+
+
+class FeatureShard:
+    """Counts of one feature partition: entity -> bucket -> [impressions, clicks].
+
+    >>> from streams.agents.label_join import DeltaBatch
+    >>> shard = FeatureShard(0)
+    >>> t = 1_700_000_000_000
+    >>> b = t // 60_000
+    >>> touched, rec = shard.apply([DeltaBatch(src=1, seq=1, max_time=t, rows=[(1, "ad7", b, 3, 1)])])
+    >>> sorted(touched), rec.seq
+    ([(1, 'ad7')], 1)
+    >>> shard.apply([DeltaBatch(src=1, seq=1, max_time=t, rows=[(1, "ad7", b, 3, 1)])])[1] is None  # replay
+    True
+    >>> v = shard.values((1, "ad7")); v["item_impressions_5m"], v["item_clicks_1h"]
+    (3, 1)
+    """
+
+    def __init__(self, partition: int, spec: FeatureSpec = SPEC) -> None:
+        self.partition = partition
+        self.spec = spec
+        self.plan = WindowPlan.of(spec)
+        self.counts: dict[EntityKey, dict[int, list[int]]] = {}
+        self.applied: dict[int, int] = {}
+        self.clock = NEG_INF
+        self.seq = 0
+        self.feast_confirmed = 0
+        self.duplicates = 0
+        self.rows_applied = 0
+        #: live record seq -> newest bucket in it
+        self.live: dict[int, int] = {}
+        self._pruned_at = NEG_INF
+        self._recorded_confirmed = 0
+        self._names = {
+            kind: [(name, f"{ENTITY_KINDS[kind]}_impressions_{name}", f"{ENTITY_KINDS[kind]}_clicks_{name}",
+                    f"{ENTITY_KINDS[kind]}_ctr_{name}") for name, _, _ in self.plan.windows]
+            for kind in range(len(ENTITY_KINDS))
+        }  # fmt: skip
+
+    def _add(self, rows: Iterable[tuple[int, str, int, int, int]], touched: set[EntityKey]) -> None:
+        counts = self.counts
+        for kind, key, bucket, di, dc in rows:
+            ek = (kind, key)
+            buckets = counts.get(ek)
+            if buckets is None:
+                buckets = counts[ek] = {}
+            cur = buckets.get(bucket)
+            if cur is None:
+                buckets[bucket] = [di, dc]
+            else:
+                cur[0] += di
+                cur[1] += dc
+            touched.add(ek)
+
+    def apply(self, batches: Sequence[DeltaBatch]) -> tuple[set[EntityKey], FeatureRecord | None]:
+        """Apply the delta batches not applied yet; returns the touched entities and the
+        changelog record (None when every batch was a replay)."""
+        merged: dict[tuple[int, str, int], list[int]] = {}
+        fresh = 0
+        for b in batches:
+            if b.seq <= self.applied.get(b.src, 0):
+                self.duplicates += 1
+                continue
+            fresh += 1
+            self.applied[b.src] = b.seq
+            if b.max_time > self.clock:
+                self.clock = b.max_time
+            for kind, key, bucket, di, dc in b.rows:
+                k = (kind, key, bucket)
+                cur = merged.get(k)
+                if cur is None:
+                    merged[k] = [di, dc]
+                else:
+                    cur[0] += di
+                    cur[1] += dc
+        if not fresh:
+            return set(), None
+        rows = [(k[0], k[1], k[2], v[0], v[1]) for k, v in merged.items()]
+        touched: set[EntityKey] = set()
+        self._add(rows, touched)
+        self.rows_applied += len(rows)
+        self.seq += 1
+        rec = FeatureRecord(self.seq, dict(self.applied), self.clock, self.feast_confirmed, rows)
+        self._recorded_confirmed = self.feast_confirmed
+        self.live[self.seq] = max((r[2] for r in rows), default=NEG_INF)
+        return touched, rec
+
+    def checkpoint(self) -> FeatureRecord:
+        """An empty record carrying the current versions, clock and ``feast_confirmed``."""
+        self.seq += 1
+        self.live[self.seq] = NEG_INF
+        return FeatureRecord(self.seq, dict(self.applied), self.clock, self.feast_confirmed, [])
+
+    @property
+    def recorded_feast_confirmed(self) -> int:
+        return self._recorded_confirmed
+
+    def values(self, ek: EntityKey) -> dict[str, Any]:
+        """The entity's Feast row (join key and every window's impressions, clicks, CTR)."""
+        kind, key = ek
+        from features.store import JOIN_KEYS
+
+        row: dict[str, Any] = {JOIN_KEYS[ENTITY_KINDS[kind]]: key}
+        buckets = self.counts.get(ek, {})
+        smoothed = self.spec.smoothed_ctr
+        for (_, lo, hi), (_, n_imp, n_clk, n_ctr) in zip(self.plan.ranges(self.clock), self._names[kind], strict=True):
+            imps = clicks = 0
+            if len(buckets) <= hi - lo:
+                for b, (i, c) in buckets.items():
+                    if lo <= b < hi:
+                        imps += i
+                        clicks += c
+            else:
+                for b in range(lo, hi):
+                    v = buckets.get(b)
+                    if v is not None:
+                        imps += v[0]
+                        clicks += v[1]
+            row[n_imp] = imps
+            row[n_clk] = clicks
+            row[n_ctr] = smoothed(clicks, imps)
+        return row
+
+    def prune(self) -> int:
+        """Forget buckets no window can reach any more (once per hop bucket of the clock)."""
+        cur = self.clock // self.plan.bucket_ms
+        if cur <= self._pruned_at:
+            return 0
+        self._pruned_at = cur
+        oldest = cur - self.plan.horizon
+        dropped = 0
+        for ek in list(self.counts):
+            buckets = self.counts[ek]
+            for b in [b for b in buckets if b < oldest]:
+                del buckets[b]
+                dropped += 1
+            if not buckets:
+                del self.counts[ek]
+        return dropped
+
+    def dead_records(self) -> list[int]:
+        """Records whose buckets left every window and whose entities are written to Feast."""
+        oldest = self.clock // self.plan.bucket_ms - self.plan.horizon
+        dead = [s for s, newest in self.live.items() if newest < oldest and s <= self.feast_confirmed and s < self.seq]
+        for s in dead:
+            del self.live[s]
+        return dead
+
+    @classmethod
+    def restore(
+        cls, partition: int, spec: FeatureSpec, records: Iterable[FeatureRecord]
+    ) -> tuple[FeatureShard, set[EntityKey]]:
+        """Sum the live records again; returns the shard and the entities to write to Feast
+        again (touched by records after the last ``feast_confirmed``)."""
+        shard = cls(partition, spec)
+        recs = sorted(records, key=lambda r: r.seq)
+        rewrite: set[EntityKey] = set()
+        if not recs:
+            return shard, rewrite
+        confirmed = recs[-1].feast_confirmed
+        for rec in recs:
+            touched: set[EntityKey] = set()
+            shard._add(rec.rows, touched)
+            if rec.seq > confirmed:
+                rewrite |= touched
+            shard.live[rec.seq] = max((r[2] for r in rec.rows), default=NEG_INF)
+        last = recs[-1]
+        shard.seq, shard.applied, shard.clock = last.seq, dict(last.applied), last.clock
+        shard.feast_confirmed = shard._recorded_confirmed = confirmed
+        return shard, rewrite
+
+
+# ---------------------------------------------------------------------- Feast sink
+class FeastSink:
+    """Writes rows with :class:`features.store.FeatureWriter` (newest event time wins), in
+    this process."""
+
+    def __init__(self, feast_dir: str | None, online: str = "sqlite", redis_url: str | None = None) -> None:
+        from features.store import FeatureWriter, open_store
+
+        self.store = open_store(feast_dir, online=online, redis_url=redis_url)  # type: ignore[arg-type]
+        self.writer = FeatureWriter(self.store)
+
+    def write(self, kind: int, rows: list[dict[str, Any]], times_ms: list[int]) -> int:
+        from features.store import STATS_VIEWS
+
+        return self.writer.write(STATS_VIEWS[ENTITY_KINDS[kind]], rows, times_ms)
+
+    def close(self) -> None:
+        return None
+
+
+_child_sink: FeastSink | None = None
+
+
+def _child_init(feast_dir: str | None, online: str, redis_url: str | None) -> None:
+    from infra.procs import die_with_parent
+
+    die_with_parent()
+    # Lower priority than the worker: under CPU pressure the Kafka side keeps its pace and the
+    # writer coalesces more (an entity touched N times between two writes is written once).
+    os.nice(5)
+    global _child_sink
+    _child_sink = FeastSink(feast_dir, online, redis_url)
+
+
+def _child_write(kind: int, rows: list[dict[str, Any]], times_ms: list[int]) -> int:
+    assert _child_sink is not None
+    return _child_sink.write(kind, rows, times_ms)
+
+
+def _child_ping() -> bool:
+    return _child_sink is not None
+
+
+class ProcessFeastSink:
+    """:class:`FeastSink` in a helper process. Feast's write path is pure Python (about 4-5k
+    rows/s on SQLite here); in a thread it would hold the GIL against the event loop that
+    consumes Kafka and heartbeats. The helper opens the store once (``import feast`` takes
+    seconds) while the worker already consumes; writes queue behind that."""
+
+    def __init__(self, feast_dir: str | None, online: str = "sqlite", redis_url: str | None = None) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        ctx = multiprocessing.get_context("spawn")  # the worker has threads: never fork it
+        self.pool = ProcessPoolExecutor(
+            1, mp_context=ctx, initializer=_child_init, initargs=(feast_dir, online, redis_url)
+        )
+        self.ready = self.pool.submit(_child_ping)
+
+    def write(self, kind: int, rows: list[dict[str, Any]], times_ms: list[int]) -> int:
+        return self.pool.submit(_child_write, kind, rows, times_ms).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class FeastWriterLoop:
+    """Coalescing micro-batch writer: entities touched since the last write are written once,
+    with their values at that moment; one write in flight at a time, in a worker thread so the
+    event loop (heartbeats, consumption) keeps running."""
+
+    shards: dict[int, FeatureShard]
+    sink: Any
+    interval_s: float = 0.1
+    dirty: dict[int, set[EntityKey]] = field(default_factory=dict)
+    rows_written: int = 0
+    write_seconds: float = 0.0
+    on_written: Any = None  # callback(rows) for metrics
+    writes: int = 0
+    _task: asyncio.Task | None = None
+    _busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def mark(self, partition: int, entities: Iterable[EntityKey]) -> None:
+        self.dirty.setdefault(partition, set()).update(entities)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.flush()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep the agent alive; rows stay dirty and are retried
+                log.exception("Feast write failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def flush(self) -> int:
+        """Write the dirty entities of every owned partition; marks ``feast_confirmed``."""
+        async with self._busy:
+            if not any(self.dirty.values()):
+                return 0
+            dirty, self.dirty = self.dirty, {}
+            by_kind: dict[int, tuple[list, list]] = {}
+            confirm: dict[int, int] = {}
+            for p, ents in dirty.items():
+                shard = self.shards.get(p)
+                if shard is None:
+                    continue  # partition revoked: its new owner rewrites what it restores
+                confirm[p] = shard.seq
+                clock = shard.clock
+                for ek in ents:
+                    rows, times = by_kind.setdefault(ek[0], ([], []))
+                    rows.append(shard.values(ek))
+                    times.append(clock)
+            t0 = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            n = 0
+            try:
+                for kind, (rows, times) in by_kind.items():
+                    n += await loop.run_in_executor(None, self.sink.write, kind, rows, times)
+            except BaseException:
+                for p, ents in dirty.items():
+                    self.mark(p, ents)
+                raise
+            self.write_seconds += time.perf_counter() - t0
+            rows = sum(len(r) for r, _ in by_kind.values())
+            self.rows_written += rows
+            self.writes += 1
+            if self.on_written is not None:
+                self.on_written(rows)
+            for p, seq in confirm.items():
+                shard = self.shards.get(p)
+                if shard is not None and seq > shard.feast_confirmed:
+                    shard.feast_confirmed = seq
+            return n
+
+
+def _metrics() -> dict[str, Any]:
+    from prometheus_client import REGISTRY, Counter, Gauge
+
+    def get(name: str, factory: Any, *args: Any) -> Any:
+        existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - idempotent registration
+        return existing if existing is not None else factory(name, *args)
+
+    return {
+        "batches": get("ctr_features_delta_batches_total", Counter, "Feature delta batches", ["result"]),
+        "rows": get("ctr_features_feast_rows_total", Counter, "Rows written to the Feast online store"),
+        "entities": get("ctr_features_entities", Gauge, "Entities with counts", ["partition"]),
+    }
+
+
+class WindowedFeatureAgent:
+    """The Faust side: delta batches in, :class:`FeatureShard` per owned partition, records to
+    the ``feature-state`` table's changelog, Feast writes through :class:`FeastWriterLoop`."""
+
+    def __init__(
+        self,
+        app: Any,
+        table: Any,
+        deltas_topic: str,
+        sink: Any,
+        output: Any,
+        spec: FeatureSpec = SPEC,
+        *,
+        interval_s: float = 0.1,
+    ) -> None:
+        from streams.app import BulkAgentBase
+        from streams.deadletter import DeadLetterSink
+
+        self.table = table
+        self.spec = spec
+        self.deltas_topic = deltas_topic
+        self.shards: dict[int, FeatureShard] = {}
+        self.writer = FeastWriterLoop(self.shards, sink, interval_s=interval_s)
+        self.dlq = DeadLetterSink("windowed-features", lambda t, k, v, h: output.send(t, k, v, 0, h))
+        self.output = output
+        self.metrics = _metrics()
+        self.writer.on_written = self.metrics["rows"].inc
+        outer = self
+
+        class _Runner(BulkAgentBase):
+            def owned_topic(self) -> str:
+                return outer.deltas_topic
+
+            async def build_partitions(self, partitions: set[int]) -> None:
+                await outer.build(partitions)
+
+            def drop_partitions(self, partitions: set[int]) -> None:
+                for p in partitions:
+                    outer.shards.pop(p, None)
+                    outer.writer.dirty.pop(p, None)
+
+            async def process(self, batch: Any) -> None:
+                await outer.process(batch, self)
+
+            async def on_idle(self) -> None:
+                await outer.checkpoint()
+
+        self.runner = _Runner(app, app.bulk_queue([deltas_topic], maxsize=64), max_events=256, within_s=0.01)
+
+    async def run(self) -> None:
+        self.writer.start()
+        await self.runner.run()
+
+    async def build(self, partitions: set[int]) -> None:
+        from streams.app import table_items
+
+        # Finish the write in flight before the shards it may confirm change owner.
+        async with self.writer._busy:
+            pass
+        for p in sorted(partitions):
+            recs = [decode_record(v) for _, v in table_items(self.table, partition_prefix(p))]
+            shard, rewrite = FeatureShard.restore(p, self.spec, recs)
+            self.shards[p] = shard
+            if rewrite:
+                self.writer.mark(p, rewrite)
+            if recs:
+                log.info(
+                    "feature partition %d restored from %d records (seq %d, %d entities, %d to rewrite)",
+                    p,
+                    len(recs),
+                    shard.seq,
+                    len(shard.counts),
+                    len(rewrite),
+                )
+
+    async def process(self, batch: Any, runner: Any) -> None:
+        from streams.app import send_changelog
+
+        by_part: dict[int, list[DeltaBatch]] = {}
+        for c in batch.chunks:
+            if c.partition not in self.shards:
+                continue
+            lst = by_part.setdefault(c.partition, [])
+            for r in c.records:
+                try:
+                    lst.append(decode_deltas(r.value))
+                except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as err:
+                    self.dlq.send(
+                        f"bad delta batch: {err}",
+                        r.value,
+                        source_topic=c.topic,
+                        partition=c.partition,
+                        offset=r.offset,
+                        key=r.key,
+                    )
+        changelog = []
+        for p, batches in by_part.items():
+            shard = self.shards[p]
+            touched, rec = shard.apply(batches)
+            self.metrics["batches"].labels("duplicate").inc(shard.duplicates)
+            shard.duplicates = 0
+            if rec is None:
+                continue
+            self.metrics["batches"].labels("applied").inc(len(batches))
+            # Marked before the record is durable: a Feast row written from counts whose record
+            # is then lost in a crash is rewritten with the same counts after the replay.
+            self.writer.mark(p, touched)
+            shard.prune()
+            for s in shard.dead_records():
+                changelog.append((p, record_key(p, s), None))
+            changelog.append((p, record_key(p, rec.seq), encode_record(rec)))
+            self.metrics["entities"].labels(str(p)).set(len(shard.counts))
+        if self.dlq.count:
+            await self.output.delivered()
+        await send_changelog(self.table, changelog)
+        runner.ack(batch.chunks)
+
+    async def checkpoint(self) -> None:
+        """When idle, record ``feast_confirmed`` progress so a restart rewrites less."""
+        from streams.app import send_changelog
+
+        changelog = []
+        for p, shard in self.shards.items():
+            if shard.feast_confirmed > shard.recorded_feast_confirmed and not self.writer.dirty.get(p):
+                rec = shard.checkpoint()
+                shard._recorded_confirmed = shard.feast_confirmed
+                for s in shard.dead_records():
+                    changelog.append((p, record_key(p, s), None))
+                changelog.append((p, record_key(p, rec.seq), encode_record(rec)))
+        await send_changelog(self.table, changelog)

@@ -1,0 +1,394 @@
+"""The Faust agents against the real broker (noida-db), as real worker processes, writing to a
+real Feast store: exact example counts and labels, windowed counts equal to a brute-force
+recount, kill -9 recovery from the changelogs, dead letters.
+
+Ground truth comes from the generator: ``LabeledImpression.clicked`` and ``click_delay_ms``
+(label 1 iff a click arrives within the 30 s attribution window).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from features.spec import SPEC, field_value_key
+from infra.procs import die_with_parent, stop_process
+from streams.agents.label_join import DEFAULT_WINDOW_MS, LATE_REASON_HEADER, send_watermark
+from streams.agents.windowed_features import WindowPlan
+from streams.datasets import open_source
+from streams.deadletter import read_dead_letter
+from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from streams.replay import replay
+from streams.schema import decode_training_example, encode
+from tests.kafka_helpers import make_records
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+#: A small vocabulary keeps the Feast side (about 4-5k rows/s on SQLite) to a few thousand entities.
+SMALL = dict(n_categorical=8, cardinalities=(50, 200, 1000, 20, 5, 300, 10, 10), n_numeric=4, n_informative=4,
+             n_drift_fields=2, n_users=3000, n_ads=300, n_new_ads=50)  # fmt: skip
+END_MARKER = 10**15  # watermark marker "end of stream" (event time far after the data)
+
+
+# ----------------------------------------------------------------------------- helpers
+class Worker:
+    """``python -m streams.worker`` as a child process (dies with the test run)."""
+
+    def __init__(self, bootstrap: str, tmp: Path, app_id: str, *extra: str, name: str = "worker") -> None:
+        self.args = [sys.executable, "-m", "streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
+                     "--feast-dir", str(tmp / "feast"), "--loglevel", "info",
+                     "--instance-id", name, *extra]  # fmt: skip
+        self.log = tmp / f"{name}.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> Worker:
+        self.starts += 1
+        with open(self.log, "a") as log:
+            log.write(f"\n===== start #{self.starts} =====\n")
+            log.flush()
+            self.proc = subprocess.Popen(self.args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=die_with_parent)  # fmt: skip
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=15)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def topic_size(bootstrap: str, topic: str) -> int:
+    c = make_consumer(bootstrap, "sizes")
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    n = sum(c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts)
+    c.close()
+    return n
+
+
+def partitions_of(bootstrap: str, topic: str) -> int:
+    c = make_consumer(bootstrap, "meta")
+    n = len(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    c.close()
+    return n
+
+
+def read_examples(bootstrap: str, want: set[str], timeout_s: float, worker: Worker | None = None) -> list:
+    """``(example_id, label, partition)`` of every message on ``training-examples``, reading
+    until every id in ``want`` was seen (then 1 s more, to catch extra duplicates)."""
+    c = make_consumer(bootstrap, f"check-{uuid.uuid4().hex[:6]}")
+    c.subscribe(["training-examples"])
+    out: list = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    quiet_until = None
+    while time.monotonic() < deadline:
+        for m in c.consume(5000, 0.2):
+            if m.error() is None:
+                ex = decode_training_example(m.value())
+                assert m.key() == ex.example_id.encode()
+                out.append((ex.example_id, ex.label, m.partition()))
+                seen.add(ex.example_id)
+        if quiet_until is None and want <= seen:
+            quiet_until = time.monotonic() + 1.0
+        if quiet_until is not None and time.monotonic() > quiet_until:
+            break
+        if worker is not None and not worker.alive():
+            break
+    c.close()
+    return out
+
+
+def read_all(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list:
+    c = make_consumer(bootstrap, f"all-{uuid.uuid4().hex[:6]}")
+    c.subscribe([topic])
+    out: list = []
+    end = time.monotonic() + timeout_s
+    idle = 0
+    while time.monotonic() < end and idle < 5:
+        got = [m for m in c.consume(5000, 0.2) if m.error() is None]
+        out += got
+        idle = 0 if got else idle + 1
+    c.close()
+    return out
+
+
+def truth_labels(records) -> dict[str, int]:
+    return {r.impression.event_id: int(r.clicked and r.click_delay_ms <= DEFAULT_WINDOW_MS) for r in records}
+
+
+def late_ids(records) -> Counter:
+    return Counter(r.impression.event_id for r in records if r.clicked and r.click_delay_ms > DEFAULT_WINDOW_MS)
+
+
+def brute_force_buckets(records) -> dict[tuple[str, str], dict[int, list[int]]]:
+    """entity -> hop bucket -> [impressions, attributed clicks], recounted from the generator."""
+    b = WindowPlan.of(SPEC).bucket_ms
+    out: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in records:
+        imp = r.impression
+        ents = [("user", imp.user_id), ("item", imp.item_id)]
+        ents += [("field_value", field_value_key(f, imp.categorical[f])) for f in SPEC.stat_fields
+                 if f in imp.categorical]  # fmt: skip
+        clicked = r.clicked and r.click_delay_ms <= DEFAULT_WINDOW_MS
+        for e in ents:
+            out[e][imp.event_time_ms // b][0] += 1
+            if clicked:
+                out[e][(imp.event_time_ms + r.click_delay_ms) // b][1] += 1
+    return out
+
+
+def feast_mismatches(store, expected: dict, limit: int = 5) -> tuple[int, list]:
+    """Compare every entity's Feast row with the brute-force window sums *as of the row's own
+    event time* (``<entity>_event_time_us``). Returns (mismatch count, a few examples)."""
+    from features.store import JOIN_KEYS, STATS_VIEWS, event_time_feature, view_features
+
+    plan = WindowPlan.of(SPEC)
+    bad, examples = 0, []
+    by_entity: dict[str, list[str]] = defaultdict(list)
+    for entity, key in expected:
+        by_entity[entity].append(key)
+    for entity, keys in by_entity.items():
+        view = STATS_VIEWS[entity]
+        feats = view_features(view) + [event_time_feature(view)]
+        for start in range(0, len(keys), 1000):
+            chunk = keys[start : start + 1000]
+            resp = store.get_online_features(features=[f"{view}:{f}" for f in feats],
+                                             entity_rows={JOIN_KEYS[entity]: chunk}).to_dict()  # fmt: skip
+            for i, key in enumerate(chunk):
+                us = resp[event_time_feature(view)][i]
+                if us is None:
+                    bad += 1
+                    if len(examples) < limit:
+                        examples.append((entity, key, "missing"))
+                    continue
+                buckets = expected[(entity, key)]
+                for name, lo, hi in plan.ranges(us // 1000):
+                    imps = sum(v[0] for bk, v in buckets.items() if lo <= bk < hi)
+                    clicks = sum(v[1] for bk, v in buckets.items() if lo <= bk < hi)
+                    got = (resp[f"{entity}_impressions_{name}"][i], resp[f"{entity}_clicks_{name}"][i],
+                           resp[f"{entity}_ctr_{name}"][i])  # fmt: skip
+                    want = (imps, clicks, SPEC.smoothed_ctr(clicks, imps))
+                    if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
+                        bad += 1
+                        if len(examples) < limit:
+                            examples.append((entity, key, name, got, want))
+    return bad, examples
+
+
+def wait_feast_exact(feast_dir: Path, expected: dict, timeout_s: float) -> None:
+    from features.store import open_store
+
+    store = open_store(feast_dir)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        bad, examples = feast_mismatches(store, expected)
+        if bad == 0:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{bad} Feast values differ from the brute-force recount, e.g. {examples}")
+        time.sleep(2.0)
+
+
+def check_examples(examples: list, truth: dict[str, int]) -> Counter:
+    ids = Counter(e for e, _, _ in examples)
+    assert set(ids) == set(truth), f"missing {len(set(truth) - set(ids))}, unexpected {len(set(ids) - set(truth))}"
+    wrong = [(e, lbl, truth[e]) for e, lbl, _ in examples if lbl != truth[e]]
+    assert not wrong, f"{len(wrong)} labels differ from the generator's ground truth, e.g. {wrong[:5]}"
+    return ids
+
+
+# ----------------------------------------------------------------------------- tests
+def test_100k_replay_one_example_per_impression_true_labels_and_exact_windowed_counts(broker, tmp_path):
+    """>= 100k synthetic events with delayed and late clicks, replayed at full speed: exactly one
+    example per impression (no duplicates without a failure), each with the generator's label;
+    late clicks counted on ``late-events``; every Feast row equals a brute-force recount."""
+    records = list(open_source("synthetic", seed=11, events=100_000, **SMALL))
+    truth = truth_labels(records)
+    late = late_ids(records)
+    assert len(late) > 100 and sum(truth.values()) > 5000
+    summary = replay(records, broker.bootstrap)
+    assert summary.events >= 100_000 and summary.failed == 0
+    send_watermark(broker.bootstrap, END_MARKER)
+
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-t100k").start()
+    try:
+        t0 = time.monotonic()
+        examples = read_examples(broker.bootstrap, set(truth), timeout_s=180, worker=worker)
+        elapsed = time.monotonic() - t0
+        ids = check_examples(examples, truth)
+        assert max(ids.values()) == 1, "an uninterrupted run emits no duplicates"
+        lates = read_all(broker.bootstrap, "late-events")
+        assert Counter(m.key().decode() for m in lates) == late
+        assert {dict(m.headers())[LATE_REASON_HEADER] for m in lates} <= {b"after_window", b"no_impression"}
+        for topic in ("ctr-t100k-join-state-changelog", "ctr-t100k-feature-state-changelog",
+                      "ctr-t100k-feature-deltas"):  # fmt: skip
+            assert partitions_of(broker.bootstrap, topic) == 4, topic
+        wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
+        assert worker.alive()
+        print(f"\n100k: {summary.events} events joined in {elapsed:.1f}s incl. worker start")
+    finally:
+        worker.stop()
+
+
+def test_examples_are_co_partitioned_with_their_impressions(broker, tmp_path):
+    """Each example lands on its impression's partition (downstream dedup is partition-local)."""
+    records = make_records(3000, seed=5)
+    replay(records, broker.bootstrap)
+    send_watermark(broker.bootstrap, END_MARKER)
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tpart", "--no-features").start()
+    try:
+        examples = read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=90, worker=worker)
+        c = make_consumer(broker.bootstrap, "parts")
+        c.subscribe(["impressions"])
+        imp_part = {}
+        for m in read_all(broker.bootstrap, "impressions"):
+            if m.key() is not None:  # watermark markers have no key
+                imp_part[m.key().decode()] = m.partition()
+        c.close()
+        check_examples(examples, truth_labels(records))
+        assert all(imp_part[e] == p for e, _, p in examples)
+    finally:
+        worker.stop()
+
+
+def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path):
+    """A worker is kill -9'd while a live replay is running, then restarted: the tables come
+    back from their changelogs; examples (duplicates allowed, recognisable by key, same label),
+    late clicks and every Feast value equal what an uninterrupted run produces (the ground
+    truth and the brute-force recount)."""
+    # 60 s of event time: examples start once event time passes the 30 s window
+    records = list(open_source("synthetic", seed=23, events=60_000, **SMALL))
+    truth = truth_labels(records)
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tkill").start()
+    done = threading.Event()
+
+    def produce_live() -> None:
+        replay(records, broker.bootstrap, rate=5_000)
+        done.set()
+
+    try:
+        t = threading.Thread(target=produce_live, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 120
+        while topic_size(broker.bootstrap, "training-examples") < 5_000:
+            assert time.monotonic() < deadline and worker.alive(), "worker made no progress"
+            time.sleep(0.2)
+        assert not done.is_set(), "the replay finished before the kill: not mid-stream"
+        worker.kill9()
+        killed_at = topic_size(broker.bootstrap, "training-examples")
+        worker.start()
+        t.join(120)
+        assert done.is_set()
+        send_watermark(broker.bootstrap, END_MARKER)
+        examples = read_examples(broker.bootstrap, set(truth), timeout_s=150, worker=worker)
+        ids = check_examples(examples, truth)
+        dupes = sum(n - 1 for n in ids.values())
+        lates = Counter(m.key().decode() for m in read_all(broker.bootstrap, "late-events"))
+        assert set(lates) == set(late_ids(records))
+        wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
+        log = worker.text().split("===== start #2 =====")[1]
+        assert "join partition" in log and "restored from" in log, "no table recovery after the restart"
+        assert "feature partition" in log
+        print(f"\nkill -9 after {killed_at} examples; {len(examples)} examples read, {dupes} duplicates")
+    finally:
+        worker.stop()
+
+
+def test_malformed_messages_go_to_dead_letter_and_the_join_keeps_running(broker, tmp_path):
+    records = make_records(2000, seed=9)
+    bad = [
+        ("impressions", b"k1", b'{"event_id": "x", "event_time_ms": "soon"}'),
+        ("impressions", b"k2", b"\xff\xfe not json"),
+        ("clicks", b"t9-1", b'{"impression_id": "t9-1"}'),
+        ("impressions", b"k3", b'{"event_id": "x", "event_time_ms": 1, "user_id": "u", "item_id": "i", "bogus": 1}'),
+        ("clicks", b"k4", b"[]"),
+    ]
+    p = make_producer(broker.bootstrap)
+    tracker = DeliveryTracker()
+    half = len(records) // 2
+    replay(records[:half], broker.bootstrap)
+    for topic, key, value in bad:
+        produce(p, topic, value, key, tracker)
+    flush(p, tracker)
+    replay(records[half:], broker.bootstrap)
+    send_watermark(broker.bootstrap, END_MARKER)
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tdlq", "--no-features").start()
+    try:
+        examples = read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=90, worker=worker)
+        check_examples(examples, truth_labels(records))
+        dead = read_all(broker.bootstrap, "dead-letter")
+        letters = [read_dead_letter(m.value(), m.headers()) for m in dead]
+        assert sorted(d.original for d in letters) == sorted(v for _, _, v in bad)
+        assert all(d.reason and d.stage == "label-join" and d.offset is not None for d in letters)
+        assert {d.source_topic for d in letters} == {"impressions", "clicks"}
+        # still running, still joining: a later impression gets its example
+        extra = make_records(50, seed=99, start_ms=1_800_000_000_000)
+        replay(extra, broker.bootstrap)
+        send_watermark(broker.bootstrap, END_MARKER + 1)
+        more = read_examples(broker.bootstrap, set(truth_labels(extra)), timeout_s=60, worker=worker)
+        assert set(truth_labels(extra)) <= {e for e, _, _ in more}
+        assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_encode_roundtrip_of_replayed_impression_matches_example_payload(broker, tmp_path):
+    """The example carries the impression exactly as produced (spliced bytes decode equal)."""
+    records = make_records(200, seed=3)
+    replay(records, broker.bootstrap)
+    send_watermark(broker.bootstrap, END_MARKER)
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tpay", "--no-features").start()
+    try:
+        read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=60, worker=worker)
+        by_id = {r.impression.event_id: r.impression for r in records}
+        for m in read_all(broker.bootstrap, "training-examples"):
+            ex = decode_training_example(m.value())
+            assert ex.impression == by_id[ex.example_id]
+            assert encode(ex.impression) == encode(by_id[ex.example_id])
+    finally:
+        worker.stop()
+
+
+def test_two_workers_share_the_partitions_and_still_emit_each_example_once(broker, tmp_path):
+    """Two workers of one app split the four partitions between them; every impression still
+    gets exactly its example (the join is partition-local)."""
+    records = list(open_source("synthetic", seed=31, events=20_000, **SMALL))
+    truth = truth_labels(records)
+    replay(records, broker.bootstrap)
+    send_watermark(broker.bootstrap, END_MARKER)
+    a = Worker(broker.bootstrap, tmp_path, "ctr-ttwo", "--no-features", name="wa").start()
+    b = Worker(broker.bootstrap, tmp_path, "ctr-ttwo", "--no-features", name="wb").start()
+    try:
+        examples = read_examples(broker.bootstrap, set(truth), timeout_s=120, worker=a)
+        ids = check_examples(examples, truth)
+        assert max(ids.values()) <= 2  # a rebalance mid-batch may re-send one batch, keyed
+        owned = []
+        for w in (a, b):
+            lines = [ln for ln in w.text().splitlines() if "owns partitions" in ln]
+            assert lines, f"{w.log} never owned anything"
+            owned.append(lines[-1].split("owns partitions ")[1].split(" (")[0])
+        assert all(o != "[]" for o in owned), f"both workers should own partitions, got {owned}"
+        assert a.alive() and b.alive()
+    finally:
+        a.stop()
+        b.stop()
