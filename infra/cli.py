@@ -290,28 +290,21 @@ def learn_cmd(
 def demo_cmd(
     data: Annotated[str, typer.Option(help="synthetic | criteo:PATH | avazu:PATH | obd:PATH | csv:PATH")] = "synthetic",
     mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH.")] = None,
-    events: Annotated[int, typer.Option(help="Impressions to replay.")] = 200_000,
-    rate: Annotated[str, typer.Option(help="Events per second, or 'max'.")] = "max",
+    minutes: Annotated[float, typer.Option(help="How long to replay (sets --events from --rate).")] = 3.0,
+    events: Annotated[int | None, typer.Option(help="Impressions to replay (overrides --minutes).")] = None,
+    rate: Annotated[str, typer.Option(help="Events per second, or 'max'.")] = "2000",
     out: Annotated[Path | None, typer.Option(help="Run folder (default: runs/<timestamp>).")] = None,
     kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
     bootstrap: Annotated[str | None, typer.Option(help="Use an external Kafka instead of the embedded broker.")] = None,
     seed: int = 0,
 ) -> None:
-    """The main job on the embedded default: broker, replay, validated read-back, summary."""
+    """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
     from infra.demo import run_demo
 
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        run_demo(
-            out,
-            data=data,
-            mapping=mapping,
-            events=events,
-            rate=None if rate == "max" else float(rate),
-            kind=kind,
-            bootstrap=bootstrap,
-            seed=seed,
-        )
+        run_demo(out, data=data, mapping=mapping, events=events, minutes=minutes,
+                 rate=None if rate == "max" else float(rate), kind=kind, bootstrap=bootstrap, seed=seed)
     except ValueError as err:
         _fail(str(err))
 

@@ -1,0 +1,97 @@
+"""A small process supervisor for ``ctr demo`` and ``ctr up``: each stage is a child process
+with its own log file, dies with the supervisor (``PR_SET_PDEATHSIG``), is restarted if it
+crashes (up to ``max_restarts``), and is stopped with SIGTERM, then SIGKILL after a grace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.procs import die_with_parent, stop_process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    max_restarts: int = 3
+    grace_s: float = 15.0
+    detach: bool = False  # ``ctr up``: outlive the launcher (no death signal, own session)
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    log_path: Path | None = None
+
+
+def ctr_argv(*args: str) -> list[str]:
+    """argv running ``ctr ARGS`` with this interpreter (works without the console script)."""
+    return [sys.executable, "-m", "infra.cli", *args]
+
+
+class Supervisor:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.services: dict[str, Service] = {}
+
+    def start(self, svc: Service) -> Service:
+        svc.log_path = self.log_dir / f"{svc.name}.log"
+        out = open(svc.log_path, "ab")  # noqa: SIM115 - the child owns it
+        svc.proc = subprocess.Popen(
+            svc.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **svc.env},
+            preexec_fn=None if svc.detach else die_with_parent, start_new_session=svc.detach,
+        )
+        out.close()
+        self.services[svc.name] = svc
+        log.info("started %s (pid %d)", svc.name, svc.proc.pid)
+        return svc
+
+    def check(self) -> list[str]:
+        """Restart crashed services; returns the names of services that exited for good."""
+        dead = []
+        for svc in self.services.values():
+            if svc.proc is None or svc.proc.poll() is None:
+                continue
+            code = svc.proc.returncode
+            if code == 0:
+                continue
+            if svc.restarts < svc.max_restarts:
+                svc.restarts += 1
+                log.warning("%s exited with %s; restart %d/%d", svc.name, code, svc.restarts, svc.max_restarts)
+                self.start(svc)
+            else:
+                dead.append(svc.name)
+        return dead
+
+    def alive(self, name: str) -> bool:
+        svc = self.services.get(name)
+        return bool(svc and svc.proc and svc.proc.poll() is None)
+
+    def stop(self, name: str) -> int | None:
+        svc = self.services[name]
+        code = stop_process(svc.proc, svc.grace_s) if svc.proc else None
+        return code
+
+    def stop_all(self, order: list[str] | None = None) -> dict[str, int | None]:
+        """Stop in ``order`` (default: reverse start order), each SIGTERM -> grace -> SIGKILL."""
+        names = order or list(reversed(self.services))
+        return {n: self.stop(n) for n in names if n in self.services}
+
+    def wait_for(self, predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            dead = self.check()
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; see {self.log_dir}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}; logs in {self.log_dir}")
+            time.sleep(poll_s)

@@ -1,0 +1,239 @@
+"""Publishing refreshed weights: versions, the quality gate, deltas and snapshots.
+
+Every publish interval the learner ships the embedding rows touched since the last version
+plus the dense weights as version ``v`` on top of ``base_version = v - 1``. A serving replica
+applies a version only on top of its base, so versions form one chain; anything else makes
+it re-sync from the newest snapshot. Snapshots are full model files written atomically to
+the snapshot directory and announced on the topic (a one-line message with their path), so
+a new replica starts from a file and catches up from the topic.
+
+**Quality gate** (after Alibaba Alink's AUC-gated model release, but champion/challenger on
+the same examples): the publisher keeps a copy of the *served* model, maintained by applying
+its own deltas (the same code serving runs). A sample of training batches is scored by both
+models before the live one learns from them; a version is withheld when the live model's AUC
+on those examples is more than ``margin`` below the served model's, or when the live model
+has non-finite weights. Withheld rows are not lost: they stay in the touched set and ship
+with the next version that passes. Comparing on the same examples (instead of against a
+number recorded earlier) keeps the gate from blocking exactly when a drift makes every
+model's AUC fall.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from confluent_kafka import Producer
+from prometheus_client import Counter, Gauge, Histogram
+
+from online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
+from online_learner.learner import OnlineCTR
+from online_learner.metrics import roc_auc
+from online_learner.state_io import atomic_write
+from online_learner.update_format import GateDecision, UpdateHeader, encode_update, split_delta
+from streams.kafka_io import DeliveryTracker, flush, produce
+
+log = logging.getLogger(__name__)
+MODEL_UPDATES_TOPIC = "model-updates"
+
+VERSION = Gauge("ctr_learner_published_version", "Newest model version published")
+PUBLISH_BYTES = Counter("ctr_learner_publish_bytes_total", "Bytes published to model-updates", ["kind"])
+PUBLISH_SECONDS = Histogram(
+    "ctr_learner_publish_seconds",
+    "Time to publish one version (acked)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+GATE = Counter("ctr_learner_gate_decisions_total", "Quality gate decisions", ["decision"])
+
+
+@dataclass
+class QualityGate:
+    """Withhold a version whose AUC on recent examples trails the served model's by > margin."""
+
+    margin: float = 0.02
+    min_examples: int = 1000
+    sample_every: int = 4
+    _y: list[np.ndarray] = field(default_factory=list)
+    _live: list[np.ndarray] = field(default_factory=list)
+    _served: list[np.ndarray] = field(default_factory=list)
+    _batches: int = 0
+
+    def wants_batch(self) -> bool:
+        self._batches += 1
+        return self.sample_every > 0 and self._batches % self.sample_every == 0
+
+    def observe(self, y: np.ndarray, live_p: np.ndarray, served_p: np.ndarray) -> None:
+        self._y.append(np.asarray(y))
+        self._live.append(np.asarray(live_p))
+        self._served.append(np.asarray(served_p))
+
+    def decide(self, live_finite: bool = True) -> GateDecision:
+        if not live_finite:
+            return GateDecision(passed=False, reason="live model has non-finite weights")
+        n = sum(len(y) for y in self._y)
+        if n < self.min_examples:
+            return GateDecision(passed=True, reason=f"not enough evidence ({n} < {self.min_examples} examples)")
+        y = np.concatenate(self._y)
+        live, served = roc_auc(y, np.concatenate(self._live)), roc_auc(y, np.concatenate(self._served))
+        if np.isnan(live) or np.isnan(served):
+            return GateDecision(passed=True, reason="one class only in the gate window")
+        passed = live >= served - self.margin
+        reason = f"live AUC {live:.4f} vs served {served:.4f} (margin {self.margin})"
+        return GateDecision(passed=bool(passed), reason=reason, window_auc=float(live), served_auc=float(served))
+
+    def reset(self) -> None:
+        self._y, self._live, self._served = [], [], []
+
+
+class Publisher:
+    """Turns the learner's state into versions on ``model-updates`` and snapshot files."""
+
+    def __init__(
+        self,
+        producer: Producer,
+        learner: OnlineCTR,
+        *,
+        model_id: str,
+        snapshot_dir: Path,
+        version: int = 0,
+        gate: QualityGate | None = None,
+        fp16: bool = False,
+        dense_every: int = 1,
+        topic: str = MODEL_UPDATES_TOPIC,
+        keep_snapshots: int = 5,
+    ) -> None:
+        self.producer, self.learner, self.model_id = producer, learner, model_id
+        self.snapshot_dir = Path(snapshot_dir)
+        self.version = version
+        self.gate = gate or QualityGate()
+        self.fp16, self.dense_every, self.topic, self.keep_snapshots = fp16, dense_every, topic, keep_snapshots
+        self.tracker = DeliveryTracker()
+        self.served = copy.deepcopy(learner.model).eval()
+        self.last_decision = GateDecision(passed=True, reason="initial")
+        self.withheld = 0
+
+    # -- the served copy, for the gate --------------------------------------------------------
+    @torch.no_grad()
+    def served_proba(self, enc) -> np.ndarray:
+        ids, numeric = self.learner._inputs(enc)
+        return torch.sigmoid(self.served(ids, numeric)).cpu().numpy()
+
+    def _live_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.learner.model.parameters())
+
+    # -- versions ---------------------------------------------------------------------------------
+    def _header(self, kind: str, base: int, extra: dict) -> UpdateHeader:
+        return UpdateHeader(kind=kind, model_id=self.model_id, version=self.version, base_version=base, **extra)
+
+    def publish_delta(self, *, event_time_ms: int, metrics: dict[str, float]) -> dict | None:
+        """Gate, then publish the touched rows (+ dense weights) as the next version.
+
+        Returns a record of what happened (for logs and the report), or None when nothing
+        changed since the last version."""
+        touched = self.learner.touched.peek()
+        if touched.size == 0:
+            return None
+        decision = self.gate.decide(self._live_finite())
+        self.last_decision = decision
+        GATE.labels("pass" if decision.passed else "withhold").inc()
+        if not decision.passed:
+            self.withheld += 1
+            log.warning("quality gate withheld version %d: %s", self.version + 1, decision.reason)
+            self.gate.reset()
+            return {"published": False, "version": self.version, "gate": decision.reason}
+        t0 = time.perf_counter()
+        touched = self.learner.take_touched()
+        with_dense = (self.version + 1) % self.dense_every == 0
+        tensors = delta_tensors(self.learner.model, touched, with_dense=with_dense, fp16=self.fp16)
+        base = self.version
+        self.version += 1
+        header = self._header(
+            "delta",
+            base,
+            {
+                "event_time_ms": event_time_ms,
+                "metrics": _finite(metrics),
+                "gate": decision,
+                "examples_seen": self.learner.examples_seen,
+            },
+        )
+        parts = split_delta(header, tensors)
+        for part in parts:
+            produce(self.producer, self.topic, part, None, self.tracker)
+        flush(self.producer, self.tracker)
+        nbytes = sum(len(p) for p in parts)
+        PUBLISH_BYTES.labels("delta").inc(nbytes)
+        # The served copy now equals what every replica will hold at this version.
+        apply_tensors(self.served, {k: v.astype(np.float32) if k == "table.rows" else v for k, v in tensors.items()})
+        self.gate.reset()
+        seconds = time.perf_counter() - t0
+        PUBLISH_SECONDS.observe(seconds)
+        VERSION.set(self.version)
+        return {
+            "published": True,
+            "version": self.version,
+            "rows": int(touched.size),
+            "parts": len(parts),
+            "bytes": nbytes,
+            "with_dense": with_dense,
+            "publish_ms": round(seconds * 1000, 2),
+            "gate": decision.reason,
+        }
+
+    def publish_snapshot(self, *, event_time_ms: int, metrics: dict[str, float], new_version: bool) -> dict:
+        """Write the whole model as a snapshot file and announce it on the topic.
+
+        ``new_version=True`` makes it a new version (used at start-up and after a restore, so
+        replicas holding newer-numbered versions from before a crash re-sync); otherwise it
+        snapshots the current version, which must equal the last published state."""
+        t0 = time.perf_counter()
+        if new_version:
+            self.learner.take_touched()  # the snapshot carries every row
+            self.version += 1
+        elif self.learner.touched.peek().size:
+            raise RuntimeError("snapshot of an unpublished state: publish the delta first")
+        extra = {
+            "event_time_ms": event_time_ms,
+            "metrics": _finite(metrics),
+            "examples_seen": self.learner.examples_seen,
+            "model_config": self.learner.config.to_dict(),
+        }
+        data = encode_update(self._header("snapshot", self.version, extra), snapshot_tensors(self.learner.model))
+        path = self.snapshot_dir / f"snapshot-{self.version:012d}.ctru"
+        atomic_write(path, data)
+        announce = encode_update(
+            self._header("snapshot", self.version, {**extra, "snapshot_uri": str(path.resolve())}), {}
+        )
+        produce(self.producer, self.topic, announce, None, self.tracker)
+        flush(self.producer, self.tracker)
+        PUBLISH_BYTES.labels("snapshot").inc(len(data))
+        if new_version:
+            self.served.load_state_dict(self.learner.model.state_dict())
+            self.gate.reset()
+        self._prune()
+        VERSION.set(self.version)
+        return {
+            "snapshot": str(path),
+            "version": self.version,
+            "bytes": len(data),
+            "publish_ms": round((time.perf_counter() - t0) * 1000, 2),
+        }
+
+    def _prune(self) -> None:
+        files = sorted(self.snapshot_dir.glob("snapshot-*.ctru"))
+        for old in files[: -self.keep_snapshots]:
+            old.unlink(missing_ok=True)
+
+
+def latest_snapshot(snapshot_dir: Path) -> Path | None:
+    files = sorted(Path(snapshot_dir).glob("snapshot-*.ctru"))
+    return files[-1] if files else None
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}

@@ -1,0 +1,393 @@
+"""``ctr learn``: the online trainer. Consumes ``training-examples`` in micro-batches,
+predict-then-learn, publishes versions, checkpoints.
+
+Delivery and recovery (what is promised, and how):
+
+* **Offsets live in the checkpoint, with the model.** Partitions are assigned manually and
+  positioned from the checkpoint, never from the broker's committed offsets, so the model
+  state and "what it has learned from" can never disagree. After ``kill -9`` the trainer
+  reloads the newest checkpoint and re-reads from its offsets: examples after the checkpoint
+  are learned again *into the restored model*, i.e. exactly once in the resulting model.
+  (Offsets are also committed to the broker after each checkpoint, for lag monitoring only.)
+* **Duplicates** (the upstream join is at-least-once) are recognised by ``example_id``: a
+  bounded set of recently seen ids (part of the checkpoint) drops repeats before training.
+* **Versions after a restart**: versions published after the last checkpoint may already be
+  served; the trainer reads the newest version on ``model-updates`` and publishes a snapshot
+  as the next version, so replicas re-sync instead of receiving a broken chain.
+* Malformed examples go to the dead-letter topic; a bad field-weights message is dead-lettered
+  too and the previous weights stay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from online_learner.learner import OnlineCTR
+from online_learner.metrics import ProgressiveMetrics
+from online_learner.model import ModelConfig
+from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
+from online_learner.state_io import load_state, save_state
+from online_learner.update_format import UpdateError, UpdateHeader, decode_header
+from streams.deadletter import DeadLetterSink
+from streams.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
+from streams.schema import SchemaError, decode_field_weights, decode_training_example
+from streams.validate import decode_batch
+
+log = logging.getLogger(__name__)
+EXAMPLES_TOPIC = "training-examples"
+FIELD_WEIGHTS_TOPIC = "field-weights"
+
+TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from")
+DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
+PROGRESSIVE = Gauge("ctr_learner_progressive", "Progressive (predict-then-learn) metrics", ["metric"])
+FIELD_WEIGHTS_VERSION = Gauge("ctr_learner_field_weights_version", "Version of the applied field weights")
+
+CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
+CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
+
+
+class RecentIds:
+    """The last ``capacity`` example ids (as 64-bit hashes), oldest evicted first."""
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[int, None] = OrderedDict()
+
+    @staticmethod
+    def key(example_id: str) -> int:
+        from online_learner.hashing import value_key
+
+        return value_key(example_id)
+
+    def add_new(self, example_id: str) -> bool:
+        """True if ``example_id`` was not seen recently (and remember it)."""
+        k = self.key(example_id)
+        if k in self._ids:
+            return False
+        self._ids[k] = None
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+    def to_array(self) -> np.ndarray:
+        # int64 view: the update format carries signed integers only
+        return np.fromiter(self._ids.keys(), dtype=np.uint64, count=len(self._ids)).view(np.int64)
+
+    def load(self, arr: np.ndarray) -> None:
+        self._ids = OrderedDict((int(k), None) for k in np.asarray(arr, dtype=np.int64).view(np.uint64))
+
+
+@dataclass
+class TrainerConfig:
+    bootstrap: str
+    state_dir: Path
+    batch_size: int = 2048
+    max_latency_s: float = 0.1
+    publish_interval_s: float = 1.0
+    checkpoint_interval_s: float = 10.0
+    snapshot_interval_s: float = 60.0
+    gate_margin: float = 0.02
+    gate_min_examples: int = 1000
+    fp16_deltas: bool = False
+    dense_every: int = 1
+    dedupe_capacity: int = 1_000_000
+    metrics_window: int = 20_000
+    #: Score every batch with a frozen copy of the model taken after this many examples too
+    #: (the demo's "what if we never refreshed" baseline); None = off.
+    frozen_after_examples: int | None = None
+    group_id: str = "ctr-learner"
+    model_id: str = field(default_factory=lambda: f"ctr-{uuid.uuid4().hex[:8]}")
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(CRITEO_CATEGORICAL, CRITEO_NUMERIC, table_bits=18))
+    lr_table: float = 0.2
+    lr_dense: float = 3e-3
+    seed: int = 0
+    #: torch intra-op threads. 1 by default: the trainer shares the machine with the broker,
+    #: the stream workers and serving, and measured here 2 threads under contention ran the
+    #: step 4-5x slower than 1 (bench/learner.py).
+    torch_threads: int = 1
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig) -> None:
+        self.cfg = config
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = self.state_dir / "checkpoint.ctru"
+        self.metrics_path = self.state_dir / "learner_metrics.jsonl"
+        self.producer = make_producer(config.bootstrap)
+        self.tracker = DeliveryTracker()
+        self.dlq = DeadLetterSink(
+            "learner", lambda t, k, v, h: produce(self.producer, t, v, k, self.tracker, headers=h)
+        )
+        self.learner = OnlineCTR(
+            config.model,
+            lr_table=config.lr_table,
+            lr_dense=config.lr_dense,
+            seed=config.seed,
+            num_threads=config.torch_threads,
+        )
+        self.metrics = ProgressiveMetrics(window=config.metrics_window)
+        self.frozen_metrics = ProgressiveMetrics(window=config.metrics_window)
+        # Evaluation only: when examples carry the synthetic generator's true click probability,
+        # score it like a model so reports can state the best achievable AUC. Never learned from.
+        self.oracle_metrics = ProgressiveMetrics(window=config.metrics_window)
+        self.frozen = None
+        self.seen = RecentIds(config.dedupe_capacity)
+        self.offsets: dict[int, int] = {}
+        self.field_weights_offset = 0
+        self.field_weights_version = -1
+        self.event_time_ms = 0
+        self.duplicates = 0
+        self.model_id = config.model_id
+        restored = self._restore()
+        self.publisher = Publisher(
+            self.producer,
+            self.learner,
+            model_id=self.model_id,
+            snapshot_dir=self.state_dir / "snapshots",
+            version=max(self._last_published_version(), restored),
+            gate=QualityGate(config.gate_margin, config.gate_min_examples),
+            fp16=config.fp16_deltas,
+            dense_every=config.dense_every,
+        )
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _restore(self) -> int:
+        if not self.checkpoint_path.exists():
+            return 0
+        header, state = load_state(self.checkpoint_path)
+        if ModelConfig.from_dict(state["learner"]["config"]) != self.cfg.model:
+            raise ValueError(f"checkpoint {self.checkpoint_path} was made with another model config")
+        self.learner.load_state_dict(state["learner"])
+        t = state["trainer"]
+        self.offsets = {int(p): int(o) for p, o in t["offsets"].items()}
+        self.field_weights_offset = int(t["field_weights_offset"])
+        self.field_weights_version = int(t["field_weights_version"])
+        self.event_time_ms = int(t["event_time_ms"])
+        self.duplicates = int(t["duplicates"])
+        self.model_id = header.model_id
+        self.seen.load(state["seen"])
+        log.info(
+            "restored checkpoint v%d: %d examples, offsets %s", header.version, self.learner.examples_seen, self.offsets
+        )
+        return header.version
+
+    def checkpoint(self) -> int:
+        """Write model + optimizer + offsets + dedupe state atomically; returns bytes."""
+        state = {
+            "learner": self.learner.state_dict(),
+            "trainer": {
+                "offsets": {str(p): o for p, o in self.offsets.items()},
+                "field_weights_offset": self.field_weights_offset,
+                "field_weights_version": self.field_weights_version,
+                "event_time_ms": self.event_time_ms,
+                "duplicates": self.duplicates,
+            },
+            "seen": self.seen.to_array(),
+        }
+        header = UpdateHeader(
+            kind="snapshot",
+            model_id=self.model_id,
+            version=self.publisher.version,
+            base_version=self.publisher.version,
+            examples_seen=self.learner.examples_seen,
+        )
+        n = save_state(self.checkpoint_path, header, state)
+        if self.offsets:  # visibility only: the checkpoint is the source of truth
+            self._consumer.commit(
+                offsets=[TopicPartition(EXAMPLES_TOPIC, p, o) for p, o in self.offsets.items()], asynchronous=True
+            )
+        return n
+
+    def _last_published_version(self) -> int:
+        """Newest version on model-updates (reads the tail; robust to brokers whose end offset
+        points at the start of the last batch)."""
+        c = make_consumer(self.cfg.bootstrap, f"{self.cfg.group_id}-tail")
+        try:
+            lo, hi = c.get_watermark_offsets(TopicPartition(MODEL_UPDATES_TOPIC, 0), timeout=10)
+            if hi <= lo:
+                return 0
+            c.assign([TopicPartition(MODEL_UPDATES_TOPIC, 0, max(lo, hi - 200))])
+            best, idle_since = 0, time.monotonic()
+            while time.monotonic() - idle_since < 0.5:
+                msgs = c.consume(500, 0.2)
+                for m in msgs:
+                    if m.error() is None:
+                        idle_since = time.monotonic()
+                        try:
+                            best = max(best, decode_header(m.value()).version)
+                        except UpdateError:
+                            pass
+            return best
+        finally:
+            c.close()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _assign(self) -> None:
+        c = self._consumer
+        parts = c.list_topics(EXAMPLES_TOPIC, timeout=10).topics[EXAMPLES_TOPIC].partitions
+        assignment = [TopicPartition(EXAMPLES_TOPIC, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in parts]
+        assignment.append(TopicPartition(FIELD_WEIGHTS_TOPIC, 0, self.field_weights_offset or OFFSET_BEGINNING))
+        c.assign(assignment)
+
+    def _apply_field_weights(self, msgs) -> None:
+        for m in msgs:
+            self.field_weights_offset = m.offset() + 1
+            try:
+                fw = decode_field_weights(m.value())
+            except SchemaError as err:
+                self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
+                continue
+            if fw.version > self.field_weights_version:
+                self.learner.set_field_weights(fw.weights)
+                self.field_weights_version = fw.version
+                FIELD_WEIGHTS_VERSION.set(fw.version)
+
+    def _train(self, examples) -> None:
+        fresh = [e for e in examples if self.seen.add_new(e.example_id)]
+        dup = len(examples) - len(fresh)
+        if dup:
+            self.duplicates += dup
+            DUPLICATES.inc(dup)
+        if not fresh:
+            return
+        y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=len(fresh))
+        enc = self.learner.encode([e.impression for e in fresh])
+        gate = self.publisher.gate
+        served_p = self.publisher.served_proba(enc) if gate.wants_batch() else None
+        if self.frozen is not None:
+            self.frozen_metrics.update(y, self.frozen.predict_proba_many(enc))
+        p = self.learner.predict_learn_many(enc, y)
+        self.metrics.update(y, p)
+        oracle = [e.impression.oracle_ctr for e in fresh]
+        if all(o is not None for o in oracle):
+            self.oracle_metrics.update(y, np.asarray(oracle, dtype=np.float64))
+        if served_p is not None:
+            gate.observe(y, p, served_p)
+        TRAINED.inc(len(fresh))
+        self.event_time_ms = max(self.event_time_ms, max(e.impression.event_time_ms for e in fresh))
+        if (
+            self.frozen is None
+            and self.cfg.frozen_after_examples is not None
+            and self.learner.examples_seen >= self.cfg.frozen_after_examples
+        ):
+            self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
+
+    def _record(self, event: dict) -> None:
+        summary = self.metrics.summary()
+        for k in ("auc", "window_auc", "log_loss", "window_log_loss", "calibration"):
+            PROGRESSIVE.labels(k).set(summary[k])
+        row = {
+            "wall_ms": int(time.time() * 1000),
+            "event_time_ms": self.event_time_ms,
+            "examples": self.learner.examples_seen,
+            "duplicates": self.duplicates,
+            "field_weights_version": self.field_weights_version,
+            **event,
+            **{k: (None if not np.isfinite(v) else round(float(v), 6)) for k, v in summary.items()},
+        }
+        if self.oracle_metrics.count:
+            row["oracle_window_auc"] = _round(self.oracle_metrics.window_auc())
+            row["oracle_auc"] = _round(self.oracle_metrics.auc())
+            row["oracle_window_log_loss"] = _round(self.oracle_metrics.window_log_loss())
+        if self.frozen is not None:
+            row["frozen_window_auc"] = _round(self.frozen_metrics.window_auc())
+            row["frozen_auc"] = _round(self.frozen_metrics.auc())
+            row["frozen_window_log_loss"] = _round(self.frozen_metrics.window_log_loss())
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run(
+        self, stop: threading.Event | None = None, max_examples: int | None = None, idle_exit_s: float | None = None
+    ) -> dict:
+        """Train until ``stop`` is set, ``max_examples`` are learned, or no example arrived
+        for ``idle_exit_s``. Returns the final metrics summary."""
+        stop = stop or threading.Event()
+        cfg = self.cfg
+        self._consumer = make_consumer(cfg.bootstrap, cfg.group_id)
+        self._assign()
+        self._record(
+            self.publisher.publish_snapshot(
+                event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=True
+            )
+        )
+        now = time.monotonic()
+        next_publish, next_ckpt = now + cfg.publish_interval_s, now + cfg.checkpoint_interval_s
+        next_snapshot, last_data = now + cfg.snapshot_interval_s, now
+        try:
+            while not stop.is_set():
+                msgs = [m for m in self._consumer.consume(cfg.batch_size, cfg.max_latency_s) if m.error() is None]
+                weights = [m for m in msgs if m.topic() == FIELD_WEIGHTS_TOPIC]
+                if weights:
+                    self._apply_field_weights(weights)
+                batch = [m for m in msgs if m.topic() == EXAMPLES_TOPIC]
+                if batch:
+                    self._train(decode_batch(batch, decode_training_example, self.dlq))
+                    for m in batch:
+                        self.offsets[m.partition()] = m.offset() + 1
+                    last_data = time.monotonic()  # after training: the first step JIT-compiles
+                now = time.monotonic()
+                if now >= next_publish:
+                    next_publish = now + cfg.publish_interval_s
+                    rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
+                    if rec is not None:
+                        self._record(rec)
+                if now >= next_snapshot and self.learner.touched.peek().size == 0:
+                    next_snapshot = now + cfg.snapshot_interval_s
+                    self._record(
+                        self.publisher.publish_snapshot(
+                            event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=False
+                        )
+                    )
+                if now >= next_ckpt:
+                    next_ckpt = now + cfg.checkpoint_interval_s
+                    self.checkpoint()
+                if max_examples is not None and self.learner.examples_seen >= max_examples:
+                    break
+                if idle_exit_s is not None and now - last_data > idle_exit_s:
+                    break
+            rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
+            if rec is not None:
+                self._record(rec)
+            self.checkpoint()
+        finally:
+            self._consumer.close()
+            self.producer.flush(10)
+        return {
+            **self.metrics.summary(),
+            "examples": self.learner.examples_seen,
+            "duplicates": self.duplicates,
+            "version": self.publisher.version,
+            "withheld": self.publisher.withheld,
+            "dead_letters": self.dlq.count,
+        }
+
+
+def _round(v: float) -> float | None:
+    return None if not np.isfinite(v) else round(float(v), 6)
+
+
+def run_trainer(config: TrainerConfig, *, metrics_port: int | None = None, **run_kwargs) -> dict:
+    """Entry point of ``ctr learn``: SIGTERM/SIGINT stop it cleanly (final publish + checkpoint)."""
+    import signal
+
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=os.environ.get("CTR_BIND", "127.0.0.1"))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return Trainer(config).run(stop, **run_kwargs)
