@@ -592,12 +592,14 @@ def _bucket_ids_cuda(keys: Any, layout: ProbeLayout) -> Any:
     tables = _device_tables(layout, keys.device)
     stream = cuda.external_stream(torch.cuda.current_stream(keys.device).cuda_stream)
     grid, block = launch_config(keys.shape[0], layout.total_probes)
+    # sync=False: the kernel runs on torch's current stream, which already orders it after the
+    # producers of `keys` and before the consumers of `out` -- no extra stream synchronisation.
     cuda_kernel()[grid, block, stream](
-        cuda.as_cuda_array(keys),
-        cuda.as_cuda_array(tables[0]),
-        cuda.as_cuda_array(tables[1]).view(np.uint64),
+        cuda.as_cuda_array(keys, sync=False),
+        cuda.as_cuda_array(tables[0], sync=False),
+        cuda.as_cuda_array(tables[1], sync=False).view(np.uint64),
         np.uint64(layout.mask),
-        cuda.as_cuda_array(out),
+        cuda.as_cuda_array(out, sync=False),
     )
     return out
 

@@ -18,6 +18,10 @@ Numeric fields, two modes (both implemented; ``bench/learner_core.py`` measures 
 * ``"dense"``: ``sign(x) log1p|x|`` times a learned vector per field (AutoInt-style). Smooth in
   ``x`` and cheaper, but only monotone in ``x`` before the head's non-linearity.
 
+Measured (``python -m bench.learner_core``, 1M progressive examples, 2 MB table, Criteo-shaped
+synthetic stream whose numeric effects are non-monotone in ``log x``): bucket 0.866 vs dense
+0.854 cumulative AUC. A stream with monotone numeric effects would narrow that gap.
+
 >>> cfg = ModelConfig(categorical_fields=("site", "ad"), numeric_fields=("price",), table_bits=10)
 >>> model = CTRModel(cfg)
 >>> keys = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint64)
