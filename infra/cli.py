@@ -309,6 +309,39 @@ def demo_cmd(
         _fail(str(err))
 
 
+# --------------------------------------------------------------------------- up / down / status
+@app.command("up")
+def up_cmd(
+    kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
+    feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default .ctr/feast).")] = None,
+) -> None:
+    """Start broker, Faust worker and learner as background processes (state in .ctr/stack.json)."""
+    from infra.stack import up
+
+    try:
+        state = up(kind=kind, feast_dir=feast_dir)
+    except RuntimeError as err:
+        _fail(str(err))
+    typer.echo(json.dumps(state, indent=2))
+    typer.echo("feed it with `ctr replay`, inspect with `ctr status` and `ctr features get`, stop with `ctr down`")
+
+
+@app.command("down")
+def down_cmd() -> None:
+    """Stop what `ctr up` started (SIGTERM, SIGKILL after a grace period)."""
+    from infra.stack import down
+
+    typer.echo(json.dumps(down() or {"up": False}, indent=2))
+
+
+@app.command("status")
+def status_cmd() -> None:
+    """Show the services `ctr up` started, their pids, liveness and log files."""
+    from infra.stack import status
+
+    typer.echo(json.dumps(status(), indent=2))
+
+
 # --------------------------------------------------------------------------- bench
 @bench_app.command("replay")
 def bench_replay(

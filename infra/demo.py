@@ -74,15 +74,30 @@ def _view(replayed: ReplaySummary, learner: dict, elapsed: float, stage: str) ->
     t.add_column("window AUC live", justify="right")
     t.add_column("frozen", justify="right")
     t.add_column("best (oracle)", justify="right")
-    t.add_row(_fmt(replayed.events), _fmt(round(replayed.events_per_s)), _fmt(learner.get("examples")),
-              _fmt(learner.get("version")), _fmt(learner.get("window_auc")), _fmt(learner.get("frozen_window_auc")),
-              _fmt(learner.get("oracle_window_auc")))
+    t.add_row(
+        _fmt(replayed.events),
+        _fmt(round(replayed.events_per_s)),
+        _fmt(learner.get("examples")),
+        _fmt(learner.get("version")),
+        _fmt(learner.get("window_auc")),
+        _fmt(learner.get("frozen_window_auc")),
+        _fmt(learner.get("oracle_window_auc")),
+    )
     return t
 
 
-def run_demo(out: Path, data: str = "synthetic", mapping: Path | None = None, events: int | None = None,
-             minutes: float = 3.0, rate: float | None = 2_000.0, kind: str = "noida", bootstrap: str | None = None,
-             seed: int = 0, console: Console | None = None) -> dict:
+def run_demo(
+    out: Path,
+    data: str = "synthetic",
+    mapping: Path | None = None,
+    events: int | None = None,
+    minutes: float = 3.0,
+    rate: float | None = 2_000.0,
+    kind: str = "noida",
+    bootstrap: str | None = None,
+    seed: int = 0,
+    console: Console | None = None,
+) -> dict:
     console = console or Console()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -97,13 +112,36 @@ def run_demo(out: Path, data: str = "synthetic", mapping: Path | None = None, ev
     console.print(f"[bold]ctr demo[/]: broker {kind if broker else 'external'} at {bs}; run folder {out}")
     result: dict = {}
     try:
-        sup.start(Service("worker", ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(out / "feast"),
-                                             "--instance-id", "demo-worker-1")))
-        sup.start(Service("learner", ctr_argv(
-            "learn", "--bootstrap", bs, "--state-dir", str(learner_dir), "--publish-interval", "1",
-            "--checkpoint-interval", "10", "--frozen-after", str(max(2_000, events // 10)))))
-        records = _DriftProbe(open_source(data, mapping=mapping, seed=seed, events=events),
-                              drift_at=events // 2 if data == "synthetic" else None)
+        sup.start(
+            Service(
+                "worker",
+                ctr_argv(
+                    "worker", "--bootstrap", bs, "--feast-dir", str(out / "feast"), "--instance-id", "demo-worker-1"
+                ),
+            )
+        )
+        sup.start(
+            Service(
+                "learner",
+                ctr_argv(
+                    "learn",
+                    "--bootstrap",
+                    bs,
+                    "--state-dir",
+                    str(learner_dir),
+                    "--publish-interval",
+                    "1",
+                    "--checkpoint-interval",
+                    "10",
+                    "--frozen-after",
+                    str(max(2_000, events // 10)),
+                ),
+            )
+        )
+        records = _DriftProbe(
+            open_source(data, mapping=mapping, seed=seed, events=events),
+            drift_at=events // 2 if data == "synthetic" else None,
+        )
         progress = ReplaySummary()
         replay_error: list[BaseException] = []
 
@@ -163,8 +201,9 @@ def _dead_letters(bootstrap: str) -> int:
         c.close()
 
 
-def summarise(rows: list[dict], replayed: ReplaySummary, drift_event_ms: int | None, seconds: float,
-              exit_codes: dict) -> dict:
+def summarise(
+    rows: list[dict], replayed: ReplaySummary, drift_event_ms: int | None, seconds: float, exit_codes: dict
+) -> dict:
     """The demo's numbers, all read from what the stages recorded (nothing assumed)."""
     trained = [r for r in rows if r.get("examples")]
     last = trained[-1] if trained else {}
@@ -186,8 +225,11 @@ def summarise(rows: list[dict], replayed: ReplaySummary, drift_event_ms: int | N
         "frozen_window_auc_end": last.get("frozen_window_auc"),
         "best_auc": last.get("oracle_auc"),
         "best_window_auc_end": last.get("oracle_window_auc"),
-        "live_minus_frozen_after_drift": (round(last["window_auc"] - last["frozen_window_auc"], 4)
-                                          if after and last.get("frozen_window_auc") is not None else None),
+        "live_minus_frozen_after_drift": (
+            round(last["window_auc"] - last["frozen_window_auc"], 4)
+            if after and last.get("frozen_window_auc") is not None
+            else None
+        ),
         "drift_event_time_ms": drift_event_ms,
         "model_versions_published": len(versions),
         "gate_withheld": sum(1 for r in rows if r.get("published") is False),

@@ -46,9 +46,13 @@ class Supervisor:
         svc.log_path = self.log_dir / f"{svc.name}.log"
         out = open(svc.log_path, "ab")  # noqa: SIM115 - the child owns it
         svc.proc = subprocess.Popen(
-            svc.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            svc.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **svc.env},
-            preexec_fn=None if svc.detach else die_with_parent, start_new_session=svc.detach,
+            preexec_fn=None if svc.detach else die_with_parent,
+            start_new_session=svc.detach,
         )
         out.close()
         self.services[svc.name] = svc

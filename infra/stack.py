@@ -1,0 +1,82 @@
+"""``ctr up`` / ``ctr down`` / ``ctr status``: the pipeline as long-running background
+processes for someone who wants to keep them (the demo runs the same services for a bounded
+time). State (pids, ports, log files) lives in ``.ctr/stack.json``; logs in ``.ctr/logs``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from infra.config import state_dir
+from infra.procs import pid_alive, stop_process
+from infra.supervisor import Service, Supervisor, ctr_argv
+
+#: Stop order: consumers before what they consume from.
+STOP_ORDER = ("serve", "learner", "worker", "broker")
+
+
+def _state_path() -> Path:
+    return state_dir() / "stack.json"
+
+
+def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int | None = None) -> dict:
+    """Start broker (unless one runs), worker and learner detached; returns the recorded state."""
+    from infra.broker import EmbeddedBroker
+
+    path = _state_path()
+    if path.exists() and any(pid_alive(s["pid"]) for s in json.loads(path.read_text())["services"].values()):
+        raise RuntimeError("the stack is already up: `ctr status`, or `ctr down` first")
+    root = state_dir()
+    feast_dir = feast_dir or root / "feast"
+    broker = EmbeddedBroker(kind=kind, data_dir=root / f"broker-{kind}", detach=True).start()
+    bs = broker.bootstrap
+    (root / "broker.json").write_text(
+        json.dumps({"kind": kind, "bootstrap": bs, "pid": broker.proc.pid, "data_dir": str(root / f"broker-{kind}")})
+    )
+    sup = Supervisor(root / "logs")
+    services = {"broker": {"pid": broker.proc.pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
+    plan = [
+        Service(
+            "worker",
+            ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1"),
+            detach=True,
+        ),
+        Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner")), detach=True),
+    ]
+    for svc in plan:
+        sup.start(svc)
+        services[svc.name] = {"pid": svc.proc.pid, "log": str(svc.log_path)}
+    state = {"bootstrap": bs, "feast_dir": str(feast_dir), "services": services}
+    path.write_text(json.dumps(state, indent=2))
+    return state
+
+
+def down() -> dict[str, str]:
+    path = _state_path()
+    if not path.exists():
+        return {}
+    state = json.loads(path.read_text())
+    out = {}
+    for name in STOP_ORDER:
+        svc = state["services"].get(name)
+        if svc:
+            was = pid_alive(svc["pid"])
+            stop_process(svc["pid"], grace_s=15.0)
+            out[name] = "stopped" if was else "was not running"
+    path.unlink()
+    (state_dir() / "broker.json").unlink(missing_ok=True)
+    return out
+
+
+def status() -> dict:
+    path = _state_path()
+    if not path.exists():
+        return {"up": False}
+    state = json.loads(path.read_text())
+    return {
+        "up": True,
+        "bootstrap": state["bootstrap"],
+        "feast_dir": state["feast_dir"],
+        "services": {n: {**s, "alive": pid_alive(s["pid"])} for n, s in state["services"].items()},
+    }
