@@ -232,6 +232,26 @@ def worker_cmd(
     )
 
 
+# --------------------------------------------------------------------------- reweight
+@app.command("reweight")
+def reweight_cmd(
+    bootstrap: Bootstrap = None,
+    feast_dir: Annotated[Path | None, typer.Option(help="Also write the weights to this Feast store.")] = None,
+    window: Annotated[int, typer.Option(help="Sliding window of labelled examples.")] = 50_000,
+    publish_every: Annotated[int, typer.Option(help="Publish a version every N examples.")] = 5_000,
+    publish_interval: Annotated[float, typer.Option(help="...or every this many seconds.")] = 60.0,
+    floor: Annotated[float, typer.Option(help="Smallest weight a field can get.")] = 0.1,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+) -> None:
+    """Dynamic feature reweighting: OutRank importance and PSI drift per field -> field-weights + Feast."""
+    from streams.reweighting import run_reweighter
+
+    result = run_reweighter(_bootstrap(bootstrap), feast_dir=feast_dir, window=window,
+                            publish_every=publish_every, publish_interval_s=publish_interval, floor=floor,
+                            metrics_port=metrics_port)
+    typer.echo(json.dumps(result, default=str))
+
+
 # --------------------------------------------------------------------------- learn
 @app.command("learn")
 def learn_cmd(
@@ -253,6 +273,9 @@ def learn_cmd(
         f"I{i}" for i in range(1, 14)
     ),
     fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
+    prior_strength: Annotated[
+        float, typer.Option(help="Exponent on the stream's field weights in the gate (0 ignores them).")
+    ] = 0.5,
     max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="Stop after this many seconds without examples.")] = None,
     frozen_after: Annotated[
@@ -266,7 +289,10 @@ def learn_cmd(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = ModelConfig(
-        tuple(f for f in categorical.split(",") if f), tuple(f for f in numeric.split(",") if f), table_bits=table_bits
+        tuple(f for f in categorical.split(",") if f),
+        tuple(f for f in numeric.split(",") if f),
+        table_bits=table_bits,
+        prior_strength=prior_strength,
     )
     cfg = TrainerConfig(
         bootstrap=_bootstrap(bootstrap),

@@ -112,32 +112,15 @@ def run_demo(
     console.print(f"[bold]ctr demo[/]: broker {kind if broker else 'external'} at {bs}; run folder {out}")
     result: dict = {}
     try:
-        sup.start(
-            Service(
-                "worker",
-                ctr_argv(
-                    "worker", "--bootstrap", bs, "--feast-dir", str(out / "feast"), "--instance-id", "demo-worker-1"
-                ),
-            )
-        )
-        sup.start(
-            Service(
-                "learner",
-                ctr_argv(
-                    "learn",
-                    "--bootstrap",
-                    bs,
-                    "--state-dir",
-                    str(learner_dir),
-                    "--publish-interval",
-                    "1",
-                    "--checkpoint-interval",
-                    "10",
-                    "--frozen-after",
-                    str(max(2_000, events // 10)),
-                ),
-            )
-        )
+        feast_dir = str(out / "feast")
+        stages = {
+            "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
+            "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
+            "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
+                        "--checkpoint-interval", "10", "--frozen-after", str(max(2_000, events // 10))],
+        }  # fmt: skip
+        for name, args in stages.items():
+            sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bs, *args[1:])))
         records = _DriftProbe(
             open_source(data, mapping=mapping, seed=seed, events=events),
             drift_at=events // 2 if data == "synthetic" else None,
@@ -174,7 +157,7 @@ def run_demo(
             live.update(_view(progress, last, time.monotonic() - started, "done"))
         # let the learner publish its last version, then stop everything cleanly
         time.sleep(1.5)
-        codes = sup.stop_all(["learner", "worker"])
+        codes = sup.stop_all(["learner", "reweighter", "worker"])
         rows = _read_jsonl(metrics_path)
         result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes)
         result["dead_letters"] = _dead_letters(bs)
@@ -218,6 +201,7 @@ def summarise(
         "clicks": replayed.clicks,
         "examples": last.get("examples", 0),
         "duplicates_skipped": last.get("duplicates", 0),
+        "field_weights_version": last.get("field_weights_version"),
         "progressive_auc": last.get("auc"),
         "progressive_logloss": last.get("log_loss"),
         "window_auc_end": last.get("window_auc"),

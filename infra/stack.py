@@ -13,7 +13,7 @@ from infra.procs import pid_alive, stop_process
 from infra.supervisor import Service, Supervisor, ctr_argv
 
 #: Stop order: consumers before what they consume from.
-STOP_ORDER = ("serve", "learner", "worker", "broker")
+STOP_ORDER = ("serve", "learner", "reweighter", "worker", "broker")
 
 
 def _state_path() -> Path:

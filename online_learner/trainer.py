@@ -109,7 +109,9 @@ class TrainerConfig:
     frozen_after_examples: int | None = None
     group_id: str = "ctr-learner"
     model_id: str = field(default_factory=lambda: f"ctr-{uuid.uuid4().hex[:8]}")
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(CRITEO_CATEGORICAL, CRITEO_NUMERIC, table_bits=18))
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(CRITEO_CATEGORICAL, CRITEO_NUMERIC, table_bits=18, prior_strength=0.5)
+    )
     lr_table: float = 0.2
     lr_dense: float = 3e-3
     seed: int = 0

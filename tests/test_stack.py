@@ -26,7 +26,7 @@ def test_up_replay_status_down(tmp_path) -> None:
     state = json.loads((tmp_path / "state" / "stack.json").read_text())
     pids = {n: s["pid"] for n, s in state["services"].items()}
     try:
-        assert set(pids) == {"broker", "worker", "learner"}
+        assert set(pids) == {"broker", "worker", "reweighter", "learner"}
         assert _ctr("up", env=env).returncode == 2  # refuses a second stack
         replay = _ctr("replay", "--events", "2000", env=env)
         assert replay.returncode == 0, replay.stderr[-2000:]
