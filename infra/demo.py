@@ -161,13 +161,17 @@ def run_demo(
         rows = _read_jsonl(metrics_path)
         result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes)
         result["dead_letters"] = _dead_letters(bs)
+        weights = _field_weights(bs)
+        from infra.report import write_report
+
+        write_report(out / "report.html", result, rows, weights)
     finally:
         sup.stop_all()
         if broker:
             broker.stop(keep_data=True)
     _print_summary(console, result)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
-    console.print(f"wrote {out / 'summary.json'}; logs in {out / 'logs'}")
+    console.print(f"wrote {out / 'summary.json'} and {out / 'report.html'}; logs in {out / 'logs'}")
     return result
 
 
@@ -182,6 +186,33 @@ def _dead_letters(bootstrap: str) -> int:
         return hi - lo
     finally:
         c.close()
+
+
+def _field_weights(bootstrap: str) -> list[dict]:
+    """Every version the reweighting stage published, oldest first."""
+    import msgspec
+    from confluent_kafka import TopicPartition
+
+    from streams.kafka_io import make_consumer
+    from streams.schema import SchemaError, decode_field_weights
+
+    c = make_consumer(bootstrap, "demo-field-weights")
+    out = []
+    try:
+        lo, hi = c.get_watermark_offsets(TopicPartition("field-weights", 0), timeout=10)
+        c.assign([TopicPartition("field-weights", 0, lo)])
+        idle = time.monotonic()
+        while time.monotonic() - idle < 1.0:
+            for m in c.consume(500, 0.2):
+                if m.error() is None:
+                    idle = time.monotonic()
+                    try:
+                        out.append(msgspec.to_builtins(decode_field_weights(m.value())))
+                    except SchemaError:
+                        pass
+    finally:
+        c.close()
+    return sorted(out, key=lambda w: w["version"])
 
 
 def summarise(

@@ -29,6 +29,8 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     assert 0.5 < s["progressive_auc"] < s["best_auc"]
     # the learner must stop cleanly (final publish + checkpoint); see the README for the worker
     assert s["exit_codes"]["learner"] == 0, s["exit_codes"]
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") == 3 and "live_minus_frozen_after_drift" in report
     for stage in ("worker", "learner", "reweighter"):
         assert (out / "logs" / f"{stage}.log").exists()
     assert s["field_weights_version"] >= 1, "the reweighting stage published weights the learner applied"
