@@ -10,7 +10,8 @@ Each module keeps its logic in small classes that need no Faust (``JoinPartition
 ``FeatureShard``) and a thin agent class around them. The app, the bulk-delivery consumer
 and the worker entry point live in :mod:`streams.app` and :mod:`streams.worker`.
 
-A third agent, dynamic feature reweighting (per-field importance and drift on the stream,
-published to ``field-weights``), plugs in the same way: a class fed by the same delta or
-example stream, registered in :func:`streams.worker.build`.
+* :mod:`streams.agents.reweighting` -- the pure logic of dynamic feature reweighting
+  (OutRank-normalised mutual information and PSI drift per field). It runs as its own
+  confluent-kafka stage, :mod:`streams.reweighting` (``ctr reweight``), not inside the Faust
+  worker: it needs one global view over all partitions of ``training-examples``.
 """
