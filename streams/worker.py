@@ -133,7 +133,8 @@ def build(
             )
         if features:
             w = app.ctr_features.writer  # type: ignore[attr-defined]
-            parts.append(f"feast rows={w.rows_written} writes={w.writes}")
+            sink_state = getattr(w.sink, "state", "ready")
+            parts.append(f"feast rows={w.rows_written} writes={w.writes} pending={w.pending} sink={sink_state}")
         log.info(" | ".join(parts))
 
     return app

@@ -250,6 +250,37 @@ def test_100k_replay_one_example_per_impression_true_labels_and_exact_windowed_c
         worker.stop()
 
 
+def wait_assigned(worker: Worker, timeout_s: float = 60.0) -> None:
+    """Until both agents of ``worker`` own their partitions (the group formed, topics empty)."""
+    deadline = time.monotonic() + timeout_s
+    while worker.text().count("owns partitions [0, 1, 2, 3]") < 2:
+        assert worker.alive(), "worker died before its partitions were assigned"
+        assert time.monotonic() < deadline, "worker never got its partitions"
+        time.sleep(0.2)
+
+
+def test_worker_started_first_then_live_replay_writes_exact_windowed_counts(broker, tmp_path):
+    """The live order (``ctr up`` / ``ctr demo``): the worker starts on empty topics and owns its
+    partitions before any event exists; the events arrive afterwards. Every impression still gets
+    its example and every Feast row equals the brute-force recount (the windowed-features agent
+    writes although its partitions were assigned while the delta topic was empty)."""
+    records = list(open_source("synthetic", seed=41, events=8_000, **SMALL))
+    truth = truth_labels(records)
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tlive").start()
+    try:
+        wait_assigned(worker)
+        summary = replay(records, broker.bootstrap)
+        assert summary.failed == 0
+        send_watermark(broker.bootstrap, END_MARKER)
+        examples = read_examples(broker.bootstrap, set(truth), timeout_s=90, worker=worker)
+        check_examples(examples, truth)
+        wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
+        assert worker.alive()
+        assert "restored from" not in worker.text(), "empty tables: nothing to restore"
+    finally:
+        worker.stop()
+
+
 def test_examples_are_co_partitioned_with_their_impressions(broker, tmp_path):
     """Each example lands on its impression's partition (downstream dedup is partition-local)."""
     records = make_records(3000, seed=5)
