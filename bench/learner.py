@@ -57,6 +57,41 @@ def run_ours(
     return p, time.perf_counter() - t, step
 
 
+def publish_rows(examples, batches_per_publish: int = 2, batch_size: int = 2048, table_bits: int = 18) -> list[dict]:
+    """Update size and publish latency: train, and every ``batches_per_publish`` batches
+    publish a delta to a real embedded broker (fp32 and fp16 rows, dense weights each time)."""
+    import tempfile
+
+    from infra.broker import EmbeddedBroker
+    from online_learner.publisher import Publisher, QualityGate
+    from streams.kafka_io import make_producer
+
+    out = []
+    y = np.array([e.label for e in examples], dtype=np.float32)
+    for fp16 in (False, True):
+        learner = OnlineCTR(ModelConfig(CATEGORICAL, NUMERIC, table_bits=table_bits), seed=0, num_threads=1)
+        with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+            pub = Publisher(make_producer(broker.bootstrap), learner, model_id="bench", snapshot_dir=Path(tmp),
+                            gate=QualityGate(sample_every=0), fp16=fp16)
+            snap = pub.publish_snapshot(event_time_ms=0, metrics={}, new_version=True)
+            recs = []
+            for k, i in enumerate(range(0, len(examples), batch_size)):
+                learner.learn_many([e.impression for e in examples[i:i + batch_size]], y[i:i + batch_size])
+                if (k + 1) % batches_per_publish == 0:
+                    recs.append(pub.publish_delta(event_time_ms=0, metrics={}))
+        size = np.array([r["bytes"] for r in recs])
+        ms = np.array([r["publish_ms"] for r in recs])
+        touched = np.array([r["rows"] for r in recs])
+        kind = "fp16" if fp16 else "fp32"
+        out.append({"learner": f"publish: delta every {batches_per_publish * batch_size:,} examples, {kind} rows",
+                    "examples": len(examples), "publishes": len(recs),
+                    "rows_per_delta_p50": int(np.median(touched)), "bytes_per_delta_p50": int(np.median(size)),
+                    "publish_ms_p50": round(float(np.median(ms)), 2),
+                    "publish_ms_p99": round(float(np.percentile(ms, 99)), 2),
+                    "snapshot_bytes": snap["bytes"], "note": "touched rows + all dense weights, broker-acked"})
+    return out
+
+
 def main(
     json_path: Path,
     events: int = 200_000,
@@ -121,6 +156,7 @@ def main(
         extra = {"auc_minus_vw_pairwise": round(ours["auc"] - vw["auc"], 4)}
     else:
         extra = {}
+    rows += publish_rows(examples[: min(len(examples), 100_000)], table_bits=table_bits)
     return report(
         "online learners, progressive (predict-then-learn), synthetic Criteo-shaped stream",
         rows,
