@@ -225,9 +225,15 @@ def worker_cmd(
 
     raise typer.Exit(
         run_worker(
-            _bootstrap(bootstrap), feast_dir=feast_dir, app_id=app_id, window_ms=window_ms,
-            allowed_lateness_ms=lateness_ms, processing_guarantee=guarantee, features=features,
-            metrics_port=metrics_port, instance_id=instance_id or default_instance_id(),
+            _bootstrap(bootstrap),
+            feast_dir=feast_dir,
+            app_id=app_id,
+            window_ms=window_ms,
+            allowed_lateness_ms=lateness_ms,
+            processing_guarantee=guarantee,
+            features=features,
+            metrics_port=metrics_port,
+            instance_id=instance_id or default_instance_id(),
         )
     )
 
@@ -246,10 +252,44 @@ def reweight_cmd(
     """Dynamic feature reweighting: OutRank importance and PSI drift per field -> field-weights + Feast."""
     from streams.reweighting import run_reweighter
 
-    result = run_reweighter(_bootstrap(bootstrap), feast_dir=feast_dir, window=window,
-                            publish_every=publish_every, publish_interval_s=publish_interval, floor=floor,
-                            metrics_port=metrics_port)
+    result = run_reweighter(
+        _bootstrap(bootstrap),
+        feast_dir=feast_dir,
+        window=window,
+        publish_every=publish_every,
+        publish_interval_s=publish_interval,
+        floor=floor,
+        metrics_port=metrics_port,
+    )
     typer.echo(json.dumps(result, default=str))
+
+
+# --------------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_cmd(
+    bootstrap: Bootstrap = None,
+    snapshot_dir: Annotated[Path, typer.Option(help="The learner's snapshot directory.")] = Path(
+        ".ctr/learner/snapshots"
+    ),
+    feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default .ctr/feast).")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = 5,
+    no_updates: Annotated[bool, typer.Option("--no-updates", help="Serve the newest snapshot only.")] = False,
+) -> None:
+    """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
+    from serving.app import ServingConfig, run_server
+
+    run_server(
+        ServingConfig(
+            bootstrap=None if no_updates else _bootstrap(bootstrap),
+            snapshot_dir=snapshot_dir,
+            feast_dir=feast_dir,
+            host=host,
+            port=port,
+            keep_versions=keep_versions,
+        )
+    )
 
 
 # --------------------------------------------------------------------------- learn
@@ -329,8 +369,17 @@ def demo_cmd(
 
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
-        run_demo(out, data=data, mapping=mapping, events=events, minutes=minutes,
-                 rate=None if rate == "max" else float(rate), kind=kind, bootstrap=bootstrap, seed=seed)
+        run_demo(
+            out,
+            data=data,
+            mapping=mapping,
+            events=events,
+            minutes=minutes,
+            rate=None if rate == "max" else float(rate),
+            kind=kind,
+            bootstrap=bootstrap,
+            seed=seed,
+        )
     except ValueError as err:
         _fail(str(err))
 

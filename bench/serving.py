@@ -1,0 +1,464 @@
+"""Serving latency: POST /predict for 1, 10 and 100 candidates, features included, over loopback.
+
+    python -m bench.serving --json bench/results/serving.json
+
+What runs (all real, all on this machine):
+
+* the embedded broker; a Feast SQLite store with stats for ``--users`` users and ``--items``
+  items; a Criteo-shaped model (26 categorical + 13 numeric fields, plus ``user_id``,
+  ``item_id``, ``position`` and five Feast statistics filled per request; 2^18-row table)
+  written as a snapshot file and announced on ``model-updates``;
+* a delta publisher: one version per second (``--update-interval``), each touching
+  ``--delta-rows`` table rows plus the dense weights (what the learner ships), applied by the
+  server while it is under load (versions are encoded before each measurement, so the
+  publisher only hands bytes to librdkafka);
+* the server as a subprocess (``python -m serving``: uvicorn + uvloop + httptools, one
+  process) in each mode of :data:`MODES`: the default (feature cache, Feast read by a worker
+  process), no cache (Feast read on every request, by the worker), and two in-process
+  variants (Feast read in the server's own threads) that show why the worker exists;
+* an open-loop load generator in its own light process: asyncio raw HTTP/1.1 over
+  ``--connections`` keep-alive connections, request ``i`` scheduled at ``t0 + i / rate``;
+  latency is measured from the SCHEDULED time (queueing behind a slow response counts: no
+  coordinated omission), bounded by ``--requests`` and ``--seconds`` per row. Users and
+  items are drawn Zipf-like (s=1.1), as ad traffic is.
+
+Each row also reports the server's own histogram (bucket upper bounds), the versions that
+answered during the row, and the 1-minute load average before/after (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgspec
+import numpy as np
+
+from bench.common import report
+
+CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
+NUMERIC = tuple(f"I{i}" for i in range(1, 14))
+CONTEXT_FIELDS = CATEGORICAL[:13]  # site/app/device-like: shared by every candidate
+STORE_FIELDS = ("user_ctr_5m", "user_ctr_1h", "item_ctr_5m", "item_ctr_1h", "item_impressions_1h")
+T0_MS = 1_700_000_000_000
+
+
+def _pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+# --------------------------------------------------------------------------- the load generator
+async def _load(port: int, bodies: list[bytes], rate: float, max_requests: int, max_seconds: float,
+                connections: int) -> dict:
+    """Open loop: request i is due at t0 + i/rate; latency = response time - due time.
+
+    The client runs on the stdlib asyncio loop (uvloop's clock has 1 ms resolution) and
+    takes times with ``time.perf_counter``."""
+    n = min(max_requests, int(rate * max_seconds))
+    heads = [(f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+              f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    pool: asyncio.Queue = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+    lat: list[float] = []
+    service: list[float] = []
+    versions: dict[int, int] = {}
+    errors: list[str] = []
+    sources: dict[str, int] = {}
+    decoder = msgspec.json.Decoder()
+    clock = time.perf_counter
+    t0 = clock() + 0.05
+
+    async def one(i: int) -> None:
+        due = t0 + i / rate
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        reader, writer = await pool.get()
+        sent = clock()
+        try:
+            writer.write(heads[i % len(heads)])
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            data = await reader.readexactly(length)
+            done = clock()
+        except Exception as err:  # noqa: BLE001 - counted as an error
+            errors.append(repr(err))
+            pool.put_nowait(await asyncio.open_connection("127.0.0.1", port))
+            return
+        pool.put_nowait((reader, writer))
+        if status != 200:
+            errors.append(f"{status}: {data[:200]!r}")
+            return
+        lat.append(done - due)
+        service.append(done - sent)
+        resp = decoder.decode(data)
+        v = resp["model_version"]
+        versions[v] = versions.get(v, 0) + 1
+        src = resp["features"]["source"]
+        sources[src] = sources.get(src, 0) + 1
+
+    start = clock()
+    await asyncio.gather(*(one(i) for i in range(n)))
+    wall = clock() - start
+    while not pool.empty():
+        _, w = pool.get_nowait()
+        w.close()
+    return {"lat": lat, "service": service, "versions": versions, "errors": errors, "wall": wall, "n": n,
+            "sources": sources}
+
+
+def _zipf(n: int, s: float = 1.1) -> np.ndarray:
+    p = 1.0 / np.arange(1, n + 1) ** s
+    return p / p.sum()
+
+
+def run_load(port: int, bodies: list[bytes], rate: float, max_requests: int, max_seconds: float,
+             connections: int, tmp: Path) -> dict:
+    """:func:`_load` in a fresh, light process (no torch / Feast heap, no publisher thread, its
+    own GIL), so the client's own pauses do not show up as server latency."""
+    job = tmp / f"load-{time.monotonic_ns()}"
+    job.with_suffix(".in").write_bytes(msgspec.msgpack.encode(
+        {"port": port, "bodies": bodies, "rate": rate, "max_requests": max_requests, "max_seconds": max_seconds,
+         "connections": connections}))
+    subprocess.run([sys.executable, "-c", "import sys; from bench.serving import _load_main; _load_main(sys.argv[1])",
+                    str(job)], check=True, timeout=max_seconds + 120)
+    return msgspec.msgpack.decode(job.with_suffix(".out").read_bytes())
+
+
+def _load_main(job: str) -> None:
+    import gc
+
+    spec = msgspec.msgpack.decode(Path(job).with_suffix(".in").read_bytes())
+    sys.setswitchinterval(0.0005)
+    gc.collect()
+    gc.freeze()
+    gc.disable()  # a bounded run: no collector pauses inside the measurement
+    res = asyncio.run(_load(spec["port"], spec["bodies"], spec["rate"], spec["max_requests"], spec["max_seconds"],
+                            spec["connections"]))
+    res["versions"] = {str(k): v for k, v in res["versions"].items()}
+    Path(job).with_suffix(".out").write_bytes(msgspec.msgpack.encode(res))
+
+
+# --------------------------------------------------------------------------- the world
+class World:
+    """Broker + Feast store + snapshot + a delta publisher thread."""
+
+    def __init__(self, tmp: Path, users: int, items: int, table_bits: int, delta_rows: int, seed: int = 0) -> None:
+        import torch
+
+        from features.spec import SPEC
+        from features.store import FeatureWriter, open_store
+        from infra.broker import EmbeddedBroker
+        from online_learner.delta import snapshot_tensors
+        from online_learner.model import CTRModel, ModelConfig
+        from online_learner.update_format import UpdateHeader, encode_update
+        from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+
+        self.tmp, self.delta_rows = tmp, delta_rows
+        self.rng = np.random.default_rng(seed)
+        self.broker = EmbeddedBroker(data_dir=tmp / "broker").start()
+        t = time.perf_counter()
+        self.store_dir = tmp / "feast"
+        store = open_store(self.store_dir)
+        writer = FeatureWriter(store)
+        self.users = [f"u{i}" for i in range(users)]
+        self.items = [f"ad{i}" for i in range(items)]
+        self.user_p, self.item_p = _zipf(users), _zipf(items)
+        for view, key, ids, entity in (("user_stats", "user_id", self.users, "user"),
+                                       ("item_stats", "item_id", self.items, "item")):
+            rows = [{key: k, **{f: (0.01 + (j % 50) / 500 if "ctr" in f else j % 1000)
+                                for f in SPEC.feature_names(entity)}} for j, k in enumerate(ids)]
+            writer.write(view, rows, event_time_ms=T0_MS)
+        self.store_s = time.perf_counter() - t
+        torch.manual_seed(seed)
+        self.config = ModelConfig(CATEGORICAL + ("user_id", "item_id", "position"), NUMERIC + STORE_FIELDS,
+                                  table_bits=table_bits)
+        self.model = CTRModel(self.config)
+        self.model_id, self.version = "bench", 1
+        self.snapshots = tmp / "snapshots"
+        self.snapshots.mkdir()
+        header = UpdateHeader(kind="snapshot", model_id=self.model_id, version=1, base_version=1,
+                              model_config=self.config.to_dict(), event_time_ms=T0_MS)
+        path = self.snapshots / "snapshot-000000000001.ctru"
+        path.write_bytes(encode_update(header, snapshot_tensors(self.model)))
+        self._produce, self._flush = produce, flush
+        self.producer, self.tracker = make_producer(self.broker.bootstrap), DeliveryTracker()
+        produce(self.producer, "model-updates",
+                encode_update(msgspec.structs.replace(header, snapshot_uri=str(path)), {}), None, self.tracker)
+        flush(self.producer, self.tracker)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+        self.delta_bytes = 0
+
+    def encode_delta(self) -> list[bytes]:
+        import torch
+
+        from online_learner.delta import delta_tensors
+        from online_learner.update_format import UpdateHeader, split_delta
+
+        rows = self.model.table.shape[0]
+        ids = np.unique(self.rng.integers(0, rows, size=min(self.delta_rows, rows))).astype(np.int64)
+        with torch.no_grad():
+            self.model.table[torch.from_numpy(ids)] += 0.01
+        self.version += 1
+        header = UpdateHeader(kind="delta", model_id=self.model_id, version=self.version,
+                              base_version=self.version - 1, event_time_ms=T0_MS + self.version)
+        return split_delta(header, delta_tensors(self.model, ids))
+
+    def prepare_deltas(self, n: int) -> None:
+        """Encode the next ``n`` versions up front, so publishing during a measurement only
+        hands bytes to librdkafka (no GIL-heavy work next to the load generator)."""
+        self._ready: list[list[bytes]] = [self.encode_delta() for _ in range(n)]
+
+    def start_updates(self, interval_s: float = 1.0) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval_s) and self._ready:
+                parts = self._ready.pop(0)
+                for p in parts:
+                    self._produce(self.producer, "model-updates", p, None, self.tracker)
+                    self.delta_bytes += len(p)
+                self._flush(self.producer, self.tracker)
+                self.published += 1
+
+        self._stop.clear()
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def stop_updates(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def bodies(self, n: int, count: int = 64) -> list[bytes]:
+        """Request bodies: users and candidate items drawn Zipf-like (s=1.1), as ad traffic is."""
+        rng = np.random.default_rng(n)
+        out = []
+        for _ in range(count):
+            ctx = {f: f"{f}-{rng.integers(20)}" for f in CONTEXT_FIELDS}
+            cands = [{"item_id": self.items[k],
+                      "categorical": {f: f"{f}-{rng.integers(200)}" for f in CATEGORICAL[13:]}}
+                     for k in rng.choice(len(self.items), size=n, replace=False, p=self.item_p)]
+            body = {"user_id": self.users[rng.choice(len(self.users), p=self.user_p)],
+                    "context": {"categorical": ctx, "numeric": {f: float(rng.integers(100)) for f in NUMERIC}},
+                    "candidates": cands}
+            out.append(msgspec.json.encode(body))
+        return out
+
+    def close(self) -> None:
+        self.stop_updates()
+        self.broker.stop()
+
+
+#: mode -> (label, extra server flags)
+MODES: dict[str, tuple[str, list[str]]] = {
+    "cache": ("cache + Feast worker process (default)", []),
+    "no-cache": ("Feast per request (worker process)", ["--no-feature-cache"]),
+    "no-cache-inproc": ("Feast per request (in-process)", ["--no-feature-cache", "--feast-in-process"]),
+    "cache-inproc": ("cache, Feast refreshed in-process", ["--feast-in-process"]),
+}
+
+
+def _server(world: World, port: int, flags: list[str], log: Path) -> subprocess.Popen:
+    from infra.procs import die_with_parent
+
+    cmd = [sys.executable, "-m", "serving", "--bootstrap", world.broker.bootstrap, "--snapshot-dir",
+           str(world.snapshots), "--feast-dir", str(world.store_dir), "--port", str(port), "--log-level", "warning",
+           *flags]
+    with open(log, "ab") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not ready: {log.read_text()[-2000:]}")
+
+
+def _server_stats(port: int) -> dict:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    vals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        name, v = line.rsplit(" ", 1)
+        vals[name] = float(v)
+    built = vals.get('ctr_serving_version_build_seconds_count{kind="delta"}', 0)
+    buckets = {float(k.split('le="')[1].rstrip('"}')): v for k, v in vals.items()
+               if k.startswith('ctr_serving_request_seconds_bucket{endpoint="/predict"')}
+    return {
+        "_predict_buckets": buckets,
+        "build_s": vals.get('ctr_serving_version_build_seconds_sum{kind="delta"}', 0), "built": built,
+        "applied_deltas": vals.get('ctr_serving_updates_applied_total{kind="delta"}', 0),
+        "rejected": sum(v for k, v in vals.items() if k.startswith("ctr_serving_updates_rejected_total")),
+        "delta_build_ms_avg": round(1000 * vals.get('ctr_serving_version_build_seconds_sum{kind="delta"}', 0)
+                                    / built, 2) if built else None,
+        "cache_hits": vals.get('ctr_serving_feature_cache_lookups_total{result="hit"}', 0),
+        "cache_stale": vals.get('ctr_serving_feature_cache_lookups_total{result="stale"}', 0),
+        "cache_misses": vals.get('ctr_serving_feature_cache_lookups_total{result="miss"}', 0),
+        "feast_refresh_reads": vals.get('ctr_serving_feast_read_seconds_count{caller="refresh"}', 0),
+        "feast_refresh_s": round(vals.get('ctr_serving_feast_read_seconds_sum{caller="refresh"}', 0), 3),
+        "feast_request_reads": vals.get('ctr_serving_feast_read_seconds_count{caller="request"}', 0),
+    }
+
+
+def _server_quantiles(before: dict, after: dict, qs: tuple[float, ...] = (0.5, 0.99)) -> list[float | None]:
+    """Quantiles (bucket upper bounds, ms) of the server's own /predict histogram between two scrapes."""
+    b, a = before["_predict_buckets"], after["_predict_buckets"]
+    les = sorted(a)
+    counts = [a[le] - b.get(le, 0) for le in les]
+    total = counts[-1] if counts else 0
+    out: list[float | None] = []
+    for q in qs:
+        hit = next((le for le, c in zip(les, counts, strict=True) if total and c >= q * total), None)
+        out.append(None if hit is None else (round(hit * 1000, 2) if hit != float("inf") else None))
+    return out
+
+
+def _copy_cost() -> list[dict]:
+    """What a full shadow copy per version costs (the alternative would be copy-on-write rows)."""
+    import torch
+
+    from online_learner.model import CTRModel, ModelConfig
+
+    torch.set_num_threads(1)
+    out = []
+    for bits in (18, 20, 22):
+        m = CTRModel(ModelConfig(CATEGORICAL, NUMERIC, table_bits=bits))
+        copy.deepcopy(m)
+        ts = []
+        for _ in range(10):
+            t = time.perf_counter()
+            copy.deepcopy(m)
+            ts.append(time.perf_counter() - t)
+        out.append({"table_bits": bits, "table_mib": round(m.table.numel() * 4 / 2**20, 1),
+                    "deepcopy_ms_p50": round(1000 * _pct(ts, 0.5), 2)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, default=Path("bench/results/serving.json"))
+    p.add_argument("--rate", type=float, default=100.0, help="Requests per second (open loop)")
+    p.add_argument("--extra-rate", type=float, default=200.0, help="A second rate for 100 candidates (0: skip)")
+    p.add_argument("--requests", type=int, default=2000, help="Max requests per row")
+    p.add_argument("--seconds", type=float, default=20.0, help="Max seconds per row")
+    p.add_argument("--connections", type=int, default=8)
+    p.add_argument("--users", type=int, default=1000)
+    p.add_argument("--items", type=int, default=5000)
+    p.add_argument("--table-bits", type=int, default=18)
+    p.add_argument("--delta-rows", type=int, default=5000, help="Table rows per published version (1/s)")
+    p.add_argument("--update-interval", type=float, default=1.0, help="Seconds between versions (0: none)")
+    p.add_argument("--modes", default="cache,no-cache,no-cache-inproc,cache-inproc",
+                   help=f"Comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--candidates", default="1,10,100")
+    p.add_argument("--baseline-candidates", default="100",
+                   help="Candidate counts for the in-process modes (the no-cache worker mode runs --candidates)")
+    p.add_argument("--server-flags", default="", help="Extra flags for every server (e.g. '--cache-ttl 5')")
+    a = p.parse_args(argv)
+
+    from infra.procs import free_port, stop_process
+
+    rows: list[dict] = []
+    extra: dict = {}
+    with tempfile.TemporaryDirectory(prefix="ctr-bench-serving-") as d:
+        tmp = Path(d)
+        world = World(tmp, a.users, a.items, a.table_bits, a.delta_rows)
+        extra["setup"] = {"feast_write_s": round(world.store_s, 1), "users": a.users, "items": a.items,
+                          "model_fields": {"categorical": len(world.config.categorical_fields),
+                                           "numeric": len(world.config.numeric_fields),
+                                           "from_feast": list(STORE_FIELDS)},
+                          "table_bits": a.table_bits, "delta_rows_per_s": a.delta_rows,
+                          "connections": a.connections, "duration_bound_s": a.seconds,
+                          "request_bound": a.requests}
+        try:
+            for mode in a.modes.split(","):
+                port = free_port()
+                log = tmp / f"server-{mode}.log"
+                proc = _server(world, port, MODES[mode][1] + a.server_flags.split(), log)
+                try:
+                    t = time.perf_counter()
+                    _wait_ready(port, proc, log)
+                    extra.setdefault("server_ready_s", {})[mode] = round(time.perf_counter() - t, 1)
+                    if a.update_interval:
+                        rows_n = len(a.candidates.split(",")) + 2
+                        world.prepare_deltas(int(rows_n * a.seconds / a.update_interval + 10))
+                        world.start_updates(a.update_interval)
+                    # warm-up: caches, allocator, JIT, connections
+                    run_load(port, world.bodies(100, 32), 50, 300, 6, a.connections, tmp)
+                    counts = a.baseline_candidates if mode.endswith("inproc") else a.candidates
+                    plan = [(int(n), a.rate) for n in counts.split(",")]
+                    if a.extra_rate and mode == "cache":
+                        plan.append((plan[-1][0], a.extra_rate))
+                    for n, rate in plan:
+                        before = _server_stats(port)
+                        load0 = os.getloadavg()[0]
+                        res = run_load(port, world.bodies(n), rate, a.requests, a.seconds, a.connections, tmp)
+                        after = _server_stats(port)
+                        lat = [x * 1000 for x in res["lat"]]
+                        svc = [x * 1000 for x in res["service"]]
+                        looked = sum((after[k] - before[k]) for k in ("cache_hits", "cache_stale", "cache_misses"))
+                        srv50, srv99 = _server_quantiles(before, after)
+                        built = after["built"] - before["built"]
+                        rows.append({
+                            "features": MODES[mode][0], "candidates": n, "rate_rps": rate, "requests": len(lat),
+                            "achieved_rps": round(len(lat) / res["wall"], 1),
+                            "p50_ms": round(_pct(lat, 0.5), 2), "p90_ms": round(_pct(lat, 0.9), 2),
+                            "p99_ms": round(_pct(lat, 0.99), 2), "max_ms": round(max(lat), 2),
+                            "svc_p99_ms": round(_pct(svc, 0.99), 2),
+                            "server_p50_le_ms": srv50, "server_p99_le_ms": srv99,
+                            "errors": len(res["errors"]),
+                            "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
+                            "versions_served": len(res["versions"]),
+                            "deltas_applied": int(after["applied_deltas"] - before["applied_deltas"]),
+                            "delta_build_ms": round(1000 * (after["build_s"] - before["build_s"]) / built, 2)
+                            if built else None,
+                            "cache_hit_pct": round(100 * (after["cache_hits"] - before["cache_hits"]) / looked, 1)
+                            if looked and "--no-feature-cache" not in MODES[mode][1] else None,
+                        })
+                        if res["errors"]:
+                            extra.setdefault("errors", []).extend(res["errors"][:3])
+                    extra.setdefault("server", {})[mode] = _server_stats(port)
+                finally:
+                    world.stop_updates()
+                    stop_process(proc)
+        finally:
+            world.close()
+        extra["deltas_published"] = world.published
+        extra["delta_bytes_avg"] = round(world.delta_bytes / max(1, world.published))
+    extra["shadow_copy_cost"] = _copy_cost()
+    extra["notes"] = ("latency = response received - scheduled send time (open loop, includes client queueing); "
+                      "svc = response received - actual send; one server process, 1 torch thread; the load "
+                      "generator, the delta publisher and the broker share the same 2 cores")
+    report("Serving /predict latency (loopback, features included, live model updates)", rows, a.json, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,425 @@
+"""Model versions for serving: shadow apply, atomic swap, the last K versions, rollback/pin, re-sync.
+
+Pure logic (no Kafka, no HTTP): :mod:`serving.updates` feeds it decoded updates, the HTTP
+handlers read :attr:`ModelRegistry.current`.
+
+* **Immutable versions.** A :class:`ModelVersion` is never mutated once built. A delta is
+  applied to a *copy* of the head model (the "shadow"); when every part of the version has
+  been applied, the new object replaces the head by one reference assignment under a lock. A
+  request reads ``registry.current`` once and scores with that object, so the version it
+  reports is the version that scored, and no request ever sees a half-applied update.
+* **One chain per lineage.** A delta is applied only on top of its ``base_version`` in the
+  same ``model_id``. Anything else is rejected and asks for a re-sync (:class:`Decision`
+  ``resync=True``): ``gap`` (base newer than the head: something was missed),
+  ``out_of_order`` (base older than the head while the version is newer: a fork) and
+  ``lineage`` (another learner). Versions not newer than the head are ``stale`` (replays after
+  a seek, duplicates) and skipped without a re-sync.
+* **Multi-part versions** are buffered until every part has arrived, then applied together.
+* **K versions** (default 5) are kept for rollback; ``rollback`` pins a kept version (the
+  stream keeps advancing the head underneath), ``unpin`` serves the head again.
+
+>>> import numpy as np
+>>> from online_learner.model import CTRModel, ModelConfig
+>>> from online_learner.delta import snapshot_tensors
+>>> from online_learner.update_format import UpdateHeader
+>>> cfg = ModelConfig(("site",), table_bits=6)
+>>> reg = ModelRegistry(keep=3)
+>>> snap = UpdateHeader(kind="snapshot", model_id="m", version=1, base_version=1, model_config=cfg.to_dict())
+>>> reg.install_snapshot(snap, snapshot_tensors(CTRModel(cfg))).version
+1
+>>> rows = {"table.ids": np.array([0], np.int64), "table.rows": np.zeros((1, 4), np.float32)}
+>>> reg.offer(UpdateHeader(kind="delta", model_id="m", version=2, base_version=1), rows).outcome
+'applied'
+>>> d = reg.offer(UpdateHeader(kind="delta", model_id="m", version=4, base_version=3), rows)
+>>> (d.outcome, d.reason, d.resync, reg.current.version)
+('rejected', 'gap', True, 2)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from online_learner.delta import apply_tensors
+from online_learner.encoding import EncodedBatch, FeatureEncoder
+from online_learner.hashing import ValueKeyer
+from online_learner.model import CTRModel, ModelConfig
+from online_learner.update_format import GateDecision, UpdateError, UpdateHeader
+
+__all__ = ["Decision", "ModelRegistry", "ModelVersion", "RegistryError", "score"]
+
+
+class RegistryError(Exception):
+    """An admin operation that cannot be done (unknown version, nothing to roll back to)."""
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@torch.no_grad()
+def score(model: CTRModel, enc: EncodedBatch) -> np.ndarray:
+    """Click probabilities ``[B]`` (float32) of ``enc`` under ``model`` (CPU, eval mode).
+
+    The same computation as ``OnlineCTR.predict_proba_many``: keys -> bucket ids -> logits ->
+    sigmoid."""
+    if len(enc) == 0:
+        return np.zeros(0, dtype=np.float32)
+    ids = model.bucket_ids(torch.from_numpy(enc.keys.view(np.int64)))
+    numeric = torch.from_numpy(enc.numeric) if enc.numeric is not None else None
+    return torch.sigmoid(model(ids, numeric)).numpy()
+
+
+@dataclass(frozen=True, eq=False)
+class ModelVersion:
+    """One servable, immutable model version (never mutated after it is built)."""
+
+    model_id: str
+    version: int
+    model: CTRModel
+    config: ModelConfig
+    encoder: FeatureEncoder
+    #: How this version was built here: "snapshot" (loaded whole) or "delta" (applied on its base).
+    source: str
+    base_version: int
+    created_ms: int
+    event_time_ms: int
+    examples_seen: int
+    gate: GateDecision
+    metrics: dict[str, float]
+    #: Wall-clock ms when this replica made the version available.
+    applied_ms: int
+    parts: int = 1
+    #: Wall-clock ms to build it here (copy + apply, or load).
+    build_ms: float = 0.0
+
+    def predict(self, enc: EncodedBatch) -> np.ndarray:
+        return score(self.model, enc)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.model_id, self.version)
+
+    def info(self, now_ms: int | None = None) -> dict[str, Any]:
+        now_ms = _now_ms() if now_ms is None else now_ms
+        return {
+            "model_id": self.model_id,
+            "version": self.version,
+            "source": self.source,
+            "base_version": self.base_version,
+            "created_ms": self.created_ms,
+            "event_time_ms": self.event_time_ms,
+            "applied_ms": self.applied_ms,
+            "age_s": round(max(0, now_ms - self.created_ms) / 1000, 3) if self.created_ms else None,
+            "apply_lag_ms": (self.applied_ms - self.created_ms) if self.created_ms else None,
+            "examples_seen": self.examples_seen,
+            "parts": self.parts,
+            "build_ms": round(self.build_ms, 2),
+            "gate": {"passed": self.gate.passed, "reason": self.gate.reason,
+                     "window_auc": self.gate.window_auc, "served_auc": self.gate.served_auc},
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :meth:`ModelRegistry.offer` did with one update message.
+
+    ``outcome``: ``applied`` | ``buffered`` (a part of an incomplete version) | ``skipped``
+    (stale / duplicate / nothing to do) | ``announce`` (a newer snapshot file was announced) |
+    ``rejected``. ``reason`` is a short label for metrics
+    (``gap``, ``out_of_order``, ``lineage``, ``no_base``, ``snapshot``, ``incompatible``,
+    ``incomplete``, ``stale``, ``duplicate_part``...). ``resync`` asks the caller to re-sync
+    from the newest snapshot; ``snapshot_uri`` names one when the update announced it.
+    """
+
+    outcome: str
+    reason: str = ""
+    detail: str = ""
+    resync: bool = False
+    snapshot_uri: str = ""
+    version: ModelVersion | None = None
+
+
+@dataclass
+class _Pending:
+    header: UpdateHeader
+    parts: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    headers: dict[int, UpdateHeader] = field(default_factory=dict)
+
+
+def _config_key(config: ModelConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def refresh_derived_state(model: CTRModel) -> None:
+    """Recompute state derived from buffers that ``apply_tensors`` writes directly.
+
+    ``apply_tensors`` copies ``gate.field_weights`` / ``gate.prior`` with ``copy_``, which skips
+    ``FieldGate._load_from_state_dict`` and leaves the gate's "neutral prior" shortcut stale: a
+    version whose field weights are not all 1 would be scored as if they were. Re-running the
+    gate's own refresh (prior from the shipped weights) makes the served model equal the
+    learner's. Harmless if ``apply_tensors`` is fixed to do it itself."""
+    gate = getattr(model, "gate", None)
+    refresh = getattr(gate, "_refresh_prior", None)
+    if callable(refresh):
+        with torch.no_grad():
+            refresh()
+
+
+class ModelRegistry:
+    """The versions one replica holds; thread-safe (one writer: the update consumer; admin
+    calls and readers from any thread).
+
+    Args:
+        keep: how many recent versions to keep for rollback (>= 1; the head counts).
+        max_pending_parts_bytes: bound on buffered parts of an incomplete version.
+    """
+
+    def __init__(self, keep: int = 5, max_pending_parts_bytes: int = 1 << 30) -> None:
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        self.keep = keep
+        self.max_pending_parts_bytes = max_pending_parts_bytes
+        self._lock = threading.RLock()
+        #: What requests score with (head, or the pinned version). Read without the lock.
+        self.current: ModelVersion | None = None
+        #: Newest version built from the stream.
+        self.head: ModelVersion | None = None
+        self.pinned: ModelVersion | None = None
+        self._history: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
+        self._pending: _Pending | None = None
+        self._encoders: dict[str, FeatureEncoder] = {}
+        self._keyer = ValueKeyer()
+        #: Newest version seen on the stream per lineage (applied or not): "how far behind".
+        self.newest_seen: dict[str, int] = {}
+        #: Called with the new current version after every swap (freshness hooks, metrics).
+        self.listeners: list[Callable[[ModelVersion], None]] = []
+        self.swaps = 0
+
+    # -- building versions -----------------------------------------------------------------------
+    def _encoder(self, config: ModelConfig) -> FeatureEncoder:
+        key = _config_key(config)
+        enc = self._encoders.get(key)
+        if enc is None:
+            enc = self._encoders[key] = FeatureEncoder(config, self._keyer)
+        return enc
+
+    def _version(self, header: UpdateHeader, model: CTRModel, config: ModelConfig, source: str, t0: float,
+                 parts: int = 1) -> ModelVersion:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return ModelVersion(
+            model_id=header.model_id, version=header.version, model=model, config=config,
+            encoder=self._encoder(config), source=source, base_version=header.base_version,
+            created_ms=header.created_ms, event_time_ms=header.event_time_ms, examples_seen=header.examples_seen,
+            gate=header.gate, metrics=dict(header.metrics), applied_ms=_now_ms(), parts=parts,
+            build_ms=(time.perf_counter() - t0) * 1000,
+        )
+
+    def build_snapshot(self, header: UpdateHeader, tensors: dict[str, np.ndarray]) -> ModelVersion:
+        """A version from a full snapshot (header carries the model config). Raises UpdateError."""
+        t0 = time.perf_counter()
+        if header.kind != "snapshot":
+            raise UpdateError(f"expected a snapshot, got a {header.kind}")
+        if "table" not in tensors:
+            raise UpdateError("snapshot without a table (an announcement, not the snapshot file?)")
+        if not header.model_config:
+            raise UpdateError("snapshot without model_config")
+        try:
+            config = ModelConfig.from_dict(header.model_config)
+        except (TypeError, ValueError) as err:
+            raise UpdateError(f"snapshot model_config: {err}") from None
+        model = CTRModel(config)
+        apply_tensors(model, tensors)
+        refresh_derived_state(model)
+        return self._version(header, model, config, "snapshot", t0)
+
+    def _build_delta(self, base: ModelVersion, header: UpdateHeader,
+                     parts: list[dict[str, np.ndarray]]) -> ModelVersion:
+        t0 = time.perf_counter()
+        shadow = copy.deepcopy(base.model)  # never mutate a model a request may be using
+        for tensors in parts:
+            apply_tensors(shadow, tensors)  # validates each part before writing it
+        refresh_derived_state(shadow)
+        return self._version(header, shadow, base.config, "delta", t0, parts=len(parts))
+
+    # -- swapping ---------------------------------------------------------------------------------
+    def _install(self, mv: ModelVersion) -> None:
+        """Make ``mv`` the head (and current unless pinned): one reference assignment each."""
+        with self._lock:
+            self.head = mv
+            self._history[mv.key] = mv
+            self._history.move_to_end(mv.key)
+            while len(self._history) > self.keep:
+                self._history.popitem(last=False)
+            if self.pinned is None:
+                self.current = mv
+            self.swaps += 1
+            self._note_seen(mv.model_id, mv.version)
+        for fn in self.listeners:
+            fn(self.current)
+
+    def install_snapshot(self, header: UpdateHeader, tensors: dict[str, np.ndarray]) -> ModelVersion:
+        """Load a snapshot as the new head (a re-sync or the initial load); drops pending parts."""
+        mv = self.build_snapshot(header, tensors)
+        with self._lock:
+            self._pending = None
+            self._install(mv)
+        return mv
+
+    def _note_seen(self, model_id: str, version: int) -> None:
+        if version > self.newest_seen.get(model_id, -1):
+            self.newest_seen[model_id] = version
+
+    # -- the stream -------------------------------------------------------------------------------
+    def classify(self, header: UpdateHeader) -> Decision | None:
+        """Decide from the header alone (no checksum, no tensors): a Decision when the message
+        is skipped or rejected as it stands, None when it must be fully decoded and offered."""
+        head = self.head
+        self._note_seen(header.model_id, header.version)
+        if header.kind == "snapshot":
+            if head is not None and header.model_id == head.model_id and header.version <= head.version:
+                return Decision("skipped", "stale", f"snapshot v{header.version} <= head v{head.version}")
+            if header.snapshot_uri:
+                why = "lineage" if head is not None and header.model_id != head.model_id else "snapshot"
+                return Decision("announce", why, f"snapshot v{header.version} announced: re-sync from its file",
+                                resync=True, snapshot_uri=header.snapshot_uri)
+            return None  # an inline snapshot (tensors in the message)
+        if head is None:
+            return Decision("rejected", "no_base", f"delta v{header.version} but no model loaded", resync=True)
+        if header.model_id != head.model_id:
+            return Decision("rejected", "lineage",
+                            f"delta of lineage {header.model_id!r}, serving {head.model_id!r}", resync=True)
+        if header.version <= head.version:
+            return Decision("skipped", "stale", f"delta v{header.version} <= head v{head.version}")
+        if header.base_version > head.version:
+            return Decision("rejected", "gap",
+                            f"delta v{header.version} on base v{header.base_version}, head is v{head.version}",
+                            resync=True)
+        if header.base_version < head.version:
+            return Decision("rejected", "out_of_order",
+                            f"delta v{header.version} on base v{header.base_version}, head is v{head.version}",
+                            resync=True)
+        return None
+
+    def offer(self, header: UpdateHeader, tensors: dict[str, np.ndarray]) -> Decision:
+        """Apply one decoded (already checksum-validated) update message if it chains onto the head."""
+        with self._lock:
+            early = self.classify(header)
+            if early is not None:
+                return early
+            if header.kind == "snapshot":
+                try:
+                    mv = self.install_snapshot(header, tensors)
+                except UpdateError as err:
+                    return Decision("rejected", "incompatible", str(err))
+                return Decision("applied", "snapshot", version=mv)
+            head = self.head
+            assert head is not None
+            pend = self._pending
+            dropped = ""
+            if pend is not None and pend.header.version != header.version:
+                # Another version on the same base before this one completed: that one is lost.
+                dropped = f" (dropped incomplete v{pend.header.version}: {len(pend.parts)}/{pend.header.parts} parts)"
+                self._pending = pend = None
+            if pend is None:
+                pend = self._pending = _Pending(header)
+            if header.parts != pend.header.parts:
+                self._pending = None
+                return Decision("rejected", "incompatible", f"v{header.version}: parts disagree on their count")
+            if header.part in pend.parts:
+                return Decision("skipped", "duplicate_part", f"v{header.version} part {header.part} again")
+            pend.parts[header.part] = tensors
+            pend.headers[header.part] = header
+            if sum(t.nbytes for p in pend.parts.values() for t in p.values()) > self.max_pending_parts_bytes:
+                self._pending = None
+                return Decision("rejected", "too_large", f"v{header.version}: parts exceed the buffer bound")
+            if len(pend.parts) < header.parts:
+                return Decision("buffered", "part",
+                                f"v{header.version}: {len(pend.parts)}/{header.parts} parts{dropped}")
+            self._pending = None
+            try:
+                mv = self._build_delta(head, pend.headers[0], [pend.parts[i] for i in range(header.parts)])
+            except UpdateError as err:
+                return Decision("rejected", "incompatible", f"v{header.version}: {err}{dropped}")
+            self._install(mv)
+            return Decision("applied", "delta", dropped.strip(), version=mv)
+
+    # -- admin ------------------------------------------------------------------------------------
+    def kept(self) -> list[ModelVersion]:
+        with self._lock:
+            out = list(self._history.values())
+            if self.pinned is not None and self.pinned.key not in self._history:
+                out.insert(0, self.pinned)
+            return out
+
+    def rollback(self, version: int | None = None, model_id: str | None = None) -> ModelVersion:
+        """Pin ``version`` (default: the kept version just before the one serving now)."""
+        with self._lock:
+            cur = self.current
+            if cur is None:
+                raise RegistryError("no model loaded", 503)
+            kept = self.kept()
+            if version is None:
+                older = [v for v in kept if v.model_id == cur.model_id and v.version < cur.version]
+                if not older:
+                    raise RegistryError(f"no kept version older than v{cur.version} to roll back to "
+                                        f"(kept: {[v.version for v in kept]})")
+                target = max(older, key=lambda v: v.version)
+            else:
+                lineage = model_id or cur.model_id
+                matches = [v for v in kept if v.version == version and v.model_id == lineage]
+                if not matches:
+                    raise RegistryError(f"version {version} of {lineage!r} is not kept here "
+                                        f"(kept: {[v.version for v in kept]})", 404)
+                target = matches[0]
+            self.pinned = target
+            self.current = target
+            self.swaps += 1
+        for fn in self.listeners:
+            fn(target)
+        return target
+
+    def unpin(self) -> ModelVersion | None:
+        """Serve the head again (no-op when nothing is pinned)."""
+        with self._lock:
+            self.pinned = None
+            self.current = self.head
+            self.swaps += 1
+            mv = self.current
+        if mv is not None:
+            for fn in self.listeners:
+                fn(mv)
+        return mv
+
+    def status(self) -> dict[str, Any]:
+        now = _now_ms()
+        with self._lock:
+            cur, head, pinned = self.current, self.head, self.pinned
+            newest = self.newest_seen.get(head.model_id, head.version) if head else None
+            pend = self._pending
+            return {
+                "current": cur.info(now) if cur else None,
+                "head_version": head.version if head else None,
+                "pinned": pinned is not None,
+                "pinned_version": pinned.version if pinned else None,
+                "learner_version": newest,
+                "versions_behind": (newest - head.version) if head and newest is not None else None,
+                "kept": [v.version for v in self.kept()],
+                "pending": {"version": pend.header.version, "parts": len(pend.parts), "of": pend.header.parts}
+                if pend else None,
+            }
