@@ -26,7 +26,9 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.broker import EmbeddedBroker
+from infra.procs import free_port
 from infra.supervisor import Service, Supervisor, ctr_argv
+from infra.traffic import SteadyClient, TrafficLog
 from streams.datasets import open_source
 from streams.replay import ReplaySummary, replay
 
@@ -97,6 +99,7 @@ def run_demo(
     bootstrap: str | None = None,
     seed: int = 0,
     console: Console | None = None,
+    predict_rate: float = 20.0,
 ) -> dict:
     console = console or Console()
     out = Path(out).resolve()
@@ -121,6 +124,24 @@ def run_demo(
         }  # fmt: skip
         for name, args in stages.items():
             sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bs, *args[1:])))
+        port = free_port()
+        sup.start(
+            Service(
+                "serve",
+                ctr_argv(
+                    "serve",
+                    "--bootstrap",
+                    bs,
+                    "--snapshot-dir",
+                    str(learner_dir / "snapshots"),
+                    "--feast-dir",
+                    feast_dir,
+                    "--port",
+                    str(port),
+                ),
+            )
+        )
+        client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         records = _DriftProbe(
             open_source(data, mapping=mapping, seed=seed, events=events),
             drift_at=events // 2 if data == "synthetic" else None,
@@ -136,6 +157,8 @@ def run_demo(
 
         replayer = threading.Thread(target=do_replay, name="replay", daemon=True)
         replayer.start()
+        sup.wait_for(lambda: _ready(port), timeout_s=180, what="the serving tier to be ready")
+        client.start()
         stage = "replaying"
         last = {}
         with Live(_view(progress, last, 0, stage), console=console, refresh_per_second=2, transient=False) as live:
@@ -155,11 +178,14 @@ def run_demo(
                 live.update(_view(progress, last, time.monotonic() - started, stage))
                 time.sleep(0.5)
             live.update(_view(progress, last, time.monotonic() - started, "done"))
-        # let the learner publish its last version, then stop everything cleanly
-        time.sleep(1.5)
-        codes = sup.stop_all(["learner", "reweighter", "worker"])
+        # let the learner publish its last version and serving apply it, then stop everything
+        time.sleep(2.5)
+        client.stop.set()
+        client.join(10)
+        codes = sup.stop_all(["serve", "learner", "reweighter", "worker"])
         rows = _read_jsonl(metrics_path)
         result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes)
+        result.update(serving_summary(client.log))
         result["dead_letters"] = _dead_letters(bs)
         weights = _field_weights(bs)
         from infra.report import write_report
@@ -173,6 +199,30 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(result, indent=2))
     console.print(f"wrote {out / 'summary.json'} and {out / 'report.html'}; logs in {out / 'logs'}")
     return result
+
+
+def _ready(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def serving_summary(log: TrafficLog) -> dict:
+    lat = sorted(log.latency_ms)
+
+    def pct(q: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(q * len(lat)))], 2) if lat else None
+
+    return {
+        "predictions": log.ok,
+        "prediction_errors": log.errors,
+        "serving_p50_ms": pct(0.5),
+        "serving_p99_ms": pct(0.99),
+        "model_versions_served": len({v for _, v in log.versions}),
+    }
 
 
 def _dead_letters(bootstrap: str) -> int:

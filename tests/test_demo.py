@@ -15,7 +15,10 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "infra.cli", "demo", "--minutes", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "120"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -23,6 +26,9 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     assert s["impressions"] > 50_000 and s["examples"] == s["impressions"]
     assert s["clicks"] > 0 and s["dead_letters"] == 0
     assert s["model_versions_published"] > 1
+    # a steady client got answers from the live serving tier while the model moved on
+    assert s["predictions"] > 0 and s["prediction_errors"] == 0
+    assert s["model_versions_served"] > 1, s
     # live refresh is worth something after the drift, and nobody beats the ground truth
     assert s["drift_event_time_ms"] is not None
     assert s["live_minus_frozen_after_drift"] > 0.02, s
