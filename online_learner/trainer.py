@@ -1,5 +1,6 @@
 """``ctr learn``: the online trainer. Consumes ``training-examples`` in micro-batches,
-predict-then-learn, publishes versions, checkpoints.
+predict-then-learn, publishes versions, checkpoints. Snapshots are published periodically and
+on request (``kill -USR1 <learner pid>``, or ``Trainer.snapshot_requested.set()``).
 
 Delivery and recovery (what is promised, and how):
 
@@ -153,6 +154,8 @@ class Trainer:
         self.event_time_ms = 0
         self.duplicates = 0
         self.model_id = config.model_id
+        #: Set (SIGUSR1 under ``ctr learn``) to publish a snapshot at the next loop turn.
+        self.snapshot_requested = threading.Event()
         restored = self._restore()
         self.publisher = Publisher(
             self.producer,
@@ -346,13 +349,22 @@ class Trainer:
                     rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
                     if rec is not None:
                         self._record(rec)
-                if now >= next_snapshot and self.learner.touched.peek().size == 0:
-                    next_snapshot = now + cfg.snapshot_interval_s
-                    self._record(
-                        self.publisher.publish_snapshot(
-                            event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=False
+                if now >= next_snapshot or self.snapshot_requested.is_set():
+                    # a snapshot must equal a published version: ship pending rows first
+                    if self.learner.touched.peek().size:
+                        rec = self.publisher.publish_delta(
+                            event_time_ms=self.event_time_ms, metrics=self.metrics.summary()
                         )
-                    )
+                        if rec is not None:
+                            self._record(rec)
+                    if self.learner.touched.peek().size == 0:  # else the gate withheld it: try later
+                        next_snapshot = now + cfg.snapshot_interval_s
+                        self.snapshot_requested.clear()
+                        self._record(
+                            self.publisher.publish_snapshot(
+                                event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=False
+                            )
+                        )
                 if now >= next_ckpt:
                     next_ckpt = now + cfg.checkpoint_interval_s
                     self.checkpoint()
@@ -392,4 +404,7 @@ def run_trainer(config: TrainerConfig, *, metrics_port: int | None = None, **run
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    return Trainer(config).run(stop, **run_kwargs)
+    trainer = Trainer(config)
+    # `kill -USR1 <pid>`: a snapshot on request (e.g. before adding serving replicas)
+    signal.signal(signal.SIGUSR1, lambda *_: trainer.snapshot_requested.set())
+    return trainer.run(stop, **run_kwargs)

@@ -139,3 +139,29 @@ def test_kill_9_resumes_from_checkpoint(broker, tmp_path) -> None:
     assert result["duplicates"] == 0
     # the restart published a snapshot as a new version above everything served before
     assert result["version"] > before["version"]
+
+
+def test_snapshot_on_request(broker, tmp_path) -> None:
+    """SIGUSR1 makes `ctr learn` publish a snapshot long before the periodic one is due."""
+    produce_examples(broker.bootstrap, examples(3_000, seed=4))
+    state = tmp_path / "learner"
+    proc = _learn_proc(broker, state)
+    snaps = state / "snapshots"
+    try:
+        deadline = time.monotonic() + 120
+        while (
+            not (state / "learner_metrics.jsonl").exists()
+            or '"published": true' not in (state / "learner_metrics.jsonl").read_text()
+        ):
+            assert time.monotonic() < deadline and proc.poll() is None, "the learner never published"
+            time.sleep(0.1)
+        before = set(snaps.glob("snapshot-*.ctru"))
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 20  # the periodic snapshot is 60 s away
+        while not set(snaps.glob("snapshot-*.ctru")) - before:
+            assert time.monotonic() < deadline, "no snapshot after SIGUSR1"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert proc.returncode == 0
