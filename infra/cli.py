@@ -389,12 +389,13 @@ def demo_cmd(
 def up_cmd(
     kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
     feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default .ctr/feast).")] = None,
+    port: Annotated[int, typer.Option(help="Serving port on 127.0.0.1.")] = 8000,
 ) -> None:
-    """Start broker, Faust worker and learner as background processes (state in .ctr/stack.json)."""
+    """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
     from infra.stack import up
 
     try:
-        state = up(kind=kind, feast_dir=feast_dir)
+        state = up(kind=kind, feast_dir=feast_dir, serve_port=port)
     except RuntimeError as err:
         _fail(str(err))
     typer.echo(json.dumps(state, indent=2))

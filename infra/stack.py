@@ -20,8 +20,8 @@ def _state_path() -> Path:
     return state_dir() / "stack.json"
 
 
-def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int | None = None) -> dict:
-    """Start broker (unless one runs), worker and learner detached; returns the recorded state."""
+def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000) -> dict:
+    """Start broker, worker, reweighter, learner and serving detached; returns the recorded state."""
     from infra.broker import EmbeddedBroker
 
     path = _state_path()
@@ -42,12 +42,33 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int | Non
             ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1"),
             detach=True,
         ),
+        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir)), detach=True),
         Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner")), detach=True),
+        Service(
+            "serve",
+            ctr_argv(
+                "serve",
+                "--bootstrap",
+                bs,
+                "--snapshot-dir",
+                str(root / "learner" / "snapshots"),
+                "--feast-dir",
+                str(feast_dir),
+                "--port",
+                str(serve_port),
+            ),
+            detach=True,
+        ),
     ]
     for svc in plan:
         sup.start(svc)
         services[svc.name] = {"pid": svc.proc.pid, "log": str(svc.log_path)}
-    state = {"bootstrap": bs, "feast_dir": str(feast_dir), "services": services}
+    state = {
+        "bootstrap": bs,
+        "feast_dir": str(feast_dir),
+        "predict_url": f"http://127.0.0.1:{serve_port}/predict",
+        "services": services,
+    }
     path.write_text(json.dumps(state, indent=2))
     return state
 

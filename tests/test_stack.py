@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
-from infra.procs import pid_alive
+import httpx
+
+from infra.procs import free_port, pid_alive
 from tests.kafka_helpers import end_offsets
 
 
@@ -21,12 +23,13 @@ def _ctr(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedPro
 def test_up_replay_status_down(tmp_path) -> None:
     env = {**os.environ, "CTR_STATE_DIR": str(tmp_path / "state")}
     env.pop("CTR_BOOTSTRAP", None)
-    up = _ctr("up", env=env)
+    port = free_port()
+    up = _ctr("up", "--port", str(port), env=env)
     assert up.returncode == 0, up.stderr[-2000:]
     state = json.loads((tmp_path / "state" / "stack.json").read_text())
     pids = {n: s["pid"] for n, s in state["services"].items()}
     try:
-        assert set(pids) == {"broker", "worker", "reweighter", "learner"}
+        assert set(pids) == {"broker", "worker", "reweighter", "learner", "serve"}
         assert _ctr("up", env=env).returncode == 2  # refuses a second stack
         replay = _ctr("replay", "--events", "2000", env=env)
         assert replay.returncode == 0, replay.stderr[-2000:]
@@ -36,6 +39,17 @@ def test_up_replay_status_down(tmp_path) -> None:
             time.sleep(0.5)
         status = json.loads(_ctr("status", env=env).stdout)
         assert all(s["alive"] for s in status["services"].values()), status
+        body = {"user_id": "u1", "candidates": [{"item_id": "ad1"}, {"item_id": "ad2"}]}
+        while True:  # serving becomes ready once the learner's first snapshot exists
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=5)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline + 60, "serving never answered /predict"
+            time.sleep(0.5)
+        assert len(r.json()["predictions"]) == 2 and r.json()["model_version"] >= 1
     finally:
         down = _ctr("down", env=env)
     assert down.returncode == 0
