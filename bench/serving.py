@@ -223,7 +223,8 @@ class World:
     def prepare_deltas(self, n: int) -> None:
         """Encode the next ``n`` versions up front, so publishing during a measurement only
         hands bytes to librdkafka (no GIL-heavy work next to the load generator)."""
-        self._ready: list[list[bytes]] = [self.encode_delta() for _ in range(n)]
+        ready = getattr(self, "_ready", [])  # left over from the previous mode: keep the chain unbroken
+        self._ready: list[list[bytes]] = ready + [self.encode_delta() for _ in range(max(0, n - len(ready)))]
 
     def start_updates(self, interval_s: float = 1.0) -> None:
         def loop() -> None:
@@ -367,9 +368,10 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", type=Path, default=Path("bench/results/serving.json"))
     p.add_argument("--rate", type=float, default=100.0, help="Requests per second (open loop)")
-    p.add_argument("--extra-rate", type=float, default=200.0, help="A second rate for 100 candidates (0: skip)")
-    p.add_argument("--requests", type=int, default=2000, help="Max requests per row")
-    p.add_argument("--seconds", type=float, default=20.0, help="Max seconds per row")
+    p.add_argument("--extra-rates", default="20,50,200",
+                   help="More rates for the largest candidate count, default mode only ('' to skip)")
+    p.add_argument("--requests", type=int, default=1500, help="Max requests per row")
+    p.add_argument("--seconds", type=float, default=15.0, help="Max seconds per row")
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--items", type=int, default=5000)
@@ -408,15 +410,15 @@ def main(argv: list[str] | None = None) -> None:
                     _wait_ready(port, proc, log)
                     extra.setdefault("server_ready_s", {})[mode] = round(time.perf_counter() - t, 1)
                     if a.update_interval:
-                        rows_n = len(a.candidates.split(",")) + 2
+                        rows_n = len(a.candidates.split(",")) + len(a.extra_rates.split(","))
                         world.prepare_deltas(int(rows_n * a.seconds / a.update_interval + 10))
                         world.start_updates(a.update_interval)
                     # warm-up: caches, allocator, JIT, connections
                     run_load(port, world.bodies(100, 32), 50, 300, 6, a.connections, tmp)
                     counts = a.baseline_candidates if mode.endswith("inproc") else a.candidates
                     plan = [(int(n), a.rate) for n in counts.split(",")]
-                    if a.extra_rate and mode == "cache":
-                        plan.append((plan[-1][0], a.extra_rate))
+                    if mode == "cache":
+                        plan += [(plan[-1][0], float(r)) for r in a.extra_rates.split(",") if r]
                     for n, rate in plan:
                         before = _server_stats(port)
                         load0 = os.getloadavg()[0]

@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -119,25 +119,46 @@ _ENDPOINTS = {"/predict", "/model", "/model/rollback", "/model/unpin", "/healthz
 
 
 # --------------------------------------------------------------------------- request / response schema
-FieldName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
-Value = Annotated[str, StringConstraints(max_length=256)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Num = Annotated[float, Field(allow_inf_nan=False)]
+# The request is decoded AND validated by msgspec in one pass (~70 us for 60 candidates, vs
+# ~420 us for json.loads + pydantic at 100); its JSON schema is put into the OpenAPI document.
+FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Value = Annotated[str, msgspec.Meta(max_length=256)]
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: Finite only: JSON has no NaN/Infinity tokens, and 1e400 (-> inf) is out of this range.
+Num = Annotated[float, msgspec.Meta(ge=-1.7e308, le=1.7e308)]
+Fields = Annotated[dict[FieldName, Value], msgspec.Meta(max_length=256)]
+Numerics = Annotated[dict[FieldName, Num], msgspec.Meta(max_length=256)]
 
 
-class Context(BaseModel):
+class Context(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Request-level fields shared by every candidate (site, device, hour...)."""
 
-    model_config = ConfigDict(extra="forbid")
-    categorical: dict[FieldName, Value] = Field(default_factory=dict, max_length=256)
-    numeric: dict[FieldName, Num] = Field(default_factory=dict, max_length=256)
+    categorical: Fields = {}
+    numeric: Numerics = {}
 
 
-class Candidate(Context):
+class Candidate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """One item/ad to score; its fields override the context's fields of the same name."""
 
     item_id: Id
-    position: int | None = Field(None, ge=0, le=10_000, description="Slot; default: index in the list")
+    #: Slot; default: the candidate's index in the list.
+    position: Annotated[int, msgspec.Meta(ge=0, le=10_000)] | None = None
+    categorical: Fields = {}
+    numeric: Numerics = {}
+
+
+def _request_type(max_candidates: int) -> type[msgspec.Struct]:
+    return msgspec.defstruct(
+        "PredictRequest",
+        [("user_id", Id), ("context", Context, msgspec.field(default_factory=Context)),
+         ("candidates", Annotated[list[Candidate], msgspec.Meta(min_length=1, max_length=max_candidates)]),
+         ("request_id", Annotated[str, msgspec.Meta(max_length=128)] | None, None)],
+        forbid_unknown_fields=True, kw_only=True)
+
+
+_EXAMPLE = {"user_id": "u42",
+            "context": {"categorical": {"site": "news", "device": "mobile"}, "numeric": {"hour": 13}},
+            "candidates": [{"item_id": "ad7", "categorical": {"campaign": "c1"}}, {"item_id": "ad9", "position": 1}]}
 
 
 class Prediction(BaseModel):
@@ -164,22 +185,6 @@ class RollbackRequest(BaseModel):
 
 class Problem(BaseModel):
     detail: Any
-
-
-def _request_model(max_candidates: int) -> type[BaseModel]:
-    class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-            "user_id": "u42",
-            "context": {"categorical": {"site": "news", "device": "mobile"}, "numeric": {"hour": 13}},
-            "candidates": [{"item_id": "ad7", "categorical": {"campaign": "c1"}},
-                           {"item_id": "ad9", "position": 1}],
-        }]})
-        user_id: Id
-        context: Context = Field(default_factory=Context)
-        candidates: list[Candidate] = Field(min_length=1, max_length=max_candidates)
-        request_id: str | None = Field(None, max_length=128)
-
-    return PredictRequest
 
 
 # --------------------------------------------------------------------------- the body-size guard
@@ -408,7 +413,8 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     otherwise the lifespan starts the update consumer and opens Feast in the background."""
     config = config or ServingConfig()
     state = ServingState(config, registry, features)
-    PredictRequest = _request_model(config.max_candidates)  # noqa: N806 - a class
+    request_type = _request_type(config.max_candidates)
+    decoder = msgspec.json.Decoder(request_type)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -451,12 +457,29 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
 
     # ---- scoring
     @app.post("/predict", response_model=PredictResponse, tags=["scoring"],
-              responses={413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}})
-    async def predict(req: PredictRequest,  # type: ignore[valid-type]
+              responses={413: {"model": Problem}, 422: {"model": Problem}, 503: {"model": Problem}},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/PredictRequest"}, "example": _EXAMPLE}}}})
+    async def predict(request: Request,
                       explain: Annotated[bool, Query(description="Return the features and weights used")] = False,
                       ) -> Response:
         """Score every candidate with ONE model version (named in the response)."""
-        mv = state.registry.current  # grabbed once: this version scores the whole request
+        try:
+            req = decoder.decode(await request.body())
+        except msgspec.ValidationError as err:
+            return JSONResponse({"error": f"invalid request: {err}", "detail": [{"msg": str(err), "type": "invalid"}]},
+                                status_code=422)
+        except msgspec.DecodeError as err:
+            return JSONResponse({"error": f"malformed JSON: {err}", "detail": [{"msg": str(err), "type": "json"}]},
+                                status_code=422)
+        registry = state.registry
+        mv = registry.acquire()  # grabbed once: this version scores the whole request
+        try:
+            return await _score(mv, req, explain)
+        finally:
+            registry.release(mv)
+
+    async def _score(mv: ModelVersion | None, req: Any, explain: bool) -> Response:
         if mv is None:
             raise HTTPException(503, "no model loaded yet")
         plan = state.plan(mv)
@@ -547,6 +570,18 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
         ok, _ = state.readiness()
         READY.set(1 if ok else 0)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, components = msgspec.json.schema_components([request_type], ref_template="#/components/schemas/{name}")
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(components)
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # A user middleware sits outside FastAPI's exception middleware: a PayloadTooLarge raised
     # while the route reads the body is an HTTPException and renders as a 413.

@@ -164,6 +164,11 @@ def _config_key(config: ModelConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
+def _tensors(model: CTRModel) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model`` (the full state), in a fixed order."""
+    return list(model.state_dict(keep_vars=True).values())
+
+
 def refresh_derived_state(model: CTRModel) -> None:
     """Recompute state derived from buffers that ``apply_tensors`` writes directly.
 
@@ -200,6 +205,10 @@ class ModelRegistry:
         self.head: ModelVersion | None = None
         self.pinned: ModelVersion | None = None
         self._history: OrderedDict[tuple[str, int], ModelVersion] = OrderedDict()
+        #: Versions out of the kept window, their models reusable as shadows (see acquire).
+        self._retired: list[ModelVersion] = []
+        self.max_retired = 3
+        self._inflight: dict[int, int] = {}
         self._pending: _Pending | None = None
         self._encoders: dict[str, FeatureEncoder] = {}
         self._keyer = ValueKeyer()
@@ -248,14 +257,61 @@ class ModelRegistry:
         refresh_derived_state(model)
         return self._version(header, model, config, "snapshot", t0)
 
-    def _build_delta(self, base: ModelVersion, header: UpdateHeader,
-                     parts: list[dict[str, np.ndarray]]) -> ModelVersion:
+    def _build_delta(self, base: ModelVersion, header: UpdateHeader, parts: list[dict[str, np.ndarray]],
+                     spare: CTRModel | None = None) -> ModelVersion:
+        """Copy ``base``'s model into a shadow and apply the parts to it; ``base`` is untouched.
+
+        The shadow is a retired model nobody holds (``spare``: its tensors are overwritten with
+        ``copy_``, which releases the GIL for the 4+ MiB table) or else a ``deepcopy`` (whose
+        Python-level walk and storage copies hold the GIL ~2-4 ms: requests in flight wait)."""
         t0 = time.perf_counter()
-        shadow = copy.deepcopy(base.model)  # never mutate a model a request may be using
+        if spare is not None:
+            with torch.no_grad():
+                for dst, src in zip(_tensors(spare), _tensors(base.model), strict=True):
+                    dst.copy_(src)
+            shadow = spare
+        else:
+            shadow = copy.deepcopy(base.model)
         for tensors in parts:
             apply_tensors(shadow, tensors)  # validates each part before writing it
         refresh_derived_state(shadow)
         return self._version(header, shadow, base.config, "delta", t0, parts=len(parts))
+
+    # -- references held by requests, retired versions ---------------------------------------
+    def acquire(self) -> ModelVersion | None:
+        """The version to score a request with, counted as in use until :meth:`release`.
+
+        A version that left the K kept ones is *retired*; its model is recycled as the shadow
+        of a later version once no request holds it. So score through acquire/release (or only
+        with ``current`` / kept versions), never with a version kept aside for long."""
+        with self._lock:
+            mv = self.current
+            if mv is not None:
+                self._inflight[id(mv)] = self._inflight.get(id(mv), 0) + 1
+            return mv
+
+    def release(self, mv: ModelVersion | None) -> None:
+        if mv is None:
+            return
+        with self._lock:
+            n = self._inflight.get(id(mv), 0) - 1
+            if n > 0:
+                self._inflight[id(mv)] = n
+            else:
+                self._inflight.pop(id(mv), None)
+
+    def _retire(self, mv: ModelVersion) -> None:
+        self._retired.append(mv)
+        del self._retired[:-self.max_retired]
+
+    def _take_spare(self, base: ModelVersion) -> CTRModel | None:
+        """A retired model of ``base``'s config that no request holds (call under the lock)."""
+        for i, v in enumerate(self._retired):
+            if (v.config is base.config and not self._inflight.get(id(v)) and v is not self.current
+                    and v is not self.pinned and v is not self.head):
+                del self._retired[i]
+                return v.model
+        return None
 
     # -- swapping ---------------------------------------------------------------------------------
     def _install(self, mv: ModelVersion) -> None:
@@ -265,7 +321,9 @@ class ModelRegistry:
             self._history[mv.key] = mv
             self._history.move_to_end(mv.key)
             while len(self._history) > self.keep:
-                self._history.popitem(last=False)
+                _, old = self._history.popitem(last=False)
+                if old is not self.pinned:
+                    self._retire(old)
             if self.pinned is None:
                 self.current = mv
             self.swaps += 1
@@ -320,14 +378,15 @@ class ModelRegistry:
         """Apply one decoded (already checksum-validated) update message if it chains onto the head."""
         with self._lock:
             early = self.classify(header)
-            if early is not None:
-                return early
-            if header.kind == "snapshot":
-                try:
-                    mv = self.install_snapshot(header, tensors)
-                except UpdateError as err:
-                    return Decision("rejected", "incompatible", str(err))
-                return Decision("applied", "snapshot", version=mv)
+        if early is not None:
+            return early
+        if header.kind == "snapshot":
+            try:
+                mv = self.install_snapshot(header, tensors)
+            except UpdateError as err:
+                return Decision("rejected", "incompatible", str(err))
+            return Decision("applied", "snapshot", version=mv)
+        with self._lock:
             head = self.head
             assert head is not None
             pend = self._pending
@@ -352,12 +411,14 @@ class ModelRegistry:
                 return Decision("buffered", "part",
                                 f"v{header.version}: {len(pend.parts)}/{header.parts} parts{dropped}")
             self._pending = None
-            try:
-                mv = self._build_delta(head, pend.headers[0], [pend.parts[i] for i in range(header.parts)])
-            except UpdateError as err:
-                return Decision("rejected", "incompatible", f"v{header.version}: {err}{dropped}")
-            self._install(mv)
-            return Decision("applied", "delta", dropped.strip(), version=mv)
+            spare = self._take_spare(head)
+        # Built outside the lock (requests acquire() under it); the update consumer is the only writer.
+        try:
+            mv = self._build_delta(head, pend.headers[0], [pend.parts[i] for i in range(header.parts)], spare)
+        except UpdateError as err:
+            return Decision("rejected", "incompatible", f"v{header.version}: {err}{dropped}")
+        self._install(mv)
+        return Decision("applied", "delta", dropped.strip(), version=mv)
 
     # -- admin ------------------------------------------------------------------------------------
     def kept(self) -> list[ModelVersion]:

@@ -209,7 +209,7 @@ class UpdateConsumer:
             self.pos = m.offset() + 1
             if self._handle(m.value()):
                 return  # repositioned: the rest of this batch is from the old position
-        if data == 0 or self.pos >= self._high:
+        if self.pos >= self._high:  # caught up (an empty consume with pos < end: a fetch in flight)
             self._consumer.unassign()
             self._assigned = False
 

@@ -76,6 +76,23 @@ def test_versions_are_immutable_and_swapped_whole() -> None:
     assert torch.equal(before.model.table, table_before), "a delta must never touch a served model"
 
 
+def test_retired_models_are_recycled_only_when_no_request_holds_them() -> None:
+    reg, learner = _started(keep=2)
+    held = reg.acquire()  # a slow request on v1
+    frozen = held.model.table.detach().clone()
+    models = {id(held.model)}
+    for _ in range(6):
+        reg.offer(*learner.step())
+        models.add(id(reg.current.model))
+    assert torch.equal(held.model.table, frozen), "a version in use must never be recycled"
+    assert len(models) < 7, "retired models that nobody holds are reused as shadows"
+    reg.release(held)
+    for _ in range(6):
+        reg.offer(*learner.step())
+    np.testing.assert_allclose(_proba(reg), learner.proba(), rtol=0, atol=1e-6)
+    assert reg._inflight == {}
+
+
 def test_gap_out_of_order_stale_and_lineage_are_not_applied() -> None:
     reg, learner = _started()
     v2 = learner.step()
@@ -206,8 +223,9 @@ def test_field_weights_shipped_in_a_delta_are_used() -> None:
 
 
 def test_readers_never_see_a_half_applied_version() -> None:
-    """Every version sets EVERY table row to its own number: a reader that grabbed ``current``
-    must find a uniform table equal to the version it names, whatever the writer is doing."""
+    """Every version sets EVERY table row to its own number: a reader that acquired a version
+    must find a uniform table equal to the version it names, whatever the writer is doing
+    (with keep=2, retired models are recycled as shadows all the time)."""
     cfg = ModelConfig(("a",), table_bits=12)
     reg = ModelRegistry(keep=2)
     model = CTRModel(cfg)
@@ -220,11 +238,12 @@ def test_readers_never_see_a_half_applied_version() -> None:
 
     def reader() -> None:
         while not stop.is_set():
-            mv = reg.current
+            mv = reg.acquire()
             t = mv.model.table
             if not (float(t.min()) == float(t.max()) == float(mv.version)):
                 bad.append(mv.version)
             seen.add(mv.version)
+            reg.release(mv)
 
     threads = [threading.Thread(target=reader) for _ in range(2)]
     for t in threads:
@@ -243,17 +262,24 @@ def test_readers_never_see_a_half_applied_version() -> None:
 
 # --------------------------------------------------------------------------- re-sync decisions
 class FakeConsumer:
-    def __init__(self) -> None:
+    def __init__(self, high: int = 100, batches: list | None = None) -> None:
         self.assigned: list[int] = []
         self.times: list[int] = []
+        self.high, self.batches, self.unassigned = high, list(batches or []), 0
+
+    def consume(self, n, timeout):
+        return self.batches.pop(0) if self.batches else []
+
+    def unassign(self) -> None:
+        self.unassigned += 1
 
     def offsets_for_times(self, tps, timeout=None):
         self.times.append(tps[0].offset)
         tps[0].offset = 42
         return tps
 
-    def get_watermark_offsets(self, tp, timeout=None):
-        return 0, 100
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        return 0, self.high
 
     def assign(self, tps) -> None:
         self.assigned.append(tps[0].offset)
@@ -341,3 +367,39 @@ def test_apply_matches_a_fresh_load() -> None:
     with torch.no_grad():
         want = torch.sigmoid(ref(ids)).numpy()
     np.testing.assert_allclose(mv.predict(enc), want, rtol=0, atol=1e-6)
+
+
+class FakeMessage:
+    def __init__(self, offset: int, value: bytes) -> None:
+        self._offset, self._value = offset, value
+
+    def error(self):
+        return None
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes:
+        return self._value
+
+
+def test_fetching_stops_only_when_caught_up() -> None:
+    """A slow (big) fetch returns nothing for a while: stay assigned until the end offset;
+    once caught up, unassign and poll the end offset instead (no spinning fetch)."""
+    reg, learner = _started()
+    msgs = [FakeMessage(i, encode_update(*learner.step())) for i in range(3)]
+    uc = UpdateConsumer(reg, "unused:9092")
+    uc._consumer = FakeConsumer(high=3, batches=[[], [], msgs[:2], [], msgs[2:]])
+    uc.pos = 0
+    uc._step()
+    assert uc._assigned and uc._consumer.assigned == [0]  # assigned: there is data to read
+    uc._step()
+    uc._step()
+    assert uc._assigned and reg.current.version == 3 and uc.pos == 2
+    uc._step()
+    assert uc._assigned, "an empty consume before the end offset is a fetch in flight"
+    uc._step()
+    assert not uc._assigned and uc._consumer.unassigned == 1 and reg.current.version == 4
+    uc.state = "catching_up"
+    uc._step()  # caught up: polls the end offset, does not assign
+    assert uc.state == "live" and uc._consumer.assigned == [0]
