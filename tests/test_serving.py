@@ -617,3 +617,48 @@ def test_admin_disabled_without_a_token() -> None:
         assert r.status_code == 503 and "no model" in r.json()["detail"]
         ready = client.get("/readyz")
         assert ready.status_code == 503 and "no model loaded" in ready.json()["problems"][0]
+
+
+@pytest.mark.parametrize("numeric_mode", ["bucket", "dense"])
+def test_column_wise_encoding_equals_encoding_merged_rows(numeric_mode: str) -> None:
+    """encode_request (context once + candidate columns) == the learner's encoder on the merged
+    rows, including overrides: candidate over context, attributes and the store over both."""
+    import msgspec
+
+    from serving.app import _request_type, encode_request, merged_rows
+    from serving.features import FeaturePlan, Lookup
+    from serving.registry import ModelRegistry
+
+    cfg = ModelConfig(("C1", "C2", "C3", "user_id", "item_id", "position"),
+                      ("I1", "I2", "user_ctr_1h", "item_ctr_1h"), table_bits=10, numeric_mode=numeric_mode)
+    reg = ModelRegistry()
+    header = UpdateHeader(kind="snapshot", model_id="m", version=1, base_version=1, model_config=cfg.to_dict())
+    mv = reg.install_snapshot(header, snapshot_tensors(CTRModel(cfg)))
+    plan = FeaturePlan.for_fields(cfg.numeric_fields)
+    rng = np.random.default_rng(1)
+    decode = msgspec.json.Decoder(_request_type(100)).decode
+    for trial in range(30):
+        def fields(names, p=0.5):
+            return {f: f"v{rng.integers(4)}" for f in names if rng.random() < p}
+
+        cands = []
+        for _ in range(int(rng.integers(1, 12))):
+            c = {"item_id": f"ad{rng.integers(5)}", "categorical": fields(("C2", "C3", "X", "user_id", "I1"))}
+            if rng.random() < 0.5:
+                c["numeric"] = {f: float(rng.normal()) for f in ("I2", "item_ctr_1h", "user_ctr_1h", "C1")
+                                if rng.random() < 0.5}
+            if rng.random() < 0.3:
+                c["position"] = int(rng.integers(0, 9))
+            cands.append(c)
+        body = {"user_id": f"u{trial}", "candidates": cands,
+                "context": {"categorical": fields(("C1", "C2", "item_id", "position")),
+                            "numeric": {f: float(rng.normal()) for f in ("I1", "I2", "user_ctr_1h")
+                                        if rng.random() < 0.6}}}
+        req = decode(msgspec.json.encode(body))
+        look = Lookup({"user": {f"u{trial}": {f: 0.3 for f in SPEC.feature_names("user")}},
+                       "item": {f"ad{k}": {f: 0.1 * k for f in SPEC.feature_names("item")} for k in range(3)}})
+        got = encode_request(mv, req, plan, look)
+        want = mv.encoder.encode(merged_rows(req, plan, look))
+        np.testing.assert_array_equal(got.keys, want.keys)
+        if numeric_mode == "dense":
+            np.testing.assert_array_equal(got.numeric, want.numeric)
