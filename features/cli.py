@@ -32,7 +32,10 @@ Dir = Annotated[
         help="Where the config, registry and SQLite db live (default: .ctr/feast).",
     ),
 ]
-OnlineOpt = Annotated[str, typer.Option("--online", help="Online store: sqlite (embedded) or redis.")]
+OnlineOpt = Annotated[
+    str,
+    typer.Option("--online", envvar="CTR_ONLINE_STORE", help="Online store: sqlite (embedded) or redis."),
+]
 RedisUrl = Annotated[
     str | None,
     typer.Option(
@@ -43,7 +46,7 @@ RedisUrl = Annotated[
 ]
 
 
-def _online(online: str) -> str:
+def check_online(online: str) -> str:
     if online not in ("sqlite", "redis"):
         typer.secho(f"--online must be sqlite or redis, not {online!r}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
@@ -64,7 +67,7 @@ def apply(
     """
     from features.store import STATS_VIEWS, ensure_applied, push_source_name, view_features
 
-    path = ensure_applied(dir, _online(online), redis_url, force=force)
+    path = ensure_applied(dir, check_online(online), redis_url, force=force)
     typer.echo(f"feast repository applied in {path} (online store: {online})")
     for view in [*STATS_VIEWS.values(), "field_weights"]:
         typer.echo(f"  {view:<18} push source {push_source_name(view):<24} {', '.join(view_features(view))}")
@@ -99,7 +102,7 @@ def get(
         raise typer.Exit(2)
     from features.store import OnlineFeatures, open_store
 
-    reader = OnlineFeatures(open_store(dir, _online(online), redis_url))
+    reader = OnlineFeatures(open_store(dir, check_online(online), redis_url))
     out: dict = {}
     if user or item or field_value:
         out.update(reader.get_entity_stats(users=user or (), items=item or (), field_values=field_value or ()))
@@ -128,7 +131,7 @@ def serve(
     from features.store import ensure_applied, serve_command, wait_healthy
     from infra.procs import die_with_parent, free_port, stop_process
 
-    path = ensure_applied(dir, _online(online), redis_url)
+    path = ensure_applied(dir, check_online(online), redis_url)
     port = port or free_port(host)
     proc = subprocess.Popen(serve_command(path, port, host, workers), preexec_fn=die_with_parent)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -36,6 +36,10 @@ def _mount_features() -> None:
 _mount_features()
 app.add_typer(bench_app, name="bench")
 
+# The Feast online store of the worker, reweighter and serving: the same flags (and env vars,
+# CTR_ONLINE_STORE / REDIS_CONNECTION_STRING, which docker-compose sets) as `ctr features`.
+from features.cli import OnlineOpt, RedisUrl, check_online  # noqa: E402 - after the app, as above
+
 Bootstrap = Annotated[
     str | None,
     typer.Option(
@@ -216,9 +220,14 @@ def worker_cmd(
     ] = None,
     window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = 30_000,
     lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness before the watermark.")] = 0,
+    emit_on_click: Annotated[
+        bool, typer.Option(help="Send a positive example at its click (fresh); else at window close.")
+    ] = True,
     guarantee: Annotated[str, typer.Option(help="at_least_once or exactly_once.")] = "at_least_once",
     features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+    online: OnlineOpt = "sqlite",
+    redis_url: RedisUrl = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
     from streams.worker import default_instance_id, run_worker
@@ -230,8 +239,11 @@ def worker_cmd(
             app_id=app_id,
             window_ms=window_ms,
             allowed_lateness_ms=lateness_ms,
+            emit_on_click=emit_on_click,
             processing_guarantee=guarantee,
             features=features,
+            online=check_online(online),
+            redis_url=redis_url,
             metrics_port=metrics_port,
             instance_id=instance_id or default_instance_id(),
         )
@@ -247,7 +259,9 @@ def reweight_cmd(
     publish_every: Annotated[int, typer.Option(help="Publish a version every N examples.")] = 5_000,
     publish_interval: Annotated[float, typer.Option(help="...or every this many seconds.")] = 60.0,
     floor: Annotated[float, typer.Option(help="Smallest weight a field can get.")] = 0.1,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+    online: OnlineOpt = "sqlite",
+    redis_url: RedisUrl = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
 ) -> None:
     """Dynamic feature reweighting: OutRank importance and PSI drift per field -> field-weights + Feast."""
     from streams.reweighting import run_reweighter
@@ -259,6 +273,8 @@ def reweight_cmd(
         publish_every=publish_every,
         publish_interval_s=publish_interval,
         floor=floor,
+        online=check_online(online),
+        redis_url=redis_url,
         metrics_port=metrics_port,
     )
     typer.echo(json.dumps(result, default=str))
@@ -276,6 +292,8 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = 5,
     no_updates: Annotated[bool, typer.Option("--no-updates", help="Serve the newest snapshot only.")] = False,
+    online: OnlineOpt = "sqlite",
+    redis_url: RedisUrl = None,
 ) -> None:
     """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
     from serving.app import ServingConfig, run_server
@@ -285,6 +303,8 @@ def serve_cmd(
             bootstrap=None if no_updates else _bootstrap(bootstrap),
             snapshot_dir=snapshot_dir,
             feast_dir=feast_dir,
+            online=check_online(online),
+            redis_url=redis_url,
             host=host,
             port=port,
             keep_versions=keep_versions,
@@ -306,9 +326,9 @@ def learn_cmd(
         float, typer.Option(help="Withhold a version whose AUC trails the served one by more.")
     ] = 0.02,
     table_bits: Annotated[int, typer.Option(help="Unified table has 2**bits rows.")] = 18,
-    categorical: Annotated[str, typer.Option(help="Comma-separated categorical fields.")] = ",".join(
-        f"C{i}" for i in range(1, 27)
-    ),
+    categorical: Annotated[
+        str, typer.Option(help="Comma-separated categorical fields (user_id, item_id, position: the impression's).")
+    ] = ",".join((*(f"C{i}" for i in range(1, 27)), "user_id", "item_id", "position")),
     numeric: Annotated[str, typer.Option(help="Comma-separated numeric fields.")] = ",".join(
         f"I{i}" for i in range(1, 14)
     ),
@@ -321,7 +341,9 @@ def learn_cmd(
     frozen_after: Annotated[
         int | None, typer.Option(help="Also score with a frozen copy taken after N examples.")
     ] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT.")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")
+    ] = None,
 ) -> None:
     """Train the unified-embedding model online from training-examples; publish versions."""
     from online_learner.model import ModelConfig
@@ -457,6 +479,37 @@ def bench_learner(
         skip_peers=skip_peers,
         threads=threads,
     )
+
+
+@bench_app.command("flink")
+def bench_flink(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/flink.json"
+    ),
+    events: Annotated[int, typer.Option(help="Impressions to replay (clicks come on top).")] = 200_000,
+    parallelism: Annotated[list[int] | None, typer.Option(help="Flink parallelism; repeat for several.")] = None,
+    skip_faust: Annotated[bool, typer.Option(help="Only the Flink job.")] = False,
+) -> None:
+    """Events/s of the PyFlink windowed-feature job on the mini-cluster (needs `make flink-setup`),
+    next to the Faust agents on the same input."""
+    from bench.flink import main
+
+    main(json_path, events, tuple(parallelism or (1, 2)), "noida", skip_faust)
+
+
+@bench_app.command("reliability")
+def bench_reliability(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/reliability.json"
+    ),
+    seconds: Annotated[float, typer.Option(help="Seconds of serving load (a delta every second).")] = 30.0,
+    events: Annotated[int, typer.Option(help="Events of the max-rate replay (peak RSS per stage).")] = 60_000,
+) -> None:
+    """Faults injected (broker restart/outage/kill -9, serving kill -9), load held, bad inputs tried;
+    counts lost and crashes (target: zero)."""
+    from bench.reliability import main
+
+    main(json_path=json_path, seconds=seconds, events=events)
 
 
 def main() -> None:  # pragma: no cover

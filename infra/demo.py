@@ -26,6 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from infra.broker import EmbeddedBroker
+from infra.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from infra.procs import free_port
 from infra.supervisor import Service, Supervisor, ctr_argv
 from infra.traffic import SteadyClient, TrafficLog
@@ -67,7 +68,7 @@ def _fmt(v) -> str:
     return f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"
 
 
-def _view(replayed: ReplaySummary, learner: dict, elapsed: float, stage: str) -> Table:
+def _view(replayed: ReplaySummary, learner: dict, elapsed: float, stage: str, fresh: dict | None = None) -> Table:
     t = Table(title=f"ctr demo — {stage} — {elapsed:,.0f} s", show_header=True)
     t.add_column("events in", justify="right")
     t.add_column("events/s", justify="right")
@@ -76,6 +77,7 @@ def _view(replayed: ReplaySummary, learner: dict, elapsed: float, stage: str) ->
     t.add_column("window AUC live", justify="right")
     t.add_column("frozen", justify="right")
     t.add_column("best (oracle)", justify="right")
+    t.add_column("click→served p50", justify="right")
     t.add_row(
         _fmt(replayed.events),
         _fmt(round(replayed.events_per_s)),
@@ -84,6 +86,7 @@ def _view(replayed: ReplaySummary, learner: dict, elapsed: float, stage: str) ->
         _fmt(learner.get("window_auc")),
         _fmt(learner.get("frozen_window_auc")),
         _fmt(learner.get("oracle_window_auc")),
+        "-" if not fresh or fresh["freshness_p50_s"] is None else f"{fresh['freshness_p50_s']:.2f} s",
     )
     return t
 
@@ -115,32 +118,7 @@ def run_demo(
     console.print(f"[bold]ctr demo[/]: broker {kind if broker else 'external'} at {bs}; run folder {out}")
     result: dict = {}
     try:
-        feast_dir = str(out / "feast")
-        stages = {
-            "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
-            "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
-            "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
-                        "--checkpoint-interval", "10", "--frozen-after", str(max(2_000, events // 10))],
-        }  # fmt: skip
-        for name, args in stages.items():
-            sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bs, *args[1:])))
-        port = free_port()
-        sup.start(
-            Service(
-                "serve",
-                ctr_argv(
-                    "serve",
-                    "--bootstrap",
-                    bs,
-                    "--snapshot-dir",
-                    str(learner_dir / "snapshots"),
-                    "--feast-dir",
-                    feast_dir,
-                    "--port",
-                    str(port),
-                ),
-            )
-        )
+        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10))
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         records = _DriftProbe(
             open_source(data, mapping=mapping, seed=seed, events=events),
@@ -149,18 +127,28 @@ def run_demo(
         progress = ReplaySummary()
         replay_error: list[BaseException] = []
 
+        replay_end_ms: list[int] = []
+
         def do_replay() -> None:
             try:
                 replay(records, bs, rate=rate, on_progress=lambda s: progress.__dict__.update(s.__dict__))
+                replay_end_ms.append(int(time.time() * 1000))
             except BaseException as err:  # noqa: BLE001 - reported by the main thread
                 replay_error.append(err)
 
         replayer = threading.Thread(target=do_replay, name="replay", daemon=True)
         replayer.start()
-        sup.wait_for(lambda: _ready(port), timeout_s=180, what="the serving tier to be ready")
+        sup.wait_for(lambda: ready(port), timeout_s=180, what="the serving tier to be ready")
         client.start()
+        # click -> served score, measured every few seconds with a burst of clicks on a new ad
+        # (its events ride the stream's event-time clock; stopped before the replay's last
+        # watermark marker would make them late)
+        prober = ProbeLoop(FreshnessProbe(bs, f"http://127.0.0.1:{port}/predict", lambda: progress.last_event_ms))
+        prober.start()
         stage = "replaying"
-        last = {}
+        last: dict = {}
+        fresh: dict | None = None
+        timeline: list[tuple[float, int, int]] = []  # (unix time, events replayed, examples trained)
         with Live(_view(progress, last, 0, stage), console=console, refresh_per_second=2, transient=False) as live:
             deadline = time.monotonic() + minutes * 60 * 3 + 120  # generous: never hang forever
             while time.monotonic() < deadline:
@@ -169,28 +157,45 @@ def run_demo(
                     raise RuntimeError(f"{', '.join(dead)} kept crashing; logs in {out / 'logs'}")
                 rows = _read_jsonl(metrics_path)
                 last = rows[-1] if rows else {}
+                timeline.append((time.time(), progress.events, last.get("examples", 0)))
+                if progress.events >= 0.95 * events:
+                    prober.stop.set()
                 if not replayer.is_alive():
                     if replay_error:
                         raise replay_error[0]
                     stage = "learner catching up"
-                    if last.get("examples", 0) >= progress.impressions:
+                    prober.stop.set()
+                    prober.join(30)
+                    if last.get("examples", 0) >= progress.impressions + prober.probe.impressions_sent:
                         break
-                live.update(_view(progress, last, time.monotonic() - started, stage))
+                fresh = freshness_summary(prober.probe.results)
+                live.update(_view(progress, last, time.monotonic() - started, stage, fresh))
                 time.sleep(0.5)
-            live.update(_view(progress, last, time.monotonic() - started, "done"))
+            live.update(_view(progress, last, time.monotonic() - started, "done", fresh))
         # let the learner publish its last version and serving apply it, then stop everything
         time.sleep(2.5)
         client.stop.set()
         client.join(10)
         codes = sup.stop_all(["serve", "learner", "reweighter", "worker"])
         rows = _read_jsonl(metrics_path)
-        result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes)
+        result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes,
+                           live_until_ms=replay_end_ms[0] if replay_end_ms else None)  # fmt: skip
+        # the probes' events went through the same pipeline: count them, say which they were
+        result["probe_impressions"] = prober.probe.impressions_sent
+        result["impressions"] += prober.probe.impressions_sent
+        result["clicks"] += prober.probe.impressions_sent
+        result["events"] += 2 * prober.probe.impressions_sent
+        result.update(freshness_summary(prober.probe.results))
+        if prober.error is not None:
+            result["freshness_error"] = repr(prober.error)
         result.update(serving_summary(client.log))
         result["dead_letters"] = _dead_letters(bs)
         weights = _field_weights(bs)
-        from infra.report import write_report
+        from infra.report import Timeline, write_report
 
-        write_report(out / "report.html", result, rows, weights)
+        tl = Timeline(progress=timeline, probes=list(zip(prober.times, prober.probe.results, strict=False)),
+                      served=client.log.versions, latency_ms=client.log.latency_ms)  # fmt: skip
+        write_report(out / "report.html", result, rows, weights, tl)
     finally:
         sup.stop_all()
         if broker:
@@ -201,7 +206,27 @@ def run_demo(
     return result
 
 
-def _ready(port: int) -> bool:
+def start_stages(sup: Supervisor, bootstrap: str, out: Path, frozen_after: int | None = None) -> int:
+    """Start worker, reweighter, learner and serving under ``sup`` with their state in ``out``;
+    returns the serving port (ready once :func:`ready` says so)."""
+    feast_dir, learner_dir = str(out / "feast"), out / "learner"
+    frozen = ["--frozen-after", str(frozen_after)] if frozen_after is not None else []
+    stages = {
+        "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
+        "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
+        "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
+                    "--checkpoint-interval", "10", *frozen],
+    }  # fmt: skip
+    for name, args in stages.items():
+        sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:])))
+    port = free_port()
+    serve = ["serve", "--bootstrap", bootstrap, "--snapshot-dir", str(learner_dir / "snapshots"),
+             "--feast-dir", feast_dir, "--port", str(port)]  # fmt: skip
+    sup.start(Service("serve", ctr_argv(*serve)))
+    return port
+
+
+def ready(port: int) -> bool:
     import httpx
 
     try:
@@ -266,11 +291,26 @@ def _field_weights(bootstrap: str) -> list[dict]:
 
 
 def summarise(
-    rows: list[dict], replayed: ReplaySummary, drift_event_ms: int | None, seconds: float, exit_codes: dict
+    rows: list[dict],
+    replayed: ReplaySummary,
+    drift_event_ms: int | None,
+    seconds: float,
+    exit_codes: dict,
+    live_until_ms: int | None = None,
 ) -> dict:
-    """The demo's numbers, all read from what the stages recorded (nothing assumed)."""
+    """The demo's numbers, all read from what the stages recorded (nothing assumed).
+
+    Cumulative metrics come from the last row. The *window* metrics come from the last row
+    written while the stream was live (``wall_ms <= live_until_ms``, the end of the replay):
+    positives leave the join at their click, negatives when their window closes, so the final
+    watermark flushes the last window's negatives (30 s of event time) in one go, and a
+    sliding window over them holds one class only -- an artefact of the stream's end, not of
+    the model."""
     trained = [r for r in rows if r.get("examples")]
     last = trained[-1] if trained else {}
+    live = [r for r in trained if r.get("window_auc") is not None
+            and (live_until_ms is None or r.get("wall_ms", 0) <= live_until_ms)]  # fmt: skip
+    end = live[-1] if live else {}
     versions = sorted({r["version"] for r in rows if r.get("published") or r.get("snapshot")})
     after = [r for r in trained if drift_event_ms is not None and r["event_time_ms"] >= drift_event_ms]
     publish_ms = sorted(r["publish_ms"] for r in rows if r.get("published"))
@@ -285,17 +325,18 @@ def summarise(
         "field_weights_version": last.get("field_weights_version"),
         "progressive_auc": last.get("auc"),
         "progressive_logloss": last.get("log_loss"),
-        "window_auc_end": last.get("window_auc"),
+        "window_auc_end": end.get("window_auc"),
         "frozen_auc": last.get("frozen_auc"),
-        "frozen_window_auc_end": last.get("frozen_window_auc"),
+        "frozen_window_auc_end": end.get("frozen_window_auc"),
         "best_auc": last.get("oracle_auc"),
-        "best_window_auc_end": last.get("oracle_window_auc"),
+        "best_window_auc_end": end.get("oracle_window_auc"),
         "live_minus_frozen_after_drift": (
-            round(last["window_auc"] - last["frozen_window_auc"], 4)
-            if after and last.get("frozen_window_auc") is not None
+            round(end["window_auc"] - end["frozen_window_auc"], 4)
+            if after and end.get("frozen_window_auc") is not None
             else None
         ),
         "drift_event_time_ms": drift_event_ms,
+        "replay_end_wall_ms": live_until_ms,
         "model_versions_published": len(versions),
         "gate_withheld": sum(1 for r in rows if r.get("published") is False),
         "publish_p50_ms": publish_ms[len(publish_ms) // 2] if publish_ms else None,

@@ -2,7 +2,9 @@
 
 * progressive AUC and log loss over event time: live model, frozen copy, ground truth, drift marked;
 * field weights over event time, as published by the reweighting stage;
-* model versions over wall time and publish latency.
+* model versions published and served over wall time; click -> served-score freshness probes;
+* throughput of each stage (events into Kafka, examples trained, predictions served) and the
+  serving latency distribution with p50/p99.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import base64
 import html
 import io
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,8 +34,11 @@ def _png(fig) -> str:
 _MODELS = (("", "live model", "-"), ("frozen_", "frozen copy", "--"), ("oracle_", "best achievable", ":"))
 
 
-def quality_figure(rows: list[dict], drift_event_ms: int | None) -> str:
-    rows = [r for r in rows if r.get("examples") and r.get("window_auc") is not None]
+def quality_figure(rows: list[dict], drift_event_ms: int | None, live_until_ms: int | None = None) -> str:
+    """Window metrics while the stream was live (after its end the final watermark flushes the
+    last window's negatives at once: see ``infra.demo.summarise``)."""
+    rows = [r for r in rows if r.get("examples") and r.get("window_auc") is not None
+            and (live_until_ms is None or r.get("wall_ms", 0) <= live_until_ms)]  # fmt: skip
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, metric, title in zip(axes, ("window_auc", "window_log_loss"), ("AUC", "log loss"), strict=True):
         if rows:
@@ -66,28 +74,86 @@ def weights_figure(weights: list[dict], drift_event_ms: int | None, t0: int | No
     return _png(fig)
 
 
-def versions_figure(rows: list[dict]) -> str:
+@dataclass
+class Timeline:
+    """What the demo itself observed, in unix seconds: replay/learner progress samples
+    ``(t, events replayed, examples trained)``, freshness probes ``(t, ProbeResult)``, the
+    version of every served response ``(t, version)`` and every response's latency."""
+
+    progress: list[tuple[float, int, int]] = field(default_factory=list)
+    probes: list[tuple[float, Any]] = field(default_factory=list)
+    served: list[tuple[float, int]] = field(default_factory=list)
+    latency_ms: list[float] = field(default_factory=list)
+
+    def start(self, rows: list[dict]) -> float:
+        ts = [t for t, *_ in self.progress] + [r["wall_ms"] / 1000 for r in rows if r.get("wall_ms")]
+        return min(ts) if ts else 0.0
+
+
+def versions_figure(rows: list[dict], tl: Timeline) -> str:
+    """Versions published (learner) and served (responses), and click -> served freshness."""
     pub = [r for r in rows if r.get("published") or r.get("snapshot")]
+    t0 = tl.start(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
     if pub:
-        w0 = pub[0]["wall_ms"]
-        ax1.step([(r["wall_ms"] - w0) / 1000 for r in pub], [r["version"] for r in pub], where="post")
-        lat = [r["publish_ms"] for r in pub if r.get("publish_ms") is not None]
-        ax2.hist(lat, bins=30)
-    ax1.set(title="Model version published", xlabel="wall time (s)", ylabel="version")
-    ax2.set(title="Publish latency (encode + produce + broker ack)", xlabel="ms", ylabel="versions")
+        ax1.step([r["wall_ms"] / 1000 - t0 for r in pub], [r["version"] for r in pub], where="post",
+                 label="published (learner)")
+    if tl.served:
+        ax1.plot([t - t0 for t, _ in tl.served], [v for _, v in tl.served], ".", ms=3, label="served (responses)")
+    ax1.legend(fontsize=8)
+    ok = [(t - t0, r.fresh_s) for t, r in tl.probes if r.fresh_s is not None]
+    missed = [t - t0 for t, r in tl.probes if r.fresh_s is None]
+    if ok:
+        ax2.plot(*zip(*ok, strict=True), "o", label="probe: clicks on a new ad -> its served score moved")
+        ax2.axhline(sorted(f for _, f in ok)[len(ok) // 2], color="gray", ls="--", label="p50")
+    if missed:
+        ax2.plot(missed, [0] * len(missed), "rx", label="never moved (timeout)")
+    ax2.legend(fontsize=8)
+    ax1.set(title="Model version over time", xlabel="wall time (s)", ylabel="version")
+    ax2.set(title="Freshness: click entering Kafka -> served score reflects it", xlabel="wall time (s)",
+            ylabel="seconds")
     return _png(fig)
 
 
-def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict]) -> Path:
+def throughput_figure(rows: list[dict], tl: Timeline) -> str:
+    """Events/s into Kafka and examples/s trained over time; serving latency distribution."""
+    t0 = tl.start(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
+    p, lag = tl.progress, 4  # rates over ~2 s of 0.5 s samples: smooth enough to read
+    for i, label in ((1, "events replayed into Kafka /s"), (2, "examples trained /s (join -> learner)")):
+        pts = [((b[0] + a[0]) / 2 - t0, (b[i] - a[i]) / (b[0] - a[0]))
+               for a, b in zip(p, p[lag:], strict=False) if b[0] > a[0]]  # fmt: skip
+        if pts:
+            ax1.plot(*zip(*pts, strict=True), label=label)
+    if tl.served:
+        ts = [t for t, _ in tl.served]
+        edges = list(range(int(ts[0]), int(ts[-1]) + 2))
+        counts, _ = np.histogram(ts, bins=edges)
+        ax1.plot([e - t0 + 0.5 for e in edges[:-1]], counts, label="predictions served /s")
+    ax1.legend(fontsize=8)
+    ax1.set(title="Throughput of each stage", xlabel="wall time (s)", ylabel="per second", yscale="symlog")
+    if tl.latency_ms:
+        lat = np.asarray(tl.latency_ms)
+        ax2.hist(lat, bins=50)
+        for q, style in ((50, "--"), (99, ":")):
+            v = float(np.percentile(lat, q))
+            ax2.axvline(v, color="black", ls=style, label=f"p{q} {v:.1f} ms")
+        ax2.legend(fontsize=8)
+    ax2.set(title="Serving latency (/predict over loopback, 10 candidates)", xlabel="ms", ylabel="requests")
+    return _png(fig)
+
+
+def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict], tl: Timeline | None = None) -> Path:
+    tl = tl or Timeline()
     drift = summary.get("drift_event_time_ms")
     t0 = next((r["event_time_ms"] for r in rows if r.get("examples")), None)
-    quality = quality_figure(rows, drift)
+    quality = quality_figure(rows, drift, summary.get("replay_end_wall_ms"))
     (path.parent / "quality.png").write_bytes(base64.b64decode(quality))
     figures = [
         ("Model quality over event time", quality),
         ("Dynamic feature reweighting", weights_figure(weights, drift, t0)),
-        ("Live refresh", versions_figure(rows)),
+        ("Live refresh and freshness", versions_figure(rows, tl)),
+        ("Throughput and serving latency", throughput_figure(rows, tl)),
     ]
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                     for k, v in summary.items())

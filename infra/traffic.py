@@ -18,7 +18,7 @@ class TrafficLog:
     ok: int = 0
     errors: int = 0
     latency_ms: list[float] = field(default_factory=list)
-    #: (wall time s since start, model version) of every 2xx response
+    #: (unix time s, model version) of every 2xx response
     versions: list[tuple[float, int]] = field(default_factory=list)
 
 
@@ -62,7 +62,7 @@ class SteadyClient(threading.Thread):
                     if r.status_code == 200:
                         self.log.ok += 1
                         self.log.latency_ms.append(ms)
-                        self.log.versions.append((time.monotonic() - start, r.json()["model_version"]))
+                        self.log.versions.append((time.time(), r.json()["model_version"]))
                     else:
                         self.log.errors += 1
                 except httpx.HTTPError:

@@ -56,6 +56,9 @@ PROGRESSIVE = Gauge("ctr_learner_progressive", "Progressive (predict-then-learn)
 FIELD_WEIGHTS_VERSION = Gauge("ctr_learner_field_weights_version", "Version of the applied field weights")
 
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
+#: The impression's own ids are fields too: the ad (and the user) is where a new ad's clicks
+#: show up first -- without them a burst of clicks on a new ad moves only shared rows.
+DEFAULT_CATEGORICAL = (*CRITEO_CATEGORICAL, "user_id", "item_id", "position")
 CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
 
 
@@ -111,7 +114,7 @@ class TrainerConfig:
     group_id: str = "ctr-learner"
     model_id: str = field(default_factory=lambda: f"ctr-{uuid.uuid4().hex[:8]}")
     model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(CRITEO_CATEGORICAL, CRITEO_NUMERIC, table_bits=18, prior_strength=0.5)
+        default_factory=lambda: ModelConfig(DEFAULT_CATEGORICAL, CRITEO_NUMERIC, table_bits=18, prior_strength=0.5)
     )
     lr_table: float = 0.2
     lr_dense: float = 3e-3
@@ -277,8 +280,9 @@ class Trainer:
         p = self.learner.predict_learn_many(enc, y)
         self.metrics.update(y, p)
         oracle = [e.impression.oracle_ctr for e in fresh]
-        if all(o is not None for o in oracle):
-            self.oracle_metrics.update(y, np.asarray(oracle, dtype=np.float64))
+        known = [i for i, o in enumerate(oracle) if o is not None]
+        if known:  # events without a ground truth (e.g. freshness probes) are skipped, not the batch
+            self.oracle_metrics.update(y[known], np.asarray([oracle[i] for i in known], dtype=np.float64))
         if served_p is not None:
             gate.observe(y, p, served_p)
         TRAINED.inc(len(fresh))

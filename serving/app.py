@@ -469,7 +469,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
         except msgspec.ValidationError as err:
             return JSONResponse({"error": f"invalid request: {err}", "detail": [{"msg": str(err), "type": "invalid"}]},
                                 status_code=422)
-        except msgspec.DecodeError as err:
+        except (msgspec.DecodeError, UnicodeDecodeError) as err:  # msgspec: bad UTF-8 is not a DecodeError
             return JSONResponse({"error": f"malformed JSON: {err}", "detail": [{"msg": str(err), "type": "json"}]},
                                 status_code=422)
         registry = state.registry

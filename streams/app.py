@@ -251,7 +251,8 @@ def create_app(
         broker=kafka_url(bootstrap),
         store="memory://",
         topic_partitions=PARTITIONS,
-        topic_replication_factor=1,
+        # the changelog topics Faust creates itself: as many replicas as infra/broker.py gives ours
+        topic_replication_factor=int(os.environ.get("CTR_REPLICATION_FACTOR", "1")),
         table_standby_replicas=0,
         processing_guarantee=processing_guarantee,
         datadir=datadir,

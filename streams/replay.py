@@ -29,6 +29,8 @@ class ReplaySummary:
     seconds: float = 0.0
     delivered: int = 0
     failed: int = 0
+    #: event time of the newest event handed to the producer (the stream's clock, for probes)
+    last_event_ms: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -90,6 +92,7 @@ def replay(
             producer.poll(0)
             if on_progress is not None:
                 summary.seconds = time.perf_counter() - start
+                summary.last_event_ms = last_ms
                 on_progress(summary)
         limiter.wait(summary.events)
     flush(producer, tracker)
@@ -99,6 +102,7 @@ def replay(
         send_watermark(bootstrap, last_ms + close_after_ms)
     summary.seconds = time.perf_counter() - start
     summary.delivered, summary.failed = tracker.delivered, tracker.failed
+    summary.last_event_ms = last_ms if summary.events else 0
     if on_progress is not None:
         on_progress(summary)
     return summary

@@ -120,6 +120,8 @@ class Reweighter:
         publish_every: int = 5_000,
         publish_interval_s: float | None = 60.0,
         feast_dir: Path | str | None = None,
+        online: str = "sqlite",
+        redis_url: str | None = None,
         group_id: str = "ctr-reweighting",
         batch_size: int = 2_000,
     ) -> None:
@@ -146,7 +148,7 @@ class Reweighter:
         if feast_dir is not None:
             from features.store import FeatureWriter, open_store
 
-            self.writer = FeatureWriter(open_store(feast_dir))
+            self.writer = FeatureWriter(open_store(feast_dir, online, redis_url))  # type: ignore[arg-type]
         self.positions: dict[int, int] = {}
         self.replay_until: dict[int, int] = {}
         self.examples = 0  # new examples (not the replayed ones)
@@ -329,6 +331,8 @@ def run_reweighter(
     significance: float = 2.0,
     batch_size: int = 2_000,
     metrics_port: int | None = None,
+    online: str = "sqlite",
+    redis_url: str | None = None,
     stop: threading.Event | None = None,
     max_examples: int | None = None,
     idle_exit_s: float | None = None,
@@ -363,6 +367,8 @@ def run_reweighter(
             publish_every=publish_every,
             publish_interval_s=publish_interval_s,
             feast_dir=feast_dir,
+            online=online,
+            redis_url=redis_url,
             group_id=group_id,
             batch_size=batch_size,
         )

@@ -66,6 +66,7 @@ def build(
     app_id: str = "ctr-stream",
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
+    emit_on_click: bool = True,
     processing_guarantee: str = "at_least_once",
     features: bool = True,
     online: str = "sqlite",
@@ -93,7 +94,9 @@ def build(
         join_table,
         output,
         deltas_name,
-        JoinConfig(window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, spec=SPEC),
+        JoinConfig(
+            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emit_on_click=emit_on_click, spec=SPEC
+        ),
     )
     app.ctr_join = join  # type: ignore[attr-defined]
 
@@ -147,6 +150,7 @@ def run_worker(
     app_id: str = "ctr-stream",
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
+    emit_on_click: bool = True,
     processing_guarantee: str = "at_least_once",
     features: bool = True,
     online: str = "sqlite",
@@ -160,7 +164,7 @@ def run_worker(
 
     ``bootstrap`` is ``HOST:PORT`` (or ``kafka://HOST:PORT``); ``feast_dir`` the Feast repo
     directory (``features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
-    ``metrics_port`` serves Prometheus metrics on 127.0.0.1; ``web_port`` enables Faust's web
+    ``metrics_port`` serves Prometheus metrics on 127.0.0.1 (``$CTR_BIND``); ``web_port`` enables Faust's web
     server. ``features=False`` runs the label join only.
     """
     import faust
@@ -182,6 +186,7 @@ def run_worker(
         app_id=app_id,
         window_ms=window_ms,
         allowed_lateness_ms=allowed_lateness_ms,
+        emit_on_click=emit_on_click,
         processing_guarantee=processing_guarantee,
         features=features,
         online=online,
@@ -192,7 +197,8 @@ def run_worker(
     if metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(metrics_port, addr="127.0.0.1")
+        # CTR_BIND=0.0.0.0 in a container, so Prometheus can scrape it (like the learner, reweighter)
+        start_http_server(metrics_port, addr=os.environ.get("CTR_BIND", "127.0.0.1"))
     quiet_faust = loglevel.lower() in ("info", "debug") and not os.environ.get("CTR_FAUST_DEBUG")
     faust_level = "warn" if quiet_faust else loglevel
     worker = faust.Worker(app, loglevel=faust_level, quiet=True, override_logging=False)

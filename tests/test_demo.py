@@ -29,6 +29,9 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     # a steady client got answers from the live serving tier while the model moved on
     assert s["predictions"] > 0 and s["prediction_errors"] == 0
     assert s["model_versions_served"] > 1, s
+    # clicks on a brand-new ad, injected while the stream runs, reach its served score
+    assert s["freshness_trials"] >= 2 and s["freshness_p50_s"] is not None, s
+    assert s["probe_impressions"] > 0 and "freshness_error" not in s, s
     # live refresh is worth something after the drift, and nobody beats the ground truth
     assert s["drift_event_time_ms"] is not None
     assert s["live_minus_frozen_after_drift"] > 0.02, s
@@ -36,7 +39,7 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     # the learner must stop cleanly (final publish + checkpoint); see the README for the worker
     assert s["exit_codes"]["learner"] == 0, s["exit_codes"]
     report = (out / "report.html").read_text()
-    assert report.count("data:image/png;base64,") == 3 and "live_minus_frozen_after_drift" in report
+    assert report.count("data:image/png;base64,") == 4 and "live_minus_frozen_after_drift" in report
     for stage in ("worker", "learner", "reweighter"):
         assert (out / "logs" / f"{stage}.log").exists()
     assert s["field_weights_version"] >= 1, "the reweighting stage published weights the learner applied"

@@ -54,8 +54,10 @@ def end(jp: JoinPartition, t: int):
 
 
 # ----------------------------------------------------------------------------- join rules
+# The window rules are shown with ``emit_on_click=False`` (every example at window close); the
+# default, positives at their click, is tested on its own below and by every replay test.
 def test_click_inside_window_labels_1_and_no_click_labels_0():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 10)], [click(1, T0 + 400)])
     assert out.examples == []  # windows still open
     out, _ = end(jp, T0 + 10_000)
@@ -65,8 +67,26 @@ def test_click_inside_window_labels_1_and_no_click_labels_0():
     assert jp.counters["examples"] == 2 and jp.counters["positives"] == 1 and not jp.pending
 
 
-def test_window_bounds_are_inclusive_and_late_clicks_are_reported():
+def test_positives_leave_at_their_click_negatives_at_window_close_each_exactly_once():
     jp = JoinPartition(0, JoinConfig(window_ms=W))
+    out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 10)], [click(1, T0 + 400)])
+    assert labels(out) == {"e1": 1}  # the window is open, but e1's label cannot change any more
+    out, _ = feed(jp, clicks=[click(1, T0 + 500)])  # a second click: counted, nothing re-emitted
+    assert out.examples == [] and jp.counters["duplicate_clicks"] == 1
+    out, _ = feed(jp, [imp(3, T0 + 20)], [click(3, T0 + 20 + W + 1)])  # after the window: late, not positive
+    assert out.examples == [] and [lc.reason for lc in out.late] == ["after_window"]
+    out, _ = end(jp, T0 + 10_000)
+    assert labels(out) == {"e2": 0, "e3": 0}
+    assert jp.counters["examples"] == 3 and jp.counters["positives"] == 1 and not jp.pending
+    # an early click (consumed before its impression) makes the impression leave on arrival
+    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    feed(jp, [imp(0, T0)], [click(1, T0 + 300)])
+    out, _ = feed(jp, [imp(1, T0 + 100)])
+    assert labels(out) == {"e1": 1}
+
+
+def test_window_bounds_are_inclusive_and_late_clicks_are_reported():
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0), imp(3, T0 + 500)],
                   [click(1, T0 + W), click(2, T0 + W + 1), click(3, T0 + 499)])  # fmt: skip
     assert [(lc.click.impression_id, lc.reason) for lc in out.late] == [
@@ -79,7 +99,7 @@ def test_window_bounds_are_inclusive_and_late_clicks_are_reported():
 
 
 def test_watermark_is_min_of_both_topics_so_a_lagging_click_topic_closes_nothing():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 50_000)])  # impressions far ahead
     assert out.examples == [] and jp.wm == NEG_INF  # no click seen: click side holds W
     out, _ = feed(jp, clicks=[click(1, T0 + 900)])  # the lagging click still counts
@@ -99,7 +119,7 @@ def test_markers_only_advance_their_own_topic():
 
 
 def test_allowed_lateness_delays_the_watermark():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, allowed_lateness_ms=300))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, allowed_lateness_ms=300, emit_on_click=False))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + W + 200)], [click(2, T0 + W + 250)])
     assert jp.wm == T0 + W - 100 and out.examples == []
     out, _ = feed(jp, [imp(3, T0 + W + 400)], [click(3, T0 + W + 500)])
@@ -107,7 +127,7 @@ def test_allowed_lateness_delays_the_watermark():
 
 
 def test_early_click_is_buffered_until_its_impression_arrives():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
     feed(jp, [imp(0, T0)], [click(1, T0 + 300)])  # click consumed before impression e1
     assert jp.orphans == {"e1": [T0 + 300]}
     out, _ = feed(jp, [imp(1, T0 + 100)])

@@ -20,10 +20,16 @@ The rules (pure logic in :class:`JoinPartition`, no Faust needed to test it):
   partition when a stream ends or pauses (:func:`send_watermark`), because an idle topic
   carries no event time, and a watermark taken from the wall clock would make results depend
   on timing.
-* **Emission**: an impression's example is emitted when ``W >= impression_time + window_ms``;
-  an impression that arrives when that already holds (out of order by more than the
-  allowed lateness) is emitted at once with whatever clicks were buffered for it, and counted
-  as ``late_impressions``.
+* **Emission**: a *positive* example is emitted as soon as its first attributed click is
+  joined (``emit_on_click``, the default), because the label can no longer change: this is what
+  makes a click reach the model within a second instead of after the attribution window. A
+  *negative* example is emitted when ``W >= impression_time + window_ms`` (no click can be
+  attributed any more); with ``emit_on_click=False`` positives wait for the window too. Either
+  way the impression stays pending until then, so a second click is still a
+  ``duplicate_click``, and each impression yields exactly one example. An impression that
+  arrives when the window is already closed (out of order by more than the allowed lateness)
+  is emitted at once with whatever clicks were buffered for it, and counted as
+  ``late_impressions``.
 * **Early clicks** (consumed before their impression -- the two topics are fetched
   independently) are buffered until ``W >= click_time``; by then their impression must have
   arrived if it exists.
@@ -127,6 +133,8 @@ class JoinConfig:
 
     window_ms: int = DEFAULT_WINDOW_MS
     allowed_lateness_ms: int = 0
+    #: emit a positive example at its first attributed click instead of at window close
+    emit_on_click: bool = True
     spec: FeatureSpec = SPEC
     feature_partitions: int = 4
 
@@ -234,13 +242,14 @@ class StepOutput:
 
 
 class _Pending:
-    __slots__ = ("imp", "raw", "click_ms", "seq")
+    __slots__ = ("imp", "raw", "click_ms", "seq", "emitted")
 
     def __init__(self, imp: Impression, raw: bytes, seq: int) -> None:
         self.imp = imp
         self.raw = raw
         self.seq = seq  # the record it arrived in
         self.click_ms: int | None = None
+        self.emitted = False  # a positive already sent at its click (``emit_on_click``)
 
 
 def example_bytes(event_id: str, label: int, raw_impression: bytes, click_ms: int | None) -> bytes:
@@ -257,11 +266,15 @@ class JoinPartition:
     >>> jp = JoinPartition(0, JoinConfig(window_ms=1000))
     >>> imp = Impression(event_id="e1", event_time_ms=10_000, user_id="u", item_id="a")
     >>> out, rec = jp.process([encode(imp)], [imp], [Click(impression_id="e1", event_time_ms=10_400)])
-    >>> out.examples, rec.seq                    # window still open: nothing emitted yet
-    ([], 1)
-    >>> out, rec = jp.process([], [], [], imp_markers=[20_000], click_markers=[20_000])
     >>> ex = decode_training_example(out.examples[0][1]); ex.example_id, ex.label, ex.click_time_ms
     ('e1', 1, 10400)
+    >>> imp2 = Impression(event_id="e2", event_time_ms=10_500, user_id="u", item_id="b")
+    >>> out, rec = jp.process([encode(imp2)], [imp2], [])
+    >>> out.examples, rec.seq                    # no click yet, window still open: nothing emitted
+    ([], 2)
+    >>> out, rec = jp.process([], [], [], imp_markers=[20_000], click_markers=[20_000])
+    >>> [(decode_training_example(v).example_id, label) for _, v, label in out.examples]  # e1 not again
+    [('e2', 0)]
     """
 
     def __init__(self, partition: int, config: JoinConfig | None = None) -> None:
@@ -331,8 +344,13 @@ class JoinPartition:
             p.click_ms = click.event_time_ms
             self.counters["attributed_clicks"] += 1
             self._count(out.click_keys, p.imp, click.event_time_ms)
+            if self.cfg.emit_on_click:
+                self._emit(p, out)
 
     def _emit(self, p: _Pending, out: StepOutput) -> None:
+        if p.emitted:
+            return
+        p.emitted = True
         label = 0 if p.click_ms is None else 1
         eid = p.imp.event_id
         out.examples.append((eid.encode(), example_bytes(eid, label, p.raw, p.click_ms), label))

@@ -113,7 +113,7 @@ class AvazuSource(CsvSource):
 
     def _event_time(self, hour: str) -> int:
         if hour != self._cur_hour:
-            if len(hour) != 8 or not hour.isdigit():
+            if len(hour) != 8 or not (hour.isascii() and hour.isdigit()):
                 raise BadRow("bad hour", f"{hour[:20]!r} is not YYMMDDHH")
             try:
                 dt = datetime(2000 + int(hour[:2]), int(hour[2:4]), int(hour[4:6]), int(hour[6:]), tzinfo=UTC)
@@ -138,7 +138,7 @@ class AvazuSource(CsvSource):
         position = 0
         if self._pos is not None:
             p = row[self._pos]
-            if not p.isdigit() or int(p) > 10_000:
+            if not (p.isascii() and p.isdigit()) or int(p) > 10_000:  # '²'.isdigit() is True
                 raise BadRow("bad position", f"banner_pos={p[:20]!r}")
             position = int(p)
         if max(map(len, row)) > MAX_ID_LEN - 16:  # leaves room for the id prefixes below

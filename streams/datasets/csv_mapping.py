@@ -219,7 +219,7 @@ class CsvMappedSource(CsvSource):
         clicked = parse_label(row[self._label])
         position = 0
         if self._pos is not None and (p := row[self._pos]):
-            if not p.isdigit() or int(p) > 10_000:
+            if not (p.isascii() and p.isdigit()) or int(p) > 10_000:  # '²'.isdigit() is True
                 raise BadRow("bad position", repr(p[:20]))
             position = int(p)
         numeric = parse_numbers(row, self._num)

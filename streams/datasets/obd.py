@@ -142,7 +142,7 @@ class ObdSource(CsvSource):
         if not item or len(item) > MAX_ID_LEN:
             raise BadRow("bad item", repr(item[:40]))
         pos = row[self._pos]
-        if not pos.isdigit() or not 0 <= int(pos) - self.position_base <= 10_000:
+        if not (pos.isascii() and pos.isdigit()) or not 0 <= int(pos) - self.position_base <= 10_000:
             raise BadRow("bad position", repr(pos[:20]))
         user_features = tuple(row[j] for j in self._user)
         categorical = {name: v for name, v in zip(_USER_FEATURES, user_features, strict=True) if v}
