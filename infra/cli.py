@@ -512,6 +512,36 @@ def bench_reliability(
     main(json_path=json_path, seconds=seconds, events=events)
 
 
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@bench_app.command("stream", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_stream(ctx: typer.Context) -> None:
+    """Faust agents events/s vs raw aiokafka, Feast write rows/s, feature freshness
+    (`ctr bench stream --help` for its options)."""
+    from bench.stream import cli
+
+    cli(ctx.args)
+
+
+@bench_app.command("serving", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_serving(ctx: typer.Context) -> None:
+    """/predict latency p50/p99 for 1, 10, 100 candidates, features included, while versions
+    apply (`ctr bench serving --help` for its options)."""
+    from bench.serving import main
+
+    main(ctx.args)
+
+
+@bench_app.command("freshness", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_freshness(ctx: typer.Context) -> None:
+    """Click entering Kafka -> a served score that reflects it, p50/p99 over repeated trials
+    (`ctr bench freshness --help` for its options)."""
+    from bench.freshness import main
+
+    main(ctx.args)
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 
