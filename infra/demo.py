@@ -143,7 +143,9 @@ def run_demo(
         # click -> served score, measured every few seconds with a burst of clicks on a new ad
         # (its events ride the stream's event-time clock; stopped before the replay's last
         # watermark marker would make them late)
-        prober = ProbeLoop(FreshnessProbe(bs, f"http://127.0.0.1:{port}/predict", lambda: progress.last_event_ms))
+        templates = [r.impression for r in open_source(data, mapping=mapping, seed=seed, events=600)]
+        prober = ProbeLoop(FreshnessProbe(bs, f"http://127.0.0.1:{port}/predict", lambda: progress.last_event_ms,
+                                          templates=templates))  # fmt: skip
         prober.start()
         stage = "replaying"
         last: dict = {}

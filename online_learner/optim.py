@@ -124,23 +124,27 @@ def scatter_add_rows(out: Tensor, index: Tensor, grads: Tensor) -> Tensor:
     return out.index_add_(0, index, grads)
 
 
+@numba.njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _update_row(table, acc, r, g, lr, eps):
+    """``acc[r] += mean(g^2)``; ``table[r] -= lr * g / (sqrt(acc[r]) + eps)``; a zero ``g`` changes nothing."""
+    dim = g.shape[0]
+    s = np.float32(0.0)
+    for j in range(dim):
+        s += g[j] * g[j]
+    if s == 0.0:
+        return
+    a = acc[r] + s / np.float32(dim)
+    acc[r] = a
+    scale = lr / (np.sqrt(a) + eps)
+    for j in range(dim):
+        table[r, j] -= scale * g[j]
+
+
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def _rowwise_adagrad_unique_cpu(table, acc, ids, grads, lr, eps):
     """One row-wise Adagrad update per (unique) row ``ids[u]`` with gradient ``grads[u]``."""
-    n, dim = grads.shape
-    inv_dim = np.float32(1.0) / np.float32(dim)
-    for u in range(n):
-        r = ids[u]
-        s = np.float32(0.0)
-        for j in range(dim):
-            s += grads[u, j] * grads[u, j]
-        if s == 0.0:
-            continue
-        a = acc[r] + s * inv_dim
-        acc[r] = a
-        scale = lr / (np.sqrt(a) + eps)
-        for j in range(dim):
-            table[r, j] -= scale * grads[u, j]
+    for u in range(grads.shape[0]):
+        _update_row(table, acc, ids[u], grads[u], lr, eps)
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -156,19 +160,10 @@ def _rowwise_adagrad_cpu(table, acc, scratch, ids, grads, lr, eps):
         r = ids[m]
         for j in range(dim):
             scratch[r, j] += grads[m, j]
-    inv_dim = np.float32(1.0) / np.float32(dim)
     for m in range(m_total):
         r = ids[m]
-        s = np.float32(0.0)
+        _update_row(table, acc, r, scratch[r], lr, eps)
         for j in range(dim):
-            s += scratch[r, j] * scratch[r, j]
-        if s == 0.0:
-            continue
-        a = acc[r] + s * inv_dim
-        acc[r] = a
-        scale = lr / (np.sqrt(a) + eps)
-        for j in range(dim):
-            table[r, j] -= scale * scratch[r, j]
             scratch[r, j] = 0.0
 
 
