@@ -137,15 +137,18 @@ def run_demo(
                 replay_error.append(err)
 
         replayer = threading.Thread(target=do_replay, name="replay", daemon=True)
+        # the stream starts once serving is ready (a model and the feature store), so every
+        # event of it can show up in served scores; on a busy machine this takes a while
+        with console.status("starting the stages (broker, worker, reweighter, learner, serving) ..."):
+            sup.wait_for(lambda: ready(port), timeout_s=240, what="the serving tier to be ready")
         replayer.start()
-        sup.wait_for(lambda: ready(port), timeout_s=180, what="the serving tier to be ready")
         client.start()
         # click -> served score, measured every few seconds with a burst of clicks on a new ad
         # (its events ride the stream's event-time clock; stopped before the replay's last
         # watermark marker would make them late)
         templates = [r.impression for r in open_source(data, mapping=mapping, seed=seed, events=600)]
         prober = ProbeLoop(FreshnessProbe(bs, f"http://127.0.0.1:{port}/predict", lambda: progress.last_event_ms,
-                                          templates=templates))  # fmt: skip
+                                          templates=templates, timeout_s=10.0), every_s=2.0)  # fmt: skip
         prober.start()
         stage = "replaying"
         last: dict = {}
