@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # A user with a GPU may point this at their CUDA build of the same version.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean flink-setup
 
 setup: $(VENV)/.installed
 
@@ -17,10 +17,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The PyFlink job's own environment: apache-flink pins numpy/pandas/pyarrow below what Feast
+# needs, so it cannot share .venv. The Kafka connector jars go to .venv-flink/jars.
+FLINK_VENV := .venv-flink
+flink-setup: $(FLINK_VENV)/.installed
+
+$(FLINK_VENV)/.installed: streams/flink/setup_jars.py streams/flink/constraints.txt
+	$(PYTHON) -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLINK_VENV)/bin/python -m pip install -q -c streams/flink/constraints.txt apache-flink==2.3.0
+	$(FLINK_VENV)/bin/python streams/flink/setup_jars.py --venv $(FLINK_VENV)
+	touch $@
+
 demo: setup
 	$(BIN)/ctr demo
 
-test: setup
+# flink-setup: the PyFlink parity test runs in CI (tests/test_flink_parity.py)
+test: setup flink-setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
@@ -31,4 +44,4 @@ bench: setup
 	$(BIN)/ctr bench replay
 
 clean:
-	rm -rf $(VENV) .ctr runs .pytest_cache
+	rm -rf $(VENV) $(FLINK_VENV) .ctr runs .pytest_cache

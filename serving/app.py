@@ -22,6 +22,7 @@ import gc
 import logging
 import os
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -731,4 +732,12 @@ def run_server(config: ServingConfig) -> None:
     uv = uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop", http="httptools",
                         lifespan="on", access_log=False, log_level=config.log_level.lower(),
                         timeout_keep_alive=30, server_header=False)
+
+    def stopped(sig: int, _frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal to the handler
+    # it found (uvicorn/server.py ``capture_signals``): with the default one the process would
+    # die by the signal (exit -15) after a clean shutdown; this one makes the exit status say 0.
+    signal.signal(signal.SIGTERM, stopped)
     uvicorn.Server(uv).run()
