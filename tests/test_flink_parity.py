@@ -96,31 +96,22 @@ def feast_mismatches(feast_dir: Path, flink: dict[Key, tuple[int, int, float]], 
     """Each entity's Feast row holds the windows ending at the first hop boundary after the
     row's event time; they must equal Flink's rows for those windows (zeros when Flink has
     none: no event of the entity in that window)."""
-    from features.store import JOIN_KEYS, STATS_VIEWS, event_time_feature, open_store, view_features
+    from features.store import open_store
+    from tests.feast_helpers import stats_rows
 
     store = open_store(feast_dir)
     plan = WindowPlan.of(SPEC)
     bad: list = []
-    by_type: dict[str, list[str]] = defaultdict(list)
-    for etype, eid in entities:
-        by_type[etype].append(eid)
-    for etype, ids in by_type.items():
-        view = STATS_VIEWS[etype]
-        feats = [*view_features(view), event_time_feature(view)]
-        for start in range(0, len(ids), 1000):
-            chunk = ids[start : start + 1000]
-            resp = store.get_online_features(features=[f"{view}:{f}" for f in feats],
-                                             entity_rows={JOIN_KEYS[etype]: chunk}).to_dict()  # fmt: skip
-            for i, eid in enumerate(chunk):
-                us = resp[event_time_feature(view)][i]
-                if us is None:
-                    bad.append((etype, eid, "no Feast row"))
-                    continue
-                for name, _, hi in plan.ranges(us // 1000):
-                    want = flink.get((etype, eid, name, hi * plan.bucket_ms), (0, 0, SPEC.smoothed_ctr(0, 0)))
-                    got = tuple(resp[f"{etype}_{s}_{name}"][i] for s in ("impressions", "clicks", "ctr"))
-                    if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
-                        bad.append((etype, eid, name, got, want))
+    for etype, eid, row in stats_rows(store, entities):
+        us = row["event_time_us"]
+        if us is None:
+            bad.append((etype, eid, "no Feast row"))
+            continue
+        for name, _, hi in plan.ranges(us // 1000):
+            want = flink.get((etype, eid, name, hi * plan.bucket_ms), (0, 0, SPEC.smoothed_ctr(0, 0)))
+            got = tuple(row[f"{etype}_{s}_{name}"] for s in ("impressions", "clicks", "ctr"))
+            if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
+                bad.append((etype, eid, name, got, want))
     return bad
 
 

@@ -160,38 +160,28 @@ def brute_force_buckets(records) -> dict[tuple[str, str], dict[int, list[int]]]:
 def feast_mismatches(store, expected: dict, limit: int = 5) -> tuple[int, list]:
     """Compare every entity's Feast row with the brute-force window sums *as of the row's own
     event time* (``<entity>_event_time_us``). Returns (mismatch count, a few examples)."""
-    from features.store import JOIN_KEYS, STATS_VIEWS, event_time_feature, view_features
+    from tests.feast_helpers import stats_rows
 
     plan = WindowPlan.of(SPEC)
     bad, examples = 0, []
-    by_entity: dict[str, list[str]] = defaultdict(list)
-    for entity, key in expected:
-        by_entity[entity].append(key)
-    for entity, keys in by_entity.items():
-        view = STATS_VIEWS[entity]
-        feats = view_features(view) + [event_time_feature(view)]
-        for start in range(0, len(keys), 1000):
-            chunk = keys[start : start + 1000]
-            resp = store.get_online_features(features=[f"{view}:{f}" for f in feats],
-                                             entity_rows={JOIN_KEYS[entity]: chunk}).to_dict()  # fmt: skip
-            for i, key in enumerate(chunk):
-                us = resp[event_time_feature(view)][i]
-                if us is None:
-                    bad += 1
-                    if len(examples) < limit:
-                        examples.append((entity, key, "missing"))
-                    continue
-                buckets = expected[(entity, key)]
-                for name, lo, hi in plan.ranges(us // 1000):
-                    imps = sum(v[0] for bk, v in buckets.items() if lo <= bk < hi)
-                    clicks = sum(v[1] for bk, v in buckets.items() if lo <= bk < hi)
-                    got = (resp[f"{entity}_impressions_{name}"][i], resp[f"{entity}_clicks_{name}"][i],
-                           resp[f"{entity}_ctr_{name}"][i])  # fmt: skip
-                    want = (imps, clicks, SPEC.smoothed_ctr(clicks, imps))
-                    if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
-                        bad += 1
-                        if len(examples) < limit:
-                            examples.append((entity, key, name, got, want))
+    for entity, key, row in stats_rows(store, list(expected)):
+        us = row["event_time_us"]
+        if us is None:
+            bad += 1
+            if len(examples) < limit:
+                examples.append((entity, key, "missing"))
+            continue
+        buckets = expected[(entity, key)]
+        for name, lo, hi in plan.ranges(us // 1000):
+            imps = sum(v[0] for bk, v in buckets.items() if lo <= bk < hi)
+            clicks = sum(v[1] for bk, v in buckets.items() if lo <= bk < hi)
+            got = (row[f"{entity}_impressions_{name}"], row[f"{entity}_clicks_{name}"],
+                   row[f"{entity}_ctr_{name}"])  # fmt: skip
+            want = (imps, clicks, SPEC.smoothed_ctr(clicks, imps))
+            if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
+                bad += 1
+                if len(examples) < limit:
+                    examples.append((entity, key, name, got, want))
     return bad, examples
 
 
