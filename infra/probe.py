@@ -130,11 +130,16 @@ class FreshnessProbe:
         viewer = msgspec.structs.replace(shown[0], user_id=f"{tag}-viewer")
         before: list[tuple[float, float, int]] = []
         end = time.monotonic() + self.baseline_s
-        while time.monotonic() < end or len(before) < 3:
+        give_up = end + self.timeout_s  # serving not answering: a missed trial, not a hang
+        while (time.monotonic() < end or len(before) < 3) and time.monotonic() < give_up:
             s = self._score(viewer, target, control)
             if s is not None:
                 before.append(s)
             time.sleep(self.poll_s)
+        if len(before) < 3:
+            res = ProbeResult(trial=k, fresh_s=None, specific=0.0, threshold=float("nan"), version=None)
+            self.results.append(res)
+            return res
         base = statistics.median(p for p, _, _ in before)
         base_diff = statistics.median(p - c for p, c, _ in before)
         noise = max(abs(p - c - base_diff) for p, c, _ in before)
