@@ -148,16 +148,17 @@ def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict
     drift = summary.get("drift_event_time_ms")
     t0 = next((r["event_time_ms"] for r in rows if r.get("examples")), None)
     quality = quality_figure(rows, drift, summary.get("replay_end_wall_ms"))
-    (path.parent / "quality.png").write_bytes(base64.b64decode(quality))
     figures = [
-        ("Model quality over event time", quality),
-        ("Dynamic feature reweighting", weights_figure(weights, drift, t0)),
-        ("Live refresh and freshness", versions_figure(rows, tl)),
-        ("Throughput and serving latency", throughput_figure(rows, tl)),
+        ("Model quality over event time", quality, "quality"),
+        ("Dynamic feature reweighting", weights_figure(weights, drift, t0), "weights"),
+        ("Live refresh and freshness", versions_figure(rows, tl), "freshness"),
+        ("Throughput and serving latency", throughput_figure(rows, tl), "throughput"),
     ]
+    for _, img, name in figures:  # also as files, for READMEs and slides
+        (path.parent / f"{name}.png").write_bytes(base64.b64decode(img))
     table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
                     for k, v in summary.items())
-    body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{img}'/>" for t, img in figures)
+    body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{img}'/>" for t, img, _ in figures)
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ctr demo report</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}td{padding:2px 12px}"
