@@ -313,8 +313,9 @@ def summarise(
     the model."""
     trained = [r for r in rows if r.get("examples")]
     last = trained[-1] if trained else {}
-    live = [r for r in trained if r.get("window_auc") is not None
-            and (live_until_ms is None or r.get("wall_ms", 0) <= live_until_ms)]  # fmt: skip
+    from infra.report import live_window_rows
+
+    live = live_window_rows(trained, live_until_ms)
     end = live[-1] if live else {}
     versions = sorted({r["version"] for r in rows if r.get("published") or r.get("snapshot")})
     after = [r for r in trained if drift_event_ms is not None and r["event_time_ms"] >= drift_event_ms]

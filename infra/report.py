@@ -34,11 +34,17 @@ def _png(fig) -> str:
 _MODELS = (("", "live model", "-"), ("frozen_", "frozen copy", "--"), ("oracle_", "best achievable", ":"))
 
 
-def quality_figure(rows: list[dict], drift_event_ms: int | None, live_until_ms: int | None = None) -> str:
-    """Window metrics while the stream was live (after its end the final watermark flushes the
-    last window's negatives at once: see ``infra.demo.summarise``)."""
-    rows = [r for r in rows if r.get("examples") and r.get("window_auc") is not None
+def live_window_rows(rows: list[dict], live_until_ms: int | None) -> list[dict]:
+    """Learner rows with window metrics written while the stream was live (``wall_ms <=
+    live_until_ms``): after its end the final watermark flushes the last window's negatives at
+    once, so a sliding window over them holds one class only (see ``infra.demo.summarise``)."""
+    return [r for r in rows if r.get("examples") and r.get("window_auc") is not None
             and (live_until_ms is None or r.get("wall_ms", 0) <= live_until_ms)]  # fmt: skip
+
+
+def quality_figure(rows: list[dict], drift_event_ms: int | None, live_until_ms: int | None = None) -> str:
+    """Window metrics while the stream was live (:func:`live_window_rows`)."""
+    rows = live_window_rows(rows, live_until_ms)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, metric, title in zip(axes, ("window_auc", "window_log_loss"), ("AUC", "log loss"), strict=True):
         if rows:
