@@ -31,7 +31,9 @@ def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = N
         table.add_column(c, justify="right" if any(isinstance(r.get(c), (int, float)) for r in rows) else "left")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in cols])
-    Console(width=max(120, Console().width)).print(table)
+    # wide enough for every cell on one line (a pipe or CI log has no terminal width to fit)
+    need = sum(max(len(c), *(len(_fmt(r.get(c))) for r in rows)) + 3 for c in cols) + 1
+    Console(width=max(120, Console().width, need)).print(table)
     doc = {
         "bench": title,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

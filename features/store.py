@@ -301,6 +301,7 @@ class _View:
         self.features = view_features(name)
         self.int_features = {f.name for f in self.fv.features if f.dtype == Int64}
         self._entity_key, self._value = EntityKey, Value
+        self._bins: dict[str, bytes] = {}
         registered = {f.name for f in self.fv.features}
         if registered != {*self.features, self.time_feature}:
             raise RuntimeError(
@@ -311,6 +312,18 @@ class _View:
     def entity_key(self, key: str) -> Any:
         """The ``EntityKey`` proto of one key of this view."""
         return self._entity_key(join_keys=[self.join_key], entity_values=[self._value(string_val=key)])
+
+    def key_bin(self, key: str, version: int) -> bytes:
+        """The serialised entity key, as Feast's SQLite store keys its rows (cached: a hot
+        entity is written every micro-batch, and serialising costs as much as the upsert)."""
+        b = self._bins.get(key)
+        if b is None:
+            from feast.infra.key_encoding_utils import serialize_entity_key
+
+            if len(self._bins) >= 200_000:
+                self._bins.clear()
+            b = self._bins[key] = serialize_entity_key(self.entity_key(key), entity_key_serialization_version=version)
+        return b
 
 
 class _NotSqlite(Exception):
@@ -354,6 +367,7 @@ class FeatureWriter:
         self.counts = {"written": 0, "stale": 0, "superseded": 0}
         self._views: dict[str, _View] = {}
         self._sqlite_fast: bool | None = None
+        self._wal = False
         self._lock = threading.Lock()
 
     def _view(self, name: str) -> _View:
@@ -413,10 +427,96 @@ class FeatureWriter:
                 self.counts["stale"] += len(chunk) - len(kept)
                 chunk = kept
             if chunk:
-                self.store.write_to_online_store(view, self._frame(v, rows, times, chunk))
+                self._online_write(v, rows, times, chunk)
                 written += len(chunk)
         self.counts["written"] += written
         return written
+
+    def _online_write(
+        self, v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]
+    ) -> None:
+        if self._sqlite_fast is not False:
+            try:
+                if self._write_sqlite(v, rows, times, chunk):
+                    return
+            except _NotSqlite:
+                self._sqlite_fast = False
+            except (KeyError, ValueError, TypeError):
+                raise
+            except Exception as err:  # noqa: BLE001 - Feast internals moved: use the public path
+                log.warning("SQLite fast path for writes failed (%s); using write_to_online_store", err)
+                self._sqlite_fast = False
+        self.store.write_to_online_store(v.name, self._frame(v, rows, times, chunk))
+
+    def _write_sqlite(
+        self, v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]
+    ) -> bool:
+        """SQLite: the rows ``write_to_online_store`` would write, built straight from the dicts.
+
+        Feast's path goes DataFrame -> Arrow -> one ``Value`` proto per cell -> one
+        ``execute`` per (entity, feature); two thirds of its time is the conversion. Here
+        each cell is serialised once and the whole chunk is one ``executemany`` of Feast's own
+        upsert statement, in one transaction -- same table, same bytes (a test compares both
+        paths row for row), 3-4x the rows/s. Returns False (nothing written) for a value this
+        path does not encode exactly like Feast (None, NaN, inf), so the caller falls back.
+        """
+        import math
+
+        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+        online, cfg = self.store.provider.online_store, self.store.config
+        # only the plain store: subclasses, vector search or value_num columns write other columns
+        if (
+            type(online) is not SqliteOnlineStore
+            or cfg.online_store.vector_enabled
+            or getattr(cfg.online_store, "enable_openai_compatible_store", False)
+        ):
+            raise _NotSqlite
+        table = _table_id(cfg.project, v.fv, cfg.registry.enable_online_feature_view_versioning)
+        version = cfg.entity_key_serialization_version
+        Value = v._value
+        ints = v.int_features
+        params: list[tuple] = []
+        for key, i in chunk:
+            row = rows[i]
+            key_bin = v.key_bin(key, version)
+            # what Feast's registered datetime adapter stores: whole seconds
+            ts = times[i] // 1_000_000
+            for f in v.features:
+                try:
+                    x = row[f]
+                except KeyError:
+                    raise ValueError(f"a row for {v.name} lacks feature {f!r}; needs {v.features}") from None
+                if x is None or not math.isfinite(x):
+                    return False
+                if f in ints:
+                    x = round(x)
+                    params.append((key_bin, f, Value(int64_val=x).SerializeToString(), str(x), ts, None))
+                else:
+                    x = float(x)
+                    params.append((key_bin, f, Value(double_val=x).SerializeToString(), str(x), ts, None))
+            us = times[i]
+            params.append((key_bin, v.time_feature, Value(int64_val=us).SerializeToString(), str(us), ts, None))
+        conn = online._get_conn(cfg)
+        if not self._wal:
+            # WAL + synchronous=NORMAL: no fsync per commit (one per checkpoint) and readers
+            # (feast serve, the serving tier) never block the writer: 1.4x the rows/s on a
+            # 300 MB store. A killed process loses nothing committed; an OS crash may lose the
+            # last commits but never corrupts the file -- and this store is derived data that
+            # the feature agent rewrites from its changelog.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint=10000")
+            self._wal = True
+        with conn:
+            conn.executemany(
+                f'INSERT INTO "{table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
+                "value = excluded.value, value_text = excluded.value_text, "
+                "event_ts = excluded.event_ts, created_ts = excluded.created_ts",
+                params,
+            )
+        return True
 
     def _stored_times(self, v: _View, keys: list[str]) -> dict[str, int]:
         """Stored event time (µs) per key, for the keys that have one: one read per batch."""
@@ -448,7 +548,6 @@ class FeatureWriter:
         """SQLite: select only the event-time rows (plus one feature row, for rows written
         without it) instead of every feature of every key -- 5-10x cheaper than online_read,
         which on SQLite reads and parses all features whatever ``requested_features`` says."""
-        from feast.infra.key_encoding_utils import serialize_entity_key
         from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
         from feast.protos.feast.types.Value_pb2 import Value
 
@@ -458,7 +557,7 @@ class FeatureWriter:
         table = _table_id(cfg.project, v.fv, cfg.registry.enable_online_feature_view_versioning)
         conn = online._get_conn(cfg)
         version = cfg.entity_key_serialization_version
-        by_bin = {serialize_entity_key(v.entity_key(k), entity_key_serialization_version=version): k for k in keys}
+        by_bin = {v.key_bin(k, version): k for k in keys}
         bins = list(by_bin)
         exact: dict[str, int] = {}
         coarse: dict[str, int] = {}

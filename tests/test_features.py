@@ -190,6 +190,70 @@ def test_newest_event_time_wins(env: Env, path: str) -> None:
     assert (read(key), read(fresh)) == (900, 2)
 
 
+def _table_rows(store, view: str, keys: list[str]) -> dict[str, list[tuple]]:
+    """Every stored SQLite row of ``keys`` in ``view``, as Feast's own table holds it."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.infra.online_stores.sqlite import _table_id
+
+    cfg = store.config
+    fv = store.get_feature_view(view)
+    conn = store.provider.online_store._get_conn(cfg)
+    table = _table_id(cfg.project, fv, cfg.registry.enable_online_feature_view_versioning)
+    join_key = JOIN_KEYS[next(e for e, v in {**STATS_VIEWS, "field": FIELD_WEIGHTS_VIEW}.items() if v == view)]
+    out = {}
+    for key in keys:
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+
+        ek = EntityKey(join_keys=[join_key], entity_values=[Value(string_val=key)])
+        blob = serialize_entity_key(ek, entity_key_serialization_version=cfg.entity_key_serialization_version)
+        cur = conn.execute(
+            f'SELECT feature_name, value, value_text, vector_value, event_ts, created_ts FROM "{table}" '
+            "WHERE entity_key = ? ORDER BY feature_name",
+            [blob],
+        )
+        out[key] = cur.fetchall()
+    return out
+
+
+@pytest.mark.integration
+def test_direct_sqlite_writes_store_exactly_what_feast_would(env: Env) -> None:
+    """The fast path bypasses ``write_to_online_store``: the table must not tell them apart
+    (same value bytes, value_text, event_ts, created_ts), or Feast's readers would."""
+    fast, feast_path = FeatureWriter(env.store), FeatureWriter(env.store)
+    feast_path._sqlite_fast = False
+    cases = {
+        "user_stats": [_stats_row("user", f"u{i}", 7 * i) for i in range(5)],
+        "item_stats": [{**_stats_row("item", "big", 2**40), "item_ctr_5m": 0.1 + 0.2}],
+        "field_value_stats": [_stats_row("field_value", field_value_key("C3", "a=b"), 0)],
+        FIELD_WEIGHTS_VIEW: [{"field": "C7", "weight": 1e-12, "importance": -0.0, "psi": 3.5, "version": 2**33}],
+    }
+    for view, rows in cases.items():
+        jk = next(k for k in rows[0] if k in JOIN_KEYS.values())
+        times = [T0 + 1234 + i for i in range(len(rows))]
+        assert fast.write(view, [{**r, jk: f"fa-{r[jk]}"} for r in rows], times) == len(rows)
+        assert feast_path.write(view, [{**r, jk: f"fe-{r[jk]}"} for r in rows], times) == len(rows)
+        keys = [str(r[jk]) for r in rows]
+        got_fast = _table_rows(env.store, view, [f"fa-{k}" for k in keys])
+        got_feast = _table_rows(env.store, view, [f"fe-{k}" for k in keys])
+        for k in keys:
+            assert got_fast[f"fa-{k}"], (view, k)
+            assert got_fast[f"fa-{k}"] == got_feast[f"fe-{k}"], (view, k)
+    assert fast._sqlite_fast is not False and fast._wal
+    conn = env.store.provider.online_store._get_conn(env.store.config)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.integration
+def test_values_the_fast_path_cannot_encode_go_through_feast(env: Env) -> None:
+    w = FeatureWriter(env.store)
+    row = {"field": "C8", "weight": float("nan"), "importance": 0.5, "psi": 0.0, "version": 1}
+    assert w.write(FIELD_WEIGHTS_VIEW, [row], T0) == 1
+    assert w._sqlite_fast is not False  # a fallback for this chunk, not for good
+    rec = OnlineFeatures(env.store).get_field_weight_records(["C8"])["C8"]
+    assert rec["importance"] == 0.5 and rec["version"] == 1
+
+
 @pytest.mark.integration
 def test_plain_feast_sqlite_lets_the_last_write_win(env: Env) -> None:
     """Why FeatureWriter guards: without it an older event overwrites a newer one on SQLite."""
