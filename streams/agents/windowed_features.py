@@ -159,7 +159,10 @@ class FeatureShard:
     def apply(self, batches: Sequence[DeltaBatch]) -> tuple[set[EntityKey], FeatureRecord | None]:
         """Apply the delta batches not applied yet; returns the touched entities and the
         changelog record (None when every batch was a replay)."""
-        merged: dict[tuple[int, str, int], list[int]] = {}
+        # Rows are not merged by key: a key may repeat (its impressions and its clicks, or two
+        # source partitions), which the counts and a restore sum up alike -- merging first cost
+        # as much as applying.
+        rows: list[tuple[int, str, int, int, int]] = []
         fresh = 0
         for b in batches:
             if b.seq <= self.applied.get(b.src, 0):
@@ -169,17 +172,9 @@ class FeatureShard:
             self.applied[b.src] = b.seq
             if b.max_time > self.clock:
                 self.clock = b.max_time
-            for kind, key, bucket, di, dc in b.rows:
-                k = (kind, key, bucket)
-                cur = merged.get(k)
-                if cur is None:
-                    merged[k] = [di, dc]
-                else:
-                    cur[0] += di
-                    cur[1] += dc
+            rows.extend(b.rows)
         if not fresh:
             return set(), None
-        rows = [(k[0], k[1], k[2], v[0], v[1]) for k, v in merged.items()]
         touched: set[EntityKey] = set()
         self._add(rows, touched)
         self.rows_applied += len(rows)
@@ -201,29 +196,50 @@ class FeatureShard:
 
     def values(self, ek: EntityKey) -> dict[str, Any]:
         """The entity's Feast row (join key and every window's impressions, clicks, CTR)."""
-        kind, key = ek
+        return self.rows([ek])[0]
+
+    def rows(self, entities: Iterable[EntityKey]) -> list[dict[str, Any]]:
+        """:meth:`values` of many entities at the current clock (the window ranges computed once:
+        a flush after a fast replay asks for tens of thousands)."""
         from features.store import JOIN_KEYS
 
-        row: dict[str, Any] = {JOIN_KEYS[ENTITY_KINDS[kind]]: key}
-        buckets = self.counts.get(ek, {})
-        smoothed = self.spec.smoothed_ctr
-        for (_, lo, hi), (_, n_imp, n_clk, n_ctr) in zip(self.plan.ranges(self.clock), self._names[kind], strict=True):
-            imps = clicks = 0
-            if len(buckets) <= hi - lo:
-                for b, (i, c) in buckets.items():
-                    if lo <= b < hi:
-                        imps += i
-                        clicks += c
-            else:
-                for b in range(lo, hi):
-                    v = buckets.get(b)
-                    if v is not None:
-                        imps += v[0]
-                        clicks += v[1]
-            row[n_imp] = imps
-            row[n_clk] = clicks
-            row[n_ctr] = smoothed(clicks, imps)
-        return row
+        join_keys = [JOIN_KEYS[e] for e in ENTITY_KINDS]
+        ranges = self.plan.ranges(self.clock)
+        # (lo, hi, width, names) per window, per entity kind
+        plans = {
+            kind: [
+                (lo, hi, hi - lo, n_imp, n_clk, n_ctr)
+                for (_, lo, hi), (_, n_imp, n_clk, n_ctr) in zip(ranges, names, strict=True)
+            ]
+            for kind, names in self._names.items()
+        }
+        prior_clicks = self.spec.prior_strength * self.spec.prior_ctr
+        prior_n = self.spec.prior_strength
+        counts = self.counts
+        out = []
+        for ek in entities:
+            kind, key = ek
+            row: dict[str, Any] = {join_keys[kind]: key}
+            buckets = counts.get(ek, {})
+            nb = len(buckets)
+            for lo, hi, width, n_imp, n_clk, n_ctr in plans[kind]:
+                imps = clicks = 0
+                if nb <= width:
+                    for b, (i, c) in buckets.items():
+                        if lo <= b < hi:
+                            imps += i
+                            clicks += c
+                else:
+                    for b in range(lo, hi):
+                        v = buckets.get(b)
+                        if v is not None:
+                            imps += v[0]
+                            clicks += v[1]
+                row[n_imp] = imps
+                row[n_clk] = clicks
+                row[n_ctr] = (clicks + prior_clicks) / (imps + prior_n)  # FeatureSpec.smoothed_ctr
+            out.append(row)
+        return out
 
     def prune(self) -> int:
         """Forget buckets no window can reach any more (once per hop bucket of the clock)."""
@@ -414,9 +430,9 @@ class FeastWriterLoop:
                     continue  # partition revoked: its new owner rewrites what it restores
                 confirm[p] = shard.seq
                 clock = shard.clock
-                for ek in ents:
+                for ek, row in zip(ents, shard.rows(ents), strict=True):
                     rows, times = by_kind.setdefault(ek[0], ([], []))
-                    rows.append(shard.values(ek))
+                    rows.append(row)
                     times.append(clock)
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
