@@ -500,13 +500,14 @@ class FeatureWriter:
         conn = online._get_conn(cfg)
         if not self._wal:
             # WAL + synchronous=NORMAL: no fsync per commit (one per checkpoint) and readers
-            # (feast serve, the serving tier) never block the writer: 1.4x the rows/s on a
+            # (feast serve, the serving tier) never block the writer: ~1.3x the rows/s on a
             # 300 MB store. A killed process loses nothing committed; an OS crash may lose the
             # last commits but never corrupts the file -- and this store is derived data that
-            # the feature agent rewrites from its changelog.
+            # the feature agent rewrites from its changelog. SQLite's default autocheckpoint
+            # (1,000 pages) is kept: 10,000 wrote ~10 % faster but each checkpoint then stalled
+            # a write cycle for ~0.5 s (the spikes that made freshness p99 2.2 s instead of 1.6).
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA wal_autocheckpoint=10000")
             self._wal = True
         with conn:
             conn.executemany(
