@@ -34,7 +34,7 @@ from tests.kafka_helpers import make_records
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
-#: A small vocabulary keeps the Feast side (about 4-5k rows/s on SQLite) to a few thousand entities.
+#: A small vocabulary keeps the Feast side (~20k rows/s on SQLite, less under load) to a few thousand entities.
 SMALL = dict(n_categorical=8, cardinalities=(50, 200, 1000, 20, 5, 300, 10, 10), n_numeric=4, n_informative=4,
              n_drift_fields=2, n_users=3000, n_ads=300, n_new_ads=50)  # fmt: skip
 END_MARKER = 10**15  # watermark marker "end of stream" (event time far after the data)
