@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 
 DEFAULT_APP_ID = "ctr-stream"
 PARTITIONS = 4
+#: Topic configs of the agents' changelog topics (Faust adds ``cleanup.policy=compact``). Each
+#: micro-batch record is tombstoned once its effects are confirmed, so a compacted changelog holds
+#: only the live records -- but a broker compacts only closed segments. Without a roll, noida-db
+#: never compacted (one segment, ``clean_offset`` 0) and kept every record of the run, rewriting
+#: them all in its JSON state file; small segments let it (and Kafka's log cleaner) drop them.
+CHANGELOG_TOPIC_CONFIGS: dict[str, str] = {"segment.bytes": str(8 * 2**20), "segment.ms": "10000"}
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Any
 
 from infra.config import TOPICS, TopicSpec
 from streams.agents.label_join import CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
-from streams.app import PARTITIONS, CtrApp, OutputProducer, create_app
+from streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 
 log = logging.getLogger("streams.worker")
 
@@ -88,7 +88,13 @@ def build(
     deltas_name = deltas_topic_name(app_id)
     source = app.topic(IMPRESSIONS_TOPIC, CLICKS_TOPIC, key_serializer="raw", value_serializer="raw")
     deltas = app.topic(deltas_name, partitions=PARTITIONS, key_serializer="raw", value_serializer="raw")
-    join_table = app.Table("join-state", key_type=bytes, value_type=bytes, partitions=PARTITIONS)
+    join_table = app.Table(
+        "join-state",
+        key_type=bytes,
+        value_type=bytes,
+        partitions=PARTITIONS,
+        extra_topic_configs=CHANGELOG_TOPIC_CONFIGS,
+    )
     join = LabelJoinAgent(
         app,
         join_table,
@@ -109,7 +115,13 @@ def build(
             sub.cancel()
 
     if features:
-        feature_table = app.Table("feature-state", key_type=bytes, value_type=bytes, partitions=PARTITIONS)
+        feature_table = app.Table(
+            "feature-state",
+            key_type=bytes,
+            value_type=bytes,
+            partitions=PARTITIONS,
+            extra_topic_configs=CHANGELOG_TOPIC_CONFIGS,
+        )
         if sink is None:
             sink = ProcessFeastSink(str(feast_dir) if feast_dir else None, online=online, redis_url=redis_url)
         feat = WindowedFeatureAgent(app, feature_table, deltas_name, sink, output, SPEC, interval_s=feast_interval_s)

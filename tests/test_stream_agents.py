@@ -25,6 +25,7 @@ from features.spec import SPEC, field_value_key
 from infra.procs import die_with_parent, stop_process
 from streams.agents.label_join import DEFAULT_WINDOW_MS, LATE_REASON_HEADER, send_watermark
 from streams.agents.windowed_features import WindowPlan
+from streams.app import CHANGELOG_TOPIC_CONFIGS
 from streams.datasets import open_source
 from streams.deadletter import read_dead_letter
 from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
@@ -292,6 +293,14 @@ def test_examples_are_co_partitioned_with_their_impressions(broker, tmp_path):
         worker.stop()
 
 
+def topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the answer is in
+    res = admin.describe_configs([ConfigResource("topic", topic)])
+    return {k: v.value for k, v in next(iter(res.values())).result(10).items()}
+
+
 def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path):
     """A worker is kill -9'd while a live replay is running, then restarted: the tables come
     back from their changelogs; examples (duplicates allowed, recognisable by key, same label),
@@ -330,6 +339,12 @@ def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path
         log = worker.text().split("===== start #2 =====")[1]
         assert "join partition" in log and "restored from" in log, "no table recovery after the restart"
         assert "feature partition" in log
+        # the changelogs were created compactable with small segments (else a broker keeps every
+        # record of the run; noida-db never compacted a single-segment log)
+        for table in ("join-state", "feature-state"):
+            cfg = topic_configs(broker.bootstrap, f"ctr-tkill-{table}-changelog")
+            assert cfg["cleanup.policy"] == "compact", cfg
+            assert {k: cfg[k] for k in CHANGELOG_TOPIC_CONFIGS} == CHANGELOG_TOPIC_CONFIGS
         print(f"\nkill -9 after {killed_at} examples; {len(examples)} examples read, {dupes} duplicates")
     finally:
         worker.stop()
