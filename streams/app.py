@@ -48,6 +48,7 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
 
+from infra.config import fetch_backoff_s, kafka_compression
 from streams.kafka_io import DeliveryTracker, make_producer
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,42 @@ class CtrApp(faust.App):
         return q
 
 
+def install_fetch_backoff(backoff_s: float | None = None) -> float:
+    """Make aiokafka wait ``backoff_s`` before re-fetching from a broker whose last fetch
+    returned no records (default :func:`infra.config.fetch_backoff_s`, 10 ms). Returns it.
+
+    Why: a Kafka broker holds an empty fetch for up to ``fetch_max_wait_ms`` (Faust asks for
+    1.5 s), so an idle consumer sends a few fetches a second. noida-db ignores the wait (and
+    ``fetch_min_bytes``) and answers at once, so aiokafka re-fetches in a tight loop: ~3,000
+    fetches/s on an empty topic, **a whole core** of the worker spent building and parsing
+    empty fetch responses (measured: an idle worker at 0.95 CPU; Tansu, which honours the
+    wait: 0.7 fetches/s). The fetcher keeps one request in flight per broker and starts the
+    next one when it finishes (``Fetcher._fetch_requests_routine``), so sleeping inside
+    ``_proc_fetch_request`` after an empty answer paces it; a fetch that brought records
+    returns at once, so a backlog drains at full speed. New data waits at most the backoff.
+    Against Apache Kafka an empty answer already took the broker's wait: the extra 10 ms is noise.
+    """
+    from aiokafka.consumer.fetcher import Fetcher
+
+    if backoff_s is None:
+        backoff_s = fetch_backoff_s()
+    original = getattr(Fetcher, "_ctr_original_proc_fetch_request", None)
+    if original is None:
+        original = Fetcher._ctr_original_proc_fetch_request = Fetcher._proc_fetch_request  # type: ignore[attr-defined]
+    if backoff_s <= 0:
+        Fetcher._proc_fetch_request = original  # type: ignore[method-assign]
+        return 0.0
+
+    async def _proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> bool:
+        got_records = await original(self, assignment, node_id, request)
+        if not got_records and assignment.active:
+            await asyncio.sleep(backoff_s)
+        return got_records
+
+    Fetcher._proc_fetch_request = _proc_fetch_request  # type: ignore[method-assign]
+    return backoff_s
+
+
 def kafka_url(bootstrap: str) -> str:
     return bootstrap if "://" in bootstrap else f"kafka://{bootstrap}"
 
@@ -252,6 +289,7 @@ def create_app(
     * session timeout 10 s / heartbeat 1 s -- quick rebalances after a kill -9;
     * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch.
     """
+    install_fetch_backoff()
     if processing_guarantee not in ("at_least_once", "exactly_once"):
         raise ValueError(f"processing_guarantee must be at_least_once or exactly_once, not {processing_guarantee!r}")
     datadir = datadir or tempfile.mkdtemp(prefix=f"{app_id}-faust-")
@@ -275,6 +313,9 @@ def create_app(
         broker_commit_interval=commit_interval_s,
         producer_max_request_size=4 * 1024 * 1024,
         producer_linger=0.005,
+        # changelog records hold a micro-batch of raw impressions: zstd shrinks them ~4x
+        # (aiokafka needs cramjam for it; consumers decompress whatever the producer chose)
+        producer_compression_type=None if kafka_compression() == "none" else kafka_compression(),
         consumer_max_fetch_size=4 * 1024 * 1024,
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,
@@ -299,7 +340,7 @@ class OutputProducer:
     "everything sent so far is acknowledged" (:meth:`delivered`)."""
 
     def __init__(self, bootstrap: str, **overrides: object) -> None:
-        cfg: dict[str, object] = {"linger.ms": 2, "compression.type": "none", **overrides}
+        cfg: dict[str, object] = {"linger.ms": 2, **overrides}
         self.producer = make_producer(bootstrap.split("://", 1)[-1], **cfg)
         self.tracker = DeliveryTracker()
         self.sent = 0

@@ -7,17 +7,27 @@ Why these settings:
   partition than its impression and break the partition-local label join.
 * ``acks=all`` and delivery reports on every message — a producer never reports success
   for a message the broker did not accept (:class:`DeliveryTracker`).
+* ``compression.type`` from :func:`infra.config.kafka_compression` (zstd unless
+  ``CTR_KAFKA_COMPRESSION`` says otherwise): a third of the bytes on the wire and in the broker.
+* :class:`PacedConsumer` -- after a fetch that found nothing it pauses its partitions for
+  :func:`infra.config.fetch_backoff_s` (10 ms): noida-db answers empty fetches at once
+  instead of holding them, and librdkafka then re-fetches in a tight loop (~27,000 fetches/s,
+  0.6 CPU per idle consumer; paced: ~300 fetches/s, 0.07 CPU, new data waits <= ~11 ms).
 * session timeout 10 s — some Kafka-protocol brokers make group joins wait for the full
   session timeout; 10 s keeps restarts quick without false rebalances.
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from infra.config import fetch_backoff_s, kafka_compression
 
 PRODUCER_DEFAULTS: dict[str, object] = {
     "partitioner": "murmur2_random",
@@ -58,11 +68,81 @@ class DeliveryTracker:
 
 
 def make_producer(bootstrap: str, **overrides: object) -> Producer:
-    return Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **overrides})
+    cfg = {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "compression.type": kafka_compression(), **overrides}
+    return Producer(cfg)
 
 
-def make_consumer(bootstrap: str, group_id: str, **overrides: object) -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, **CONSUMER_DEFAULTS, **overrides})
+class PacedConsumer(Consumer):
+    """A confluent-kafka ``Consumer`` whose :meth:`consume` paces fetching when idle.
+
+    librdkafka fetches in a background thread as long as its local queue is short; it relies on
+    the broker to hold an empty fetch for ``fetch.wait.max.ms``. noida-db answers at once, so an
+    idle consumer re-fetches thousands of times a second. When nothing is queued,
+    :meth:`consume` pauses the assigned partitions (which stops the fetcher), sleeps the
+    backoff, resumes them, wakes the fetcher (:meth:`_wake`) and waits ``window_s`` for the
+    fetch that follows, until ``timeout``.
+    Pause/resume only stop and restart fetching from the consumer's position: nothing is
+    skipped or repeated (``tests/test_broker.py`` checks order and completeness under load).
+    Rebalance callbacks still run inside ``consume``, never between a pause and its resume.
+    """
+
+    def __init__(
+        self, config: dict, *, backoff_s: float | None = None, window_s: float = 0.0005, settle_s: float = 0.5
+    ) -> None:
+        super().__init__(config)
+        self.backoff_s = fetch_backoff_s() if backoff_s is None else backoff_s
+        self.window_s = window_s
+        self.settle_s = settle_s
+        self._assignment: frozenset[tuple[str, int]] = frozenset()
+        self._assigned_at = 0.0
+
+    def _wake(self, tp: TopicPartition) -> None:
+        """Make librdkafka fetch now: a resumed partition otherwise waits for its broker
+        thread's next wake-up, ~1 s later (measured: 950 ms); any request to that broker (a
+        ListOffsets here, ~1 ms) wakes it and the fetch follows within ~1.5 ms. One broker,
+        as on the embedded default; with several, the others' partitions wait up to a second --
+        Apache Kafka honours ``fetch.wait.max.ms``, so set ``CTR_FETCH_BACKOFF_MS=0`` there."""
+        try:
+            self.get_watermark_offsets(tp, timeout=1.0, cached=False)
+        except KafkaException:
+            pass  # the fetch still starts, on the broker thread's own schedule
+
+    def _settling(self, parts: list) -> bool:
+        """Whether ``parts`` became the assignment less than ``settle_s`` ago."""
+        key = frozenset((tp.topic, tp.partition) for tp in parts)
+        now = time.monotonic()
+        if key != self._assignment:
+            self._assignment, self._assigned_at = key, now
+        return now - self._assigned_at < self.settle_s
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        msgs = super().consume(num_messages, 0)
+        if msgs or timeout == 0 or self.backoff_s <= 0:
+            return msgs if msgs or timeout == 0 else super().consume(num_messages, timeout)
+        deadline = time.monotonic() + (timeout if timeout > 0 else math.inf)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return msgs
+            parts = self.assignment()
+            if not parts or self._settling(parts):
+                # joining a group (the callbacks that assign run inside consume()), or a fresh
+                # assignment whose start offsets are still being looked up: a pause now would
+                # cancel that lookup, and the partitions would never start fetching
+                return super().consume(num_messages, min(remaining, self.settle_s))
+            self.pause(parts)
+            try:
+                time.sleep(min(self.backoff_s, remaining))
+            finally:
+                self.resume(parts)
+            self._wake(parts[0])
+            msgs = super().consume(num_messages, max(0.0, min(self.window_s, deadline - time.monotonic())))
+            if msgs:
+                return msgs
+
+
+def make_consumer(bootstrap: str, group_id: str, **overrides: object) -> PacedConsumer:
+    return PacedConsumer({"bootstrap.servers": bootstrap, "group.id": group_id, **CONSUMER_DEFAULTS, **overrides})
 
 
 def produce(
