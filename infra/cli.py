@@ -228,6 +228,9 @@ def worker_cmd(
     online: OnlineOpt = "sqlite",
     redis_url: RedisUrl = None,
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
+    wait_for_store: Annotated[
+        bool, typer.Option(help="Consume only once the Feast writer process is ready (~6 s: import feast).")
+    ] = False,
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
     from streams.worker import default_instance_id, run_worker
@@ -246,6 +249,7 @@ def worker_cmd(
             redis_url=redis_url,
             metrics_port=metrics_port,
             instance_id=instance_id or default_instance_id(),
+            wait_for_store=wait_for_store,
         )
     )
 
