@@ -9,6 +9,9 @@ Why these settings:
   for a message the broker did not accept (:class:`DeliveryTracker`).
 * ``compression.type`` from :func:`infra.config.kafka_compression` (zstd unless
   ``CTR_KAFKA_COMPRESSION`` says otherwise): a third of the bytes on the wire and in the broker.
+* ``linger.ms=20`` -- at the demo's 2,000 events/s over 4 partitions, 5 ms made batches of ~2-3
+  records (zstd 2.5x), 20 ms ~10 (3.3x) and a quarter of the produce requests; feature
+  freshness over 60 s went p99 1.8-2.6 s -> 1.6 s. A message waits at most 20 ms more.
 * :class:`PacedConsumer` -- after a fetch that found nothing it pauses its partitions for
   :func:`infra.config.fetch_backoff_s` (10 ms): noida-db answers empty fetches at once
   instead of holding them, and librdkafka then re-fetches in a tight loop (~27,000 fetches/s,
@@ -32,7 +35,7 @@ from infra.config import fetch_backoff_s, kafka_compression
 PRODUCER_DEFAULTS: dict[str, object] = {
     "partitioner": "murmur2_random",
     "acks": "all",
-    "linger.ms": 5,
+    "linger.ms": 20,
     "batch.num.messages": 10_000,
     "queue.buffering.max.messages": 200_000,
     "message.max.bytes": 1_000_000,
