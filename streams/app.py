@@ -253,7 +253,12 @@ def install_fetch_backoff(backoff_s: float | None = None) -> float:
     async def _proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> bool:
         got_records = await original(self, assignment, node_id, request)
         if not got_records and assignment.active:
-            await asyncio.sleep(backoff_s)
+            try:
+                await asyncio.sleep(backoff_s)
+            except asyncio.CancelledError:
+                # like the original on cancellation: ``Fetcher.close`` cancels and then awaits
+                # this task without suppressing the error; raising would break the shutdown
+                return got_records
         return got_records
 
     Fetcher._proc_fetch_request = _proc_fetch_request  # type: ignore[method-assign]

@@ -142,6 +142,32 @@ def test_aiokafka_fetch_backoff_paces_an_idle_consumer(broker) -> None:
 
 
 @pytest.mark.integration
+def test_aiokafka_consumer_stops_cleanly_while_paced(broker) -> None:
+    """``Fetcher.close`` cancels the fetch task and awaits it without suppressing the error: a
+    backoff sleep that let CancelledError out made every worker hang at SIGTERM (found by the
+    demo: the worker needed SIGKILL)."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka.structs import TopicPartition as AioTopicPartition
+
+    from streams.app import install_fetch_backoff
+
+    install_fetch_backoff(0.5)  # long enough that stop() lands inside the sleep
+
+    async def run() -> None:
+        c = AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, enable_auto_commit=False)
+        await c.start()
+        c.assign([AioTopicPartition(TOPIC, q) for q in range(4)])
+        await c.seek_to_beginning()
+        await asyncio.sleep(1.2)  # idle: the fetcher is sleeping after an empty fetch
+        await asyncio.wait_for(c.stop(), timeout=10)
+
+    try:
+        asyncio.run(run())
+    finally:
+        install_fetch_backoff()
+
+
+@pytest.mark.integration
 @pytest.mark.compat
 def test_default_codec_round_trips_through_every_client(any_broker) -> None:
     """Producers compress with zstd by default; confluent-kafka, aiokafka and kafka-python read it."""
