@@ -519,6 +519,15 @@ def bench_reliability(
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
+@bench_app.command("pacing", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_pacing(ctx: typer.Context) -> None:
+    """Idle consumers' CPU and fetches/s with and without fetch pacing, per broker and client
+    (`ctr bench pacing --help` for its options)."""
+    from bench.pacing import cli
+
+    cli(ctx.args)
+
+
 @bench_app.command("stream", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_stream(ctx: typer.Context) -> None:
     """Faust agents events/s vs raw aiokafka, Feast write rows/s, feature freshness
