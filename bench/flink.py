@@ -121,6 +121,7 @@ def _flink_row(bootstrap: str, ends: dict, total: int, p: int, tmp: Path, label:
 def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str, skip_faust: bool) -> dict:
     from infra.broker import EmbeddedBroker
     from streams.datasets import open_source
+    from streams.flink import KAFKA_PRODUCER_CONFIG
     from streams.flink.harness import end_offsets, flink_python
     from streams.replay import replay
 
@@ -133,7 +134,11 @@ def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str,
     extra["loadavg_before"] = os.getloadavg()
     try:
         print(f"replaying {events:,} impressions (+ clicks) ...", flush=True)
-        summary = replay(open_source("synthetic", seed=1, events=events, **VOCAB), broker.bootstrap)
+        summary = replay(
+            open_source("synthetic", seed=1, events=events, **VOCAB),
+            broker.bootstrap,
+            producer_config=KAFKA_PRODUCER_CONFIG,  # Flink's Kafka connector cannot read zstd
+        )
         total = summary.events
         ends = end_offsets(broker.bootstrap)
         extra["replayed_events"] = total

@@ -28,6 +28,7 @@ from features.spec import SPEC
 from streams.agents.label_join import ENTITY_KINDS
 from streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record
 from streams.datasets import open_source
+from streams.flink import KAFKA_PRODUCER_CONFIG
 from streams.flink.harness import create_output_topic, end_offsets, flink_python, read_features, read_messages, run_job
 from streams.replay import replay
 from tests.test_stream_agents import SMALL, Worker, brute_force_buckets, truth_labels
@@ -117,7 +118,7 @@ def feast_mismatches(feast_dir: Path, flink: dict[Key, tuple[int, int, float]], 
 
 def test_flink_job_and_faust_agent_produce_identical_windowed_features(broker, tmp_path, flink):
     records = list(open_source("synthetic", seed=21, events=EVENTS, events_per_second=EVENTS_PER_S, **SMALL))
-    summary = replay(records, broker.bootstrap)
+    summary = replay(records, broker.bootstrap, producer_config=KAFKA_PRODUCER_CONFIG)  # Flink reads no zstd
     assert summary.failed == 0
     ends = end_offsets(broker.bootstrap)
     # The end offsets bound the Flink read: they must cover every event (plus one watermark
