@@ -295,6 +295,7 @@ def create_app(
     * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch.
     """
     install_fetch_backoff()
+    codec = kafka_compression()
     if processing_guarantee not in ("at_least_once", "exactly_once"):
         raise ValueError(f"processing_guarantee must be at_least_once or exactly_once, not {processing_guarantee!r}")
     datadir = datadir or tempfile.mkdtemp(prefix=f"{app_id}-faust-")
@@ -320,7 +321,7 @@ def create_app(
         producer_linger=0.005,
         # changelog records hold a micro-batch of raw impressions: zstd shrinks them ~4x
         # (aiokafka needs cramjam for it; consumers decompress whatever the producer chose)
-        producer_compression_type=None if kafka_compression() == "none" else kafka_compression(),
+        producer_compression_type=None if codec == "none" else codec,
         consumer_max_fetch_size=4 * 1024 * 1024,
         stream_wait_empty=False,
         consumer_group_instance_id=instance_id,

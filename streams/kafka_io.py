@@ -85,7 +85,8 @@ class PacedConsumer(Consumer):
     backoff, resumes them, wakes the fetcher (:meth:`_wake`) and waits ``window_s`` for the
     fetch that follows, until ``timeout``.
     Pause/resume only stop and restart fetching from the consumer's position: nothing is
-    skipped or repeated (``tests/test_broker.py`` checks order and completeness under load).
+    skipped or repeated, and a fetch answered while paused is kept (``tests/test_kafka_pacing.py``
+    checks order and completeness through idle spells and bursts).
     Rebalance callbacks still run inside ``consume``, never between a pause and its resume.
     """
 

@@ -209,10 +209,12 @@ def run_worker(
         web_port=web_port,
         instance_id=instance_id,
     )
-    ready = getattr(getattr(getattr(app, "ctr_features", None), "writer", None), "sink", None)
-    if wait_for_store and ready is not None and hasattr(ready, "ready"):
-        log.info("waiting for the Feast writer process before consuming")
-        ready.ready.result(timeout=600)
+    if wait_for_store and features:
+        # ProcessFeastSink opens the store in its helper process; an in-process sink has no wait
+        ready = getattr(app.ctr_features.writer.sink, "ready", None)  # type: ignore[attr-defined]
+        if ready is not None:
+            log.info("waiting for the Feast writer process before consuming")
+            ready.result(timeout=600)
     if metrics_port:
         from prometheus_client import start_http_server
 
