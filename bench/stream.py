@@ -1,6 +1,7 @@
 """``python -m bench.stream``: the Faust agents' throughput, Feast write rate and feature freshness.
 
-Rows (all in one run, on one embedded noida-db broker):
+Rows (all in one run; each agent variant on a fresh embedded noida-db broker holding the same
+replay, since the broker's CPU grows with what it holds):
 
 * ``aiokafka raw consume`` -- an ``AIOKafkaConsumer`` reading the same impressions + clicks
   topics and doing nothing else: the client's ceiling on this machine right now;
@@ -41,6 +42,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import report
@@ -262,7 +264,19 @@ def main(
     extra: dict = {"events": events, "loadavg_before": os.getloadavg(), "broker": kind if broker else bootstrap}
     try:
         if only != "freshness":
-            _throughput(bootstrap, events, tmp, rows, extra)
+
+            def fresh_broker(i: int) -> str:
+                # every variant on a broker of its own: noida-db's CPU grows with what it holds,
+                # and on a shared one the last variant ran beside the earlier ones' outputs and
+                # changelogs (join + features measured 7-9k events/s there, 15-20k on its own)
+                nonlocal broker
+                if broker is None:
+                    return bootstrap  # an external broker: shared by every variant
+                broker.stop()
+                broker = EmbeddedBroker(kind=kind, data_dir=tmp / f"broker-{i}").start()
+                return broker.bootstrap
+
+            _throughput(fresh_broker, events, tmp, rows, extra)
         if only != "throughput":
             # freshness on its own broker and store: the topics above hold a finished replay
             if broker is not None and only == "all":
@@ -310,8 +324,9 @@ def _plot_freshness(series: list[tuple[float, float]], row: dict, path: Path) ->
     return path
 
 
-def _throughput(bootstrap: str, events: int, tmp: Path, rows: list[dict], extra: dict) -> None:
-    """Replay ``events`` synthetic impressions once, then time each agent variant on them."""
+def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: list[dict], extra: dict) -> None:
+    """For each agent variant: replay ``events`` synthetic impressions (same seed) to the
+    broker ``broker_for(i)`` returns, time a raw consume and then the variant on them."""
     from features.store import ensure_applied
     from streams.agents.label_join import send_watermark
     from streams.datasets import open_source
@@ -320,15 +335,14 @@ def _throughput(bootstrap: str, events: int, tmp: Path, rows: list[dict], extra:
     # Applied once up front, as a deployment does (`ctr features apply`): otherwise the worker's
     # Feast process spends its first ~8 s of CPU applying the repo inside the measured window.
     ensure_applied(tmp / "feast")
-    print(f"replaying {events:,} impressions (+ clicks) ...", flush=True)
-    summary = replay(open_source("synthetic", seed=1, events=events), bootstrap)
-    send_watermark(bootstrap, 10**15)
-    total = summary.events
-    extra["replayed_events"] = total
 
-    def raw_row() -> dict:
-        r = _raw_aiokafka(bootstrap, total)
-        return {"name": "aiokafka raw consume", **r}
+    def load(i: int) -> tuple[str, int]:
+        bootstrap = broker_for(i)
+        print(f"replaying {events:,} impressions (+ clicks) ...", flush=True)
+        summary = replay(open_source("synthetic", seed=1, events=events), bootstrap)
+        send_watermark(bootstrap, 10**15)
+        extra["replayed_events"] = summary.events
+        return bootstrap, summary.events
 
     variants = (
         ("agents: label join", ("--no-features",)),
@@ -337,8 +351,9 @@ def _throughput(bootstrap: str, events: int, tmp: Path, rows: list[dict], extra:
         # that one-off cost out of the steady-state rate (without: 12-15k events/s here)
         ("agents: join + features", ("--wait-for-store",)),
     )
-    for label, flags in variants:
-        raw = raw_row()
+    for i, (label, flags) in enumerate(variants):
+        bootstrap, total = load(i)
+        raw = {"name": "aiokafka raw consume", **_raw_aiokafka(bootstrap, total)}
         rows.append(raw)
         app_id = f"bench-{uuid.uuid4().hex[:6]}"
         proc, port = _worker(bootstrap, app_id, tmp / "feast", tmp / f"{app_id}.log", *flags)
