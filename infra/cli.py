@@ -231,6 +231,9 @@ def worker_cmd(
     wait_for_store: Annotated[
         bool, typer.Option(help="Consume only once the Feast writer process is ready (~6 s: import feast).")
     ] = False,
+    changelog_impressions: Annotated[
+        str, typer.Option(help="offsets: the join's changelog references impressions (read back at restore); inline.")
+    ] = "offsets",
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
     from streams.worker import default_instance_id, run_worker
@@ -250,6 +253,7 @@ def worker_cmd(
             metrics_port=metrics_port,
             instance_id=instance_id or default_instance_id(),
             wait_for_store=wait_for_store,
+            changelog_impressions=changelog_impressions,
         )
     )
 

@@ -188,3 +188,44 @@ def consume_batches(consumer: Consumer, batch_size: int = 1000, timeout_s: float
             if err is not None and err.code() != KafkaError._PARTITION_EOF:
                 raise RuntimeError(f"consumer error: {err}")
         yield data
+
+
+class OffsetsGone(RuntimeError):
+    """Records a reader needs are no longer in the partition (retention or compaction took them)."""
+
+
+def read_range(
+    bootstrap: str, topic: str, partition: int, first: int, last: int, timeout_s: float = 60.0
+) -> list[Message]:
+    """The records of one partition at offsets ``first..last`` (inclusive), in order.
+
+    For state that keeps *offsets* into a source topic instead of copies of its records (the
+    label join's changelog, like Kafka Streams' source-topic changelogs). No consumer group is
+    joined (``assign``), nothing is committed; ``read_committed`` as the agents read. Raises
+    :class:`OffsetsGone` when the partition no longer starts at or before ``first``, and
+    ``TimeoutError`` when ``last`` is not reached in time.
+    """
+    c = Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": "ctr-range-reader",
+                  **CONSUMER_DEFAULTS, "enable.partition.eof": True})  # fmt: skip
+    out: list[Message] = []
+    try:
+        c.assign([TopicPartition(topic, partition, first)])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}[{partition}]: offsets {first}..{last} not read within {timeout_s}s")
+            for m in c.consume(10_000, 0.2):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        raise OffsetsGone(f"{topic}[{partition}] ends at {m.offset()}, before offset {last}")
+                    raise KafkaException(err)
+                if not out and m.offset() > first:
+                    raise OffsetsGone(f"{topic}[{partition}] starts at {m.offset()} now; offset {first} is gone")
+                if m.offset() > last:
+                    return out
+                out.append(m)
+                if m.offset() == last:
+                    return out
+    finally:
+        c.close()

@@ -75,6 +75,7 @@ def build(
     feast_interval_s: float = 0.1,
     sink: Any = None,
     instance_id: str | None = None,
+    changelog_impressions: str = "offsets",
 ) -> CtrApp:
     """Create the app with its topics, tables and agents (the worker is not started)."""
     from features.spec import SPEC
@@ -101,9 +102,11 @@ def build(
         output,
         deltas_name,
         JoinConfig(
-            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emit_on_click=emit_on_click, spec=SPEC
+            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emit_on_click=emit_on_click, spec=SPEC,
+            changelog_impressions=changelog_impressions,
         ),
-    )
+        bootstrap=bootstrap,
+    )  # fmt: skip
     app.ctr_join = join  # type: ignore[attr-defined]
 
     @app.agent(source, name="label-join")
@@ -172,6 +175,7 @@ def run_worker(
     loglevel: str = "info",
     instance_id: str | None = None,
     wait_for_store: bool = False,
+    changelog_impressions: str = "offsets",
 ) -> int:
     """Run one worker in the foreground until SIGTERM/SIGINT; returns its exit code.
 
@@ -181,6 +185,9 @@ def run_worker(
     server. ``features=False`` runs the label join only. ``wait_for_store`` holds consumption
     until the Feast writer process has opened the store (``import feast`` is ~6 s of CPU): by
     default the join starts at once, so examples reach the learner while the writer starts.
+    ``changelog_impressions``: ``offsets`` (the join's changelog references the impressions it
+    consumed; a restore reads them back from the impressions topic, whose retention must then
+    outlast the attribution window) or ``inline`` (copies them: ~2.5x the changelog bytes).
     """
     import faust
 
@@ -208,6 +215,7 @@ def run_worker(
         redis_url=redis_url,
         web_port=web_port,
         instance_id=instance_id,
+        changelog_impressions=changelog_impressions,
     )
     if wait_for_store and features:
         # ProcessFeastSink opens the store in its helper process; an in-process sink has no wait
@@ -253,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--no-features", action="store_true", help="run the label join only")
     ap.add_argument("--wait-for-store", action="store_true", help="consume only once the Feast writer is ready")
+    ap.add_argument("--changelog-impressions", choices=("offsets", "inline"), default="offsets",
+                    help="the join's changelog references impressions by offset, or copies them")  # fmt: skip
     ap.add_argument("--metrics-port", type=int, default=None)
     ap.add_argument("--web-port", type=int, default=None)
     ap.add_argument("--loglevel", default="info")
@@ -280,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         loglevel=a.loglevel,
         instance_id=a.instance_id,
         wait_for_store=a.wait_for_store,
+        changelog_impressions=a.changelog_impressions,
     )
 
 

@@ -49,9 +49,16 @@ clicks are not counted as clicks (their impression is gone).
 Delivery guarantee (at-least-once input, idempotent/versioned effects)
 --------------------------------------------------------------------------
 Each micro-batch of partition *p* becomes ONE changelog record (:class:`JoinRecord`, key
-``p:seq``) holding the batch's accepted inputs (raw impressions, clicks), the watermark before
-and after, the input offsets applied (``imp_hwm``/``click_hwm``), cumulative counters and
-``confirmed`` = the last batch whose outputs are known delivered. The order per batch is:
+``p:seq``) holding the batch's accepted inputs, the watermark before and after, the input
+offsets applied (``imp_hwm``/``click_hwm``), cumulative counters and ``confirmed`` = the last
+batch whose outputs are known delivered. Clicks are copied (id and time); impressions are, by
+default (``changelog_impressions="offsets"``), referenced by the offset range the batch read
+from the impressions topic -- the topic itself is their log, as Kafka Streams reuses a source
+topic as a table's changelog -- and read back at a restore (:func:`inline_impressions`). That
+keeps ~2.5x fewer bytes in the changelog, which the broker acknowledges before any output
+leaves; it needs the impressions topic to keep its records while a batch's record is live (the
+attribution window plus what is unconfirmed), and a restore fails loudly if they are gone.
+``inline`` copies them. The order per batch is:
 
 1. records at or below the offsets already applied are skipped (replayed input changes nothing);
 2. the record is written to the table's changelog and *acknowledged* by the broker;
@@ -123,6 +130,7 @@ COUNTERS: tuple[str, ...] = (
     "duplicate_impressions", "duplicate_clicks", "dead_letters", "markers", "skipped_replayed",
 )  # fmt: skip
 
+CHANGELOG_IMPRESSIONS: tuple[str, ...] = ("offsets", "inline")
 #: ``(kind index, entity key, hop bucket, impressions delta, clicks delta)``
 DeltaRow = tuple[int, str, int, int, int]
 
@@ -137,10 +145,15 @@ class JoinConfig:
     emit_on_click: bool = True
     spec: FeatureSpec = SPEC
     feature_partitions: int = 4
+    #: how a changelog record holds its impressions: ``offsets`` (the range it consumed from the
+    #: impressions topic, read back at restore) or ``inline`` (a copy of every impression)
+    changelog_impressions: str = "offsets"
 
     def __post_init__(self) -> None:
         if self.window_ms <= 0 or self.allowed_lateness_ms < 0:
             raise ValueError("window_ms must be > 0 and allowed_lateness_ms >= 0")
+        if self.changelog_impressions not in CHANGELOG_IMPRESSIONS:
+            raise ValueError(f"changelog_impressions must be one of {CHANGELOG_IMPRESSIONS}")
 
     @property
     def bucket_ms(self) -> int:
@@ -170,7 +183,12 @@ class LateClick(NamedTuple):
 
 
 class JoinRecord(msgspec.Struct, array_like=True, frozen=True):
-    """One micro-batch of one partition, as written to the join table's changelog."""
+    """One micro-batch of one partition, as written to the join table's changelog.
+
+    Its impressions are either copied (``impressions``) or referenced: ``imp_first..imp_last``
+    is the offset range of the impressions partition the batch consumed, whose decodable
+    non-control records are its ``imp_count`` impressions (:func:`impressions_in`). New
+    fields go last, with defaults: records written by an older version still decode."""
 
     seq: int
     wm_before: int
@@ -185,6 +203,14 @@ class JoinRecord(msgspec.Struct, array_like=True, frozen=True):
     impressions: list[bytes]
     clicks: list[tuple[str, int]]
     counters: dict[str, int]
+    imp_first: int = -1
+    imp_last: int = -1
+    imp_count: int = 0
+
+    @property
+    def by_offsets(self) -> bool:
+        """The impressions are referenced by offset, not copied into the record."""
+        return self.imp_count > 0 and not self.impressions
 
 
 _record_encoder = msgspec.msgpack.Encoder()
@@ -198,6 +224,43 @@ def encode_record(rec: JoinRecord) -> bytes:
 
 def decode_record(data: bytes) -> JoinRecord:
     return _record_decoder.decode(data)
+
+
+def impressions_in(records: Iterable[tuple[int, bytes | None, Any]], first: int, last: int) -> list[bytes]:
+    """The impressions a batch accepted from ``(offset, value, headers)`` records of its
+    partition: those in ``first..last`` that are neither watermark control messages nor
+    malformed (dead-lettered) -- the same test the agent applies, so re-reading a range gives
+    back exactly the batch's impressions.
+
+    >>> imp = encode(Impression(event_id="e1", event_time_ms=1, user_id="u", item_id="a"))
+    >>> impressions_in([(4, imp, None), (5, b"{", None), (6, b"", [(WATERMARK_HEADER, b"9")]),
+    ...                 (7, imp, None)], 4, 6) == [imp]
+    True
+    """
+    out = []
+    for offset, value, headers in records:
+        if offset < first or offset > last or (headers and watermark_of(headers) is not None):
+            continue
+        try:
+            decode_impression(value)
+        except SchemaError:
+            continue
+        out.append(value)  # type: ignore[arg-type]
+    return out
+
+
+def inline_impressions(rec: JoinRecord, records: Iterable[tuple[int, bytes | None, Any]]) -> JoinRecord:
+    """``rec`` with its offset-referenced impressions copied in from ``records`` (read from
+    its partition); raises if they are not the ones it consumed."""
+    if not rec.by_offsets:
+        return rec
+    raws = impressions_in(records, rec.imp_first, rec.imp_last)
+    if len(raws) != rec.imp_count:
+        raise RuntimeError(
+            f"join record {rec.seq}: impressions offsets {rec.imp_first}..{rec.imp_last} hold {len(raws)} "
+            f"impressions now, the record consumed {rec.imp_count} (was the topic rewritten?)"
+        )
+    return msgspec.structs.replace(rec, impressions=raws)
 
 
 def record_key(partition: int, seq: int) -> bytes:
@@ -451,10 +514,12 @@ class JoinPartition:
         click_hwm: int | None = None,
         dead_letters: int = 0,
         skipped: int = 0,
+        imp_range: tuple[int, int] | None = None,
     ) -> tuple[StepOutput, JoinRecord]:
         """Apply one micro-batch (impressions with their raw bytes, clicks, watermark markers
         seen on each topic) and return its outputs and the changelog record that makes it
-        durable."""
+        durable. With ``imp_range`` (the first and last offset of the impressions it accepted)
+        the record references the impressions instead of copying them."""
         wm_before = self.wm
         out = self._step(self.seq + 1, raws, imps, clicks, imp_markers, click_markers)
         self.seq += 1
@@ -468,8 +533,9 @@ class JoinPartition:
             seq=self.seq, wm_before=wm_before, wm=self.wm, imp_max=self.imp_max, click_max=self.click_max,
             imp_marker=self.imp_marker, click_marker=self.click_marker, imp_hwm=self.imp_hwm,
             click_hwm=self.click_hwm, confirmed=self.confirmed,
-            impressions=list(raws), clicks=[(c.impression_id, c.event_time_ms) for c in clicks],
-            counters=dict(self.counters),
+            impressions=[] if imp_range else list(raws), clicks=[(c.impression_id, c.event_time_ms) for c in clicks],
+            counters=dict(self.counters), imp_first=imp_range[0] if imp_range else -1,
+            imp_last=imp_range[1] if imp_range else -1, imp_count=len(raws),
         )  # fmt: skip
         self._track(rec, imps)
         return out, rec
@@ -521,6 +587,8 @@ class JoinPartition:
         resend: list[tuple[int, StepOutput]] = []
         if not recs:
             return jp, resend
+        if any(r.by_offsets for r in recs):
+            raise ValueError("records reference impressions by offset: inline_impressions() them first")
         confirmed = recs[-1].confirmed
         for rec in recs:
             jp.wm = rec.wm_before
@@ -697,11 +765,17 @@ class LabelJoinAgent:
         max_events: int = 8000,
         max_record_bytes: int = 900_000,
         max_inflight: int = 2,
+        bootstrap: str | None = None,
     ) -> None:
         from streams.app import BulkAgentBase
         from streams.deadletter import DeadLetterSink
 
         self.cfg = config or JoinConfig()
+        #: changelog records reference impressions by offset: restores read them from here
+        self.by_offsets = self.cfg.changelog_impressions == "offsets"
+        if self.by_offsets and not bootstrap:
+            raise ValueError("changelog_impressions='offsets' needs the bootstrap to read impressions back")
+        self.bootstrap = bootstrap
         self.table = table
         self.output = output
         self.deltas_topic = deltas_topic
@@ -753,6 +827,7 @@ class LabelJoinAgent:
         for p in sorted(partitions):
             recs = [decode_record(v) for _, v in table_items(self.table, partition_prefix(p))]
             t0 = time.perf_counter()
+            recs = await self._inline(p, recs)
             jp, resend = JoinPartition.restore(p, self.cfg, recs)
             self.states[p] = jp
             if recs:
@@ -763,6 +838,24 @@ class LabelJoinAgent:
                          "re-sent %d examples)", p, len(recs), time.perf_counter() - t0, jp.seq,
                          len(jp.pending), sum(len(o.examples) for _, o in resend))  # fmt: skip
             jp.mark_confirmed(jp.seq)
+
+    async def _inline(self, p: int, recs: list[JoinRecord]) -> list[JoinRecord]:
+        """Read back the impressions that records reference by offset (one range read per
+        partition: the live records are a contiguous suffix of the log)."""
+        from streams.kafka_io import read_range
+
+        ranged = [r for r in recs if r.by_offsets]
+        if not ranged:
+            return recs
+        if not self.bootstrap:
+            raise RuntimeError(f"join partition {p}: records reference impressions by offset; no bootstrap given")
+        first, last = min(r.imp_first for r in ranged), max(r.imp_last for r in ranged)
+        t0 = time.perf_counter()
+        msgs = await asyncio.to_thread(read_range, self.bootstrap, IMPRESSIONS_TOPIC, p, first, last)
+        records = [(m.offset(), m.value(), m.headers()) for m in msgs]
+        log.info("join partition %d: read back %d impressions (offsets %d..%d) in %.2fs",
+                 p, len(records), first, last, time.perf_counter() - t0)  # fmt: skip
+        return [inline_impressions(r, records) for r in recs]
 
     # ---- one micro-batch
     async def process(self, batch: Any, runner: Any) -> None:
@@ -793,6 +886,7 @@ class LabelJoinAgent:
             clicks: list[Click] = []
             markers: tuple[list[int], list[int]] = ([], [])
             imp_hwm = click_hwm = None
+            imp_first = imp_last = -1
             skipped = dl = size = 0
             for cur in cursors:
                 c, i = cur
@@ -816,6 +910,9 @@ class LabelJoinAgent:
                             imps.append(decode_impression(r.value))
                             raws.append(r.value)
                             size += len(r.value)
+                            if imp_first < 0:
+                                imp_first = r.offset
+                            imp_last = r.offset
                         else:
                             clicks.append(decode_click(r.value))
                     except SchemaError as err:
@@ -835,7 +932,8 @@ class LabelJoinAgent:
             if not by_part[p]:
                 del by_part[p]
             if raws or clicks or markers[0] or markers[1] or dl:
-                work.append((jp, raws, imps, clicks, markers, imp_hwm, click_hwm, dl, skipped))
+                rng = (imp_first, imp_last) if self.by_offsets and raws else None
+                work.append((jp, raws, imps, clicks, markers, imp_hwm, click_hwm, dl, skipped, rng))
         t0 = time.perf_counter()
         self._confirm()
         if any(w[7] for w in work):
@@ -843,9 +941,9 @@ class LabelJoinAgent:
         t1 = time.perf_counter()
         results = []
         changelog = []
-        for jp, raws, imps, clicks, markers, imp_hwm, click_hwm, dl, skipped in work:
+        for jp, raws, imps, clicks, markers, imp_hwm, click_hwm, dl, skipped, rng in work:
             p = jp.partition
-            out, rec = jp.process(raws, imps, clicks, markers[0], markers[1], imp_hwm, click_hwm, dl, skipped)
+            out, rec = jp.process(raws, imps, clicks, markers[0], markers[1], imp_hwm, click_hwm, dl, skipped, rng)
             for s in jp.dead_records():
                 changelog.append((p, record_key(p, s), None))
             changelog.append((p, record_key(p, rec.seq), encode_record(rec)))
