@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from infra.config import TOPICS, TopicSpec
-from streams.agents.label_join import CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
+from streams.agents.label_join import CHANGELOG_IMPRESSIONS, CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
 from streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 
 log = logging.getLogger("streams.worker")
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--no-features", action="store_true", help="run the label join only")
     ap.add_argument("--wait-for-store", action="store_true", help="consume only once the Feast writer is ready")
-    ap.add_argument("--changelog-impressions", choices=("offsets", "inline"), default="offsets",
+    ap.add_argument("--changelog-impressions", choices=CHANGELOG_IMPRESSIONS, default="offsets",
                     help="the join's changelog references impressions by offset, or copies them")  # fmt: skip
     ap.add_argument("--metrics-port", type=int, default=None)
     ap.add_argument("--web-port", type=int, default=None)
