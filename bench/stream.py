@@ -13,6 +13,9 @@ replay, since the broker's CPU grows with what it holds):
   round, before the round's outputs leave): the cost of ``exactly_once``;
 * ``agents: join + features`` -- the same with the windowed-feature agent and its Feast writer
   (the Feast repository applied beforehand, as a deployment does);
+* ``agents: join + features, --changelog inline`` -- the same with changelog records that
+  copy the impressions and delta batches they consumed instead of naming their offsets;
+  ``changelog_bytes_per_event`` (every variant) is what the tables' changelogs took per event;
 * ``feast write`` -- ``features.store.FeatureWriter.write`` of 1,000-row micro-batches into
   the SQLite online store, in-process (the rate the feature agent's helper process can reach);
 * ``freshness`` -- on a fresh broker and store, a live stream (event time = wall clock) at
@@ -95,6 +98,19 @@ def _measure_agent(proc: subprocess.Popen, port: int, total: int, timeout_s: flo
         return {"events": int(n), "events_per_s": None, "error": "did not finish"}
     return {"events": int(n), "seconds": round(last_t - first_t, 2),
             "events_per_s": round((n - first_n) / (last_t - first_t), 1)}  # fmt: skip
+
+
+def _settled(port: int, name: str, quiet_s: float = 1.0, timeout_s: float = 15.0) -> float:
+    """A metric's value once it stopped moving for ``quiet_s`` (the feature agent still
+    applies the last delta batches when the join has counted its last event)."""
+    last, since = _metric(port, name), time.monotonic()
+    deadline = since + timeout_s
+    while time.monotonic() < deadline and time.monotonic() - since < quiet_s:
+        time.sleep(0.2)
+        now = _metric(port, name)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
 
 
 def _raw_aiokafka(bootstrap: str, total: int) -> dict:
@@ -350,6 +366,9 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
         # the Feast writer process imports feast (~6 s of a core) at start: waiting for it keeps
         # that one-off cost out of the steady-state rate (without: 12-15k events/s here)
         ("agents: join + features", ("--wait-for-store",)),
+        # the changelogs copy the impressions / delta batches they consumed instead of naming
+        # their offsets (the mode before 2026-12-02): what the references save, in the same run
+        ("agents: join + features, --changelog inline", ("--wait-for-store", "--changelog", "inline")),
     )
     for i, (label, flags) in enumerate(variants):
         bootstrap, total = load(i)
@@ -359,6 +378,8 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
         proc, port = _worker(bootstrap, app_id, tmp / "feast", tmp / f"{app_id}.log", *flags)
         try:
             r = _measure_agent(proc, port, total, timeout_s=300)
+            if r.get("events_per_s"):
+                r["changelog_bytes_per_event"] = round(_settled(port, "ctr_changelog_bytes_total") / total, 1)
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             stop_process(proc, grace_s=15)

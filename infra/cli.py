@@ -14,7 +14,10 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+
+from infra.config import CHANGELOG_MODES
 
 app = typer.Typer(
     help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
@@ -231,8 +234,13 @@ def worker_cmd(
     wait_for_store: Annotated[
         bool, typer.Option(help="Consume only once the Feast writer process is ready (~6 s: import feast).")
     ] = False,
-    changelog_impressions: Annotated[
-        str, typer.Option(help="offsets: the join's changelog references impressions (read back at restore); inline.")
+    changelog: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(CHANGELOG_MODES),
+            help="offsets: changelog records reference the impressions / delta batches they consumed "
+            "(read back at restore); inline: they copy them.",
+        ),
     ] = "offsets",
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
@@ -253,7 +261,7 @@ def worker_cmd(
             metrics_port=metrics_port,
             instance_id=instance_id or default_instance_id(),
             wait_for_store=wait_for_store,
-            changelog_impressions=changelog_impressions,
+            changelog=changelog,
         )
     )
 

@@ -11,6 +11,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+#: How the agents' changelog records hold the source records they consumed: ``offsets`` (a
+#: reference into the source topic, read back at a restore, as Kafka Streams reuses a source
+#: topic as a changelog) or ``inline`` (a copy). The join's impressions, the feature agent's
+#: delta batches.
+CHANGELOG_MODES: tuple[str, ...] = ("offsets", "inline")
+
 
 @dataclass(frozen=True)
 class TopicSpec:

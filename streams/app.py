@@ -578,15 +578,28 @@ async def send_changelog(table: Any, records: Sequence[tuple[int, bytes, bytes |
     topic = table.changelog_topic
     data = table.data
     futures = []
+    size = 0
     for partition, key, value in records:
         if value is None:
             data.pop(key, None)
         else:
             data[key] = value
+            size += len(value)
         futures.append(await topic.send(key=key, value=value, partition=partition))
+    if records:
+        _changelog_bytes().labels(table.name).inc(size)
     if wait and futures:
         await asyncio.gather(*futures)
     return futures
+
+
+def _changelog_bytes() -> Any:
+    from prometheus_client import Counter
+
+    from streams.metrics import metric
+
+    # what the broker must take (and acknowledge) before the agents' outputs leave
+    return metric("ctr_changelog_bytes_total", Counter, "Table changelog value bytes sent", ["table"])
 
 
 def table_items(table: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:

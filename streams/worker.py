@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.config import TOPICS, TopicSpec
-from streams.agents.label_join import CHANGELOG_IMPRESSIONS, CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
+from infra.config import CHANGELOG_MODES, TOPICS, TopicSpec
+from streams.agents.label_join import CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
 from streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 
 log = logging.getLogger("streams.worker")
@@ -75,7 +75,7 @@ def build(
     feast_interval_s: float = 0.1,
     sink: Any = None,
     instance_id: str | None = None,
-    changelog_impressions: str = "offsets",
+    changelog: str = "offsets",
 ) -> CtrApp:
     """Create the app with its topics, tables and agents (the worker is not started)."""
     from features.spec import SPEC
@@ -103,7 +103,7 @@ def build(
         deltas_name,
         JoinConfig(
             window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emit_on_click=emit_on_click, spec=SPEC,
-            changelog_impressions=changelog_impressions,
+            changelog_impressions=changelog,
         ),
         bootstrap=bootstrap,
     )  # fmt: skip
@@ -127,7 +127,10 @@ def build(
         )
         if sink is None:
             sink = ProcessFeastSink(str(feast_dir) if feast_dir else None, online=online, redis_url=redis_url)
-        feat = WindowedFeatureAgent(app, feature_table, deltas_name, sink, output, SPEC, interval_s=feast_interval_s)
+        feat = WindowedFeatureAgent(
+            app, feature_table, deltas_name, sink, output, SPEC, interval_s=feast_interval_s, changelog=changelog,
+            bootstrap=bootstrap,
+        )  # fmt: skip
         app.ctr_features = feat  # type: ignore[attr-defined]
 
         @app.agent(deltas, name="windowed-features")
@@ -175,7 +178,7 @@ def run_worker(
     loglevel: str = "info",
     instance_id: str | None = None,
     wait_for_store: bool = False,
-    changelog_impressions: str = "offsets",
+    changelog: str = "offsets",
 ) -> int:
     """Run one worker in the foreground until SIGTERM/SIGINT; returns its exit code.
 
@@ -185,9 +188,11 @@ def run_worker(
     server. ``features=False`` runs the label join only. ``wait_for_store`` holds consumption
     until the Feast writer process has opened the store (``import feast`` is ~6 s of CPU): by
     default the join starts at once, so examples reach the learner while the writer starts.
-    ``changelog_impressions``: ``offsets`` (the join's changelog references the impressions it
-    consumed; a restore reads them back from the impressions topic, whose retention must then
-    outlast the attribution window) or ``inline`` (copies them: ~2.5x the changelog bytes).
+    ``changelog``: ``offsets`` (the changelogs reference the records they consumed, the join's
+    its impressions and the feature agent's its delta batches; a restore reads them back, so the
+    impressions topic must keep its records for the attribution window and the deltas topic for
+    the longest feature window plus its hop) or ``inline`` (copies them: ~2.5x the join's
+    changelog bytes, ~2x the feature agent's).
     """
     import faust
 
@@ -215,7 +220,7 @@ def run_worker(
         redis_url=redis_url,
         web_port=web_port,
         instance_id=instance_id,
-        changelog_impressions=changelog_impressions,
+        changelog=changelog,
     )
     if wait_for_store and features:
         # ProcessFeastSink opens the store in its helper process; an in-process sink has no wait
@@ -261,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--no-features", action="store_true", help="run the label join only")
     ap.add_argument("--wait-for-store", action="store_true", help="consume only once the Feast writer is ready")
-    ap.add_argument("--changelog-impressions", choices=CHANGELOG_IMPRESSIONS, default="offsets",
-                    help="the join's changelog references impressions by offset, or copies them")  # fmt: skip
+    ap.add_argument("--changelog", choices=CHANGELOG_MODES, default="offsets",
+                    help="changelog records reference the impressions / delta batches they consumed by "
+                         "offset (read back at restore), or copy them")  # fmt: skip
     ap.add_argument("--metrics-port", type=int, default=None)
     ap.add_argument("--web-port", type=int, default=None)
     ap.add_argument("--loglevel", default="info")
@@ -290,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         loglevel=a.loglevel,
         instance_id=a.instance_id,
         wait_for_store=a.wait_for_store,
-        changelog_impressions=a.changelog_impressions,
+        changelog=a.changelog,
     )
 
 

@@ -26,7 +26,7 @@ import pytest
 
 from features.spec import SPEC
 from streams.agents.label_join import ENTITY_KINDS
-from streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record
+from streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record, inline_deltas
 from streams.datasets import open_source
 from streams.flink import KAFKA_PRODUCER_CONFIG
 from streams.flink.harness import create_output_topic, end_offsets, flink_python, read_features, read_messages, run_job
@@ -69,18 +69,22 @@ def windows_of(buckets: dict[tuple[str, str], dict[int, list[int]]]) -> dict[Key
 
 def faust_buckets(bootstrap: str, app_id: str) -> dict[tuple[str, str], dict[int, list[int]]]:
     """The feature agent's counts, from its changelog: every record it wrote (including the
-    ones later tombstoned because their buckets aged out), summed per partition by the agent's
-    own restore code."""
+    ones later tombstoned because their buckets aged out), their delta batches read back from
+    the deltas topic, summed per partition by the agent's own restore code."""
     latest: dict[bytes, bytes] = {}
     for m in read_messages(bootstrap, f"{app_id}-feature-state-changelog"):
         if m.value() is not None:
             latest[m.key()] = m.value()
+    deltas: dict[int, dict[int, bytes]] = defaultdict(dict)
+    for m in read_messages(bootstrap, f"{app_id}-feature-deltas"):
+        deltas[m.partition()][m.offset()] = m.value()
     by_part: dict[int, list] = defaultdict(list)
     for key, value in latest.items():
         by_part[int(key.split(b":")[0])].append(decode_record(value))
     out: dict[tuple[str, str], dict[int, list[int]]] = {}
     for p, recs in by_part.items():
-        shard, _ = FeatureShard.restore(p, SPEC, recs)
+        assert any(r.by_offsets for r in recs), "the default changelog references delta batches by offset"
+        shard, _ = FeatureShard.restore(p, SPEC, [inline_deltas(r, deltas[p]) for r in recs])
         for (kind, key), bk in shard.counts.items():
             out[(ENTITY_KINDS[kind], key)] = bk
     return out

@@ -27,7 +27,9 @@ from streams.agents.label_join import (
     split_deltas,
     watermark_of,
 )
-from streams.agents.windowed_features import FeatureShard, WindowPlan
+from streams.agents.windowed_features import FeatureRecord, FeatureShard, WindowPlan, inline_deltas
+from streams.agents.windowed_features import decode_record as decode_feature_record
+from streams.agents.windowed_features import encode_record as encode_feature_record
 from streams.schema import WATERMARK_HEADER, Click, Impression, TrainingExample, decode_training_example, encode
 
 T0 = 1_700_000_000_000
@@ -458,6 +460,121 @@ def test_feature_shard_restore_equals_original_and_lists_unwritten_entities():
     # records 4 and 5 were written with feast_confirmed <= 3: their entities are rewritten
     assert rewrite == {(1, "a1"), (1, "a2")}
     assert restored.apply([DeltaBatch(0, 5, T0, [(1, "a0", base, 9, 9)])])[1] is None
+
+
+class DeltaLog:
+    """A partition of the deltas topic: batches with their offsets, re-sent duplicates and
+    malformed records in between (a feature record must reference exactly the ones it applied)."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.values: dict[int, bytes] = {}
+        self.sent: list[DeltaBatch] = []
+
+    def append(self, value: bytes) -> int:
+        offset = len(self.values)
+        self.values[offset] = value
+        return offset
+
+    def poll(self, fresh: list[DeltaBatch]) -> tuple[list[DeltaBatch], list[int]]:
+        """``fresh`` batches on the log, mixed with re-sends; what one micro-batch consumes."""
+        batches, offsets = [], []
+        for b in fresh:
+            if self.sent and self.rng.random() < 0.2:
+                dup = self.rng.choice(self.sent)
+                batches.append(dup)
+                offsets.append(self.append(encode_deltas(dup)))
+            if self.rng.random() < 0.1:
+                self.append(b"\xc1 not msgpack")  # dead-lettered by the agent, never applied
+            batches.append(b)
+            offsets.append(self.append(encode_deltas(b)))
+            self.sent.append(b)
+        return batches, offsets
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10**6), st.booleans())
+def test_feature_restore_from_live_records_equals_the_original(seed, by_offsets):
+    """After any cut, the live (not tombstoned) records -- inlined from the deltas topic when they
+    reference their batches by offset -- restore the same counts, versions and clock, and the
+    restored shard goes on exactly like the original."""
+    rng = random.Random(seed)
+    spec = FeatureSpec(windows=(Window("2m", 120, 60), Window("5m", 300, 60)))
+    shard, log = FeatureShard(0, spec), DeltaLog(seed)
+    live: dict[int, bytes] = {}
+    seqs = dict.fromkeys(range(3), 0)
+    base = T0 // 60_000
+
+    def next_batches(step: int) -> list[DeltaBatch]:
+        out = []
+        for _ in range(rng.randrange(1, 4)):
+            src = rng.randrange(3)
+            seqs[src] += 1
+            now = base + step // 3
+            rows = [(rng.randrange(3), f"k{rng.randrange(5)}", now - rng.randrange(0, 2), rng.randrange(1, 4),
+                     rng.randrange(0, 2)) for _ in range(rng.randrange(0, 4))]  # fmt: skip
+            out.append(DeltaBatch(src, seqs[src], now * 60_000 + step, rows))
+        return out
+
+    def step_on(sh: FeatureShard, batches, offsets) -> FeatureRecord | None:
+        _, rec = sh.apply(batches, offsets if by_offsets else None)
+        if rec is not None:
+            sh.feast_confirmed = rec.seq - rng.randrange(0, 2)  # the Feast write may lag one record
+            sh.prune()
+        return rec
+
+    cut = rng.randrange(10, 60)
+    for step in range(cut):
+        rec = step_on(shard, *log.poll(next_batches(step)))
+        if rec is None:
+            continue
+        assert rec.by_offsets == by_offsets and (not by_offsets or rec.rows == [])
+        for s in shard.dead_records():
+            del live[s]
+        live[rec.seq] = encode_feature_record(rec)
+    if cut > 30:
+        assert len(live) < shard.seq  # tombstones really drop records
+    recs = [decode_feature_record(b) for b in live.values()]
+    if by_offsets:
+        with pytest.raises(ValueError, match="inline_deltas"):
+            FeatureShard.restore(0, spec, recs)
+        recs = [inline_deltas(r, log.values) for r in recs]
+    restored, _ = FeatureShard.restore(0, spec, recs)
+    shard.prune()
+    restored.prune()
+    assert restored.counts == shard.counts
+    assert (restored.applied, restored.clock, restored.seq) == (shard.applied, shard.clock, shard.seq)
+    assert restored.live == shard.live
+    restored.feast_confirmed = shard.feast_confirmed  # the rewrite of its entities went through
+    state = rng.getstate()
+    for step in range(cut, cut + 20):
+        batches, offsets = log.poll(next_batches(step))
+        rng_after = rng.getstate()
+        rng.setstate(state)
+        a = step_on(shard, batches, offsets)
+        rng.setstate(state)
+        b = step_on(restored, batches, offsets)
+        state = rng_after
+        rng.setstate(state)
+        assert a == b and restored.dead_records() == shard.dead_records()
+    ents = list(shard.counts)
+    assert restored.rows(ents) == shard.rows(ents)
+
+
+def test_a_by_offset_feature_record_is_small_and_refuses_batches_that_changed():
+    rows = [(2, f"C{k}=" + "v" * 20, 100, 1, k % 2) for k in range(40)]
+    batch = DeltaBatch(1, 5, T0, rows)
+    _, inline = FeatureShard(0).apply([batch])
+    _, ref = FeatureShard(0).apply([batch], [70])
+    assert ref.deltas == [(70, 1, 5)] and len(encode_feature_record(ref)) * 10 < len(encode_feature_record(inline))
+    assert inline_deltas(ref, {70: encode_deltas(batch)}) == inline
+    with pytest.raises(RuntimeError, match="offset 70 holds nothing"):
+        inline_deltas(ref, {71: encode_deltas(batch)})  # retention took it
+    with pytest.raises(RuntimeError, match=r"holds version \(1, 6\)"):
+        inline_deltas(ref, {70: encode_deltas(DeltaBatch(1, 6, T0, rows))})  # the topic was rewritten
+    # a record written before the field existed (an older version) still decodes
+    old = msgspec.msgpack.encode(list(msgspec.structs.astuple(inline))[:-1])
+    assert decode_feature_record(old) == inline and not inline.by_offsets
 
 
 def test_feature_records_expire_once_outside_every_window():

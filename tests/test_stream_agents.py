@@ -338,9 +338,9 @@ def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path
         wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
         log = worker.text().split("===== start #2 =====")[1]
         assert "join partition" in log and "restored from" in log, "no table recovery after the restart"
-        # the join's changelog referenced its impressions by offset: they were read back
+        # the changelogs referenced impressions and delta batches by offset: they were read back
         assert "read back" in log and "impressions (offsets" in log
-        assert "feature partition" in log
+        assert "feature partition" in log and "delta batches (offsets" in log
         # the changelogs were created compactable with small segments (else a broker keeps every
         # record of the run; noida-db never compacted a single-segment log)
         for table in ("join-state", "feature-state"):

@@ -106,6 +106,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from features.spec import SPEC, FeatureSpec, field_value_key
+from infra.config import CHANGELOG_MODES
 from streams.kafka_io import DeliveryTracker
 from streams.schema import (
     WATERMARK_HEADER,
@@ -130,7 +131,6 @@ COUNTERS: tuple[str, ...] = (
     "duplicate_impressions", "duplicate_clicks", "dead_letters", "markers", "skipped_replayed",
 )  # fmt: skip
 
-CHANGELOG_IMPRESSIONS: tuple[str, ...] = ("offsets", "inline")
 #: ``(kind index, entity key, hop bucket, impressions delta, clicks delta)``
 DeltaRow = tuple[int, str, int, int, int]
 
@@ -152,8 +152,8 @@ class JoinConfig:
     def __post_init__(self) -> None:
         if self.window_ms <= 0 or self.allowed_lateness_ms < 0:
             raise ValueError("window_ms must be > 0 and allowed_lateness_ms >= 0")
-        if self.changelog_impressions not in CHANGELOG_IMPRESSIONS:
-            raise ValueError(f"changelog_impressions must be one of {CHANGELOG_IMPRESSIONS}")
+        if self.changelog_impressions not in CHANGELOG_MODES:
+            raise ValueError(f"changelog_impressions must be one of {CHANGELOG_MODES}")
 
     @property
     def bucket_ms(self) -> int:
@@ -723,11 +723,9 @@ LATE_TOPIC = "late-events"
 
 
 def _metrics() -> dict[str, Any]:
-    from prometheus_client import REGISTRY, Counter, Gauge
+    from prometheus_client import Counter, Gauge
 
-    def get(name: str, factory: Any, *args: Any) -> Any:
-        existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - idempotent registration
-        return existing if existing is not None else factory(name, *args)
+    from streams.metrics import metric as get
 
     return {
         "events": get("ctr_join_events_total", Counter, "Records consumed by the label join", ["topic"]),

@@ -26,6 +26,15 @@ Feast), acknowledged by the broker before the input offsets are acked. After a k
 :meth:`FeatureShard.restore` sums the live records again and the entities touched after
 ``feast_confirmed`` are written again (a Feast write is an idempotent overwrite with the newest
 event time winning). Records whose buckets have left every window are deleted.
+
+The rows applied are, by default (``changelog="offsets"``), not copied into the record: it
+lists the ``(offset, src, seq)`` of each delta batch it applied, and a restore reads them back
+from the deltas topic (:func:`inline_deltas`), as the label join does with its impressions. A
+list, not a range: duplicates and malformed batches in between were not applied, and the live
+records are no contiguous suffix of the log (any record whose buckets aged out is deleted).
+The deltas topic must then keep its records while the records naming them are live (the longest
+window plus the hop, in event time); a restore fails loudly if they are gone. ``inline`` copies
+the rows (about 2x the changelog bytes the broker must acknowledge before the input is acked).
 """
 
 from __future__ import annotations
@@ -33,13 +42,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from features.spec import SPEC, FeatureSpec
+from infra.config import CHANGELOG_MODES
 from streams.agents.label_join import (
     ENTITY_KINDS,
     NEG_INF,
@@ -56,13 +66,23 @@ EntityKey = tuple[int, str]
 
 
 class FeatureRecord(msgspec.Struct, array_like=True, frozen=True):
-    """One micro-batch of one feature partition, as written to the changelog."""
+    """One micro-batch of one feature partition, as written to the changelog.
+
+    Its rows are either copied (``rows``) or referenced: ``deltas`` holds the ``(offset, src,
+    seq)`` of each delta batch it applied, in the deltas topic's partition of the same number
+    (:func:`inline_deltas`). New fields go last, with defaults: older records still decode."""
 
     seq: int
     applied: dict[int, int]
     clock: int
     feast_confirmed: int
     rows: list[tuple[int, str, int, int, int]]
+    deltas: list[tuple[int, int, int]] = []
+
+    @property
+    def by_offsets(self) -> bool:
+        """The rows are referenced by the offsets of their delta batches, not copied."""
+        return bool(self.deltas)
 
 
 _enc = msgspec.msgpack.Encoder()
@@ -75,6 +95,33 @@ def encode_record(rec: FeatureRecord) -> bytes:
 
 def decode_record(data: bytes) -> FeatureRecord:
     return _dec.decode(data)
+
+
+def inline_deltas(rec: FeatureRecord, batches: Mapping[int, bytes]) -> FeatureRecord:
+    """``rec`` with the rows of the delta batches it references copied in from ``batches``
+    (offset -> value, read from its partition of the deltas topic); raises if one is missing
+    or is not the version the record applied.
+
+    >>> from streams.agents.label_join import encode_deltas
+    >>> b = DeltaBatch(src=2, seq=7, max_time=0, rows=[(1, "ad7", 5, 3, 1)])
+    >>> rec = FeatureRecord(1, {2: 7}, 0, 0, [], deltas=[(40, 2, 7)])
+    >>> inline_deltas(rec, {39: b"junk", 40: encode_deltas(b)}).rows
+    [(1, 'ad7', 5, 3, 1)]
+    """
+    if not rec.by_offsets:
+        return rec
+    rows: list[tuple[int, str, int, int, int]] = []
+    for offset, src, seq in rec.deltas:
+        value = batches.get(offset)
+        batch = decode_deltas(value) if value is not None else None
+        if batch is None or (batch.src, batch.seq) != (src, seq):
+            found = "nothing" if batch is None else f"version {(batch.src, batch.seq)}"
+            raise RuntimeError(
+                f"feature record {rec.seq}: offset {offset} holds {found}, the record applied delta batch "
+                f"{(src, seq)} there (did retention take it, or was the topic rewritten?)"
+            )
+        rows.extend(batch.rows)
+    return msgspec.structs.replace(rec, rows=rows, deltas=[])
 
 
 @dataclass(frozen=True)
@@ -156,19 +203,26 @@ class FeatureShard:
                 cur[1] += dc
             touched.add(ek)
 
-    def apply(self, batches: Sequence[DeltaBatch]) -> tuple[set[EntityKey], FeatureRecord | None]:
+    def apply(
+        self, batches: Sequence[DeltaBatch], offsets: Sequence[int] | None = None
+    ) -> tuple[set[EntityKey], FeatureRecord | None]:
         """Apply the delta batches not applied yet; returns the touched entities and the
-        changelog record (None when every batch was a replay)."""
+        changelog record (None when every batch was a replay). With ``offsets`` (of each batch
+        in the deltas topic) the record references the batches applied instead of copying
+        their rows."""
         # Rows are not merged by key: a key may repeat (its impressions and its clicks, or two
         # source partitions), which the counts and a restore sum up alike -- merging first cost
         # as much as applying.
         rows: list[tuple[int, str, int, int, int]] = []
+        refs: list[tuple[int, int, int]] = []
         fresh = 0
-        for b in batches:
+        for i, b in enumerate(batches):
             if b.seq <= self.applied.get(b.src, 0):
                 self.duplicates += 1
                 continue
             fresh += 1
+            if offsets is not None:
+                refs.append((offsets[i], b.src, b.seq))
             self.applied[b.src] = b.seq
             if b.max_time > self.clock:
                 self.clock = b.max_time
@@ -179,7 +233,7 @@ class FeatureShard:
         self._add(rows, touched)
         self.rows_applied += len(rows)
         self.seq += 1
-        rec = FeatureRecord(self.seq, dict(self.applied), self.clock, self.feast_confirmed, rows)
+        rec = FeatureRecord(self.seq, dict(self.applied), self.clock, self.feast_confirmed, [] if refs else rows, refs)
         self._recorded_confirmed = self.feast_confirmed
         self.live[self.seq] = max((r[2] for r in rows), default=NEG_INF)
         return touched, rec
@@ -271,9 +325,12 @@ class FeatureShard:
         cls, partition: int, spec: FeatureSpec, records: Iterable[FeatureRecord]
     ) -> tuple[FeatureShard, set[EntityKey]]:
         """Sum the live records again; returns the shard and the entities to write to Feast
-        again (touched by records after the last ``feast_confirmed``)."""
+        again (touched by records after the last ``feast_confirmed``). Records that reference
+        their rows by offset must be inlined first (:func:`inline_deltas`)."""
         shard = cls(partition, spec)
         recs = sorted(records, key=lambda r: r.seq)
+        if any(r.by_offsets for r in recs):
+            raise ValueError("records reference delta batches by offset: inline_deltas() them first")
         rewrite: set[EntityKey] = set()
         if not recs:
             return shard, rewrite
@@ -458,11 +515,9 @@ class FeastWriterLoop:
 
 
 def _metrics() -> dict[str, Any]:
-    from prometheus_client import REGISTRY, Counter, Gauge
+    from prometheus_client import Counter, Gauge
 
-    def get(name: str, factory: Any, *args: Any) -> Any:
-        existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - idempotent registration
-        return existing if existing is not None else factory(name, *args)
+    from streams.metrics import metric as get
 
     return {
         "batches": get("ctr_features_delta_batches_total", Counter, "Feature delta batches", ["result"]),
@@ -488,10 +543,19 @@ class WindowedFeatureAgent:
         spec: FeatureSpec = SPEC,
         *,
         interval_s: float = 0.1,
+        changelog: str = "offsets",
+        bootstrap: str | None = None,
     ) -> None:
         from streams.app import BulkAgentBase
         from streams.deadletter import DeadLetterSink
 
+        if changelog not in CHANGELOG_MODES:
+            raise ValueError(f"changelog must be one of {CHANGELOG_MODES}")
+        #: changelog records reference delta batches by offset: restores read them from here
+        self.by_offsets = changelog == "offsets"
+        if self.by_offsets and not bootstrap:
+            raise ValueError("changelog='offsets' needs the bootstrap to read delta batches back")
+        self.bootstrap = bootstrap
         self.table = table
         self.spec = spec
         self.deltas_topic = deltas_topic
@@ -537,6 +601,7 @@ class WindowedFeatureAgent:
             pass
         for p in sorted(partitions):
             recs = [decode_record(v) for _, v in table_items(self.table, partition_prefix(p))]
+            recs = await self._inline(p, recs)
             shard, rewrite = FeatureShard.restore(p, self.spec, recs)
             self.shards[p] = shard
             if rewrite:
@@ -551,17 +616,39 @@ class WindowedFeatureAgent:
                     len(rewrite),
                 )
 
+    async def _inline(self, p: int, recs: list[FeatureRecord]) -> list[FeatureRecord]:
+        """Read back the delta batches that records reference by offset (one range read per
+        partition, from the oldest live reference to the newest)."""
+        from streams.kafka_io import read_range
+
+        ranged = [r for r in recs if r.by_offsets]
+        if not ranged:
+            return recs
+        if not self.bootstrap:
+            raise RuntimeError(f"feature partition {p}: records reference delta batches by offset; no bootstrap given")
+        offsets = [o for r in ranged for o, _, _ in r.deltas]
+        first, last = min(offsets), max(offsets)
+        t0 = time.perf_counter()
+        msgs = await asyncio.to_thread(read_range, self.bootstrap, self.deltas_topic, p, first, last)
+        batches = {m.offset(): m.value() for m in msgs}
+        log.info("feature partition %d: read back %d of %d delta batches (offsets %d..%d) in %.2fs",
+                 p, len(offsets), len(batches), first, last, time.perf_counter() - t0)  # fmt: skip
+        return [inline_deltas(r, batches) for r in recs]
+
     async def process(self, batch: Any, runner: Any) -> None:
         from streams.app import send_changelog
 
         by_part: dict[int, list[DeltaBatch]] = {}
+        offsets: dict[int, list[int]] = {}
         for c in batch.chunks:
             if c.partition not in self.shards:
                 continue
             lst = by_part.setdefault(c.partition, [])
+            offs = offsets.setdefault(c.partition, [])
             for r in c.records:
                 try:
                     lst.append(decode_deltas(r.value))
+                    offs.append(r.offset)
                 except (msgspec.DecodeError, msgspec.ValidationError, TypeError) as err:
                     self.dlq.send(
                         f"bad delta batch: {err}",
@@ -574,7 +661,7 @@ class WindowedFeatureAgent:
         changelog = []
         for p, batches in by_part.items():
             shard = self.shards[p]
-            touched, rec = shard.apply(batches)
+            touched, rec = shard.apply(batches, offsets[p] if self.by_offsets else None)
             self.metrics["batches"].labels("duplicate").inc(shard.duplicates)
             shard.duplicates = 0
             if rec is None:
