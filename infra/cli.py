@@ -14,10 +14,21 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from infra.config import CHANGELOG_MODES
+
+
+def _one_of(choices: tuple[str, ...]):
+    """An option callback that refuses anything but ``choices`` (a usage error, exit 2)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
 
 app = typer.Typer(
     help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
@@ -237,7 +248,7 @@ def worker_cmd(
     changelog: Annotated[
         str,
         typer.Option(
-            click_type=click.Choice(CHANGELOG_MODES),
+            callback=_one_of(CHANGELOG_MODES),
             help="offsets: changelog records reference the impressions / delta batches they consumed "
             "(read back at restore); inline: they copy them.",
         ),

@@ -50,6 +50,7 @@ from mode.utils.futures import notify
 
 from infra.config import fetch_backoff_s, kafka_compression
 from streams.kafka_io import DeliveryTracker, make_producer
+from streams.metrics import changelog_bytes
 
 log = logging.getLogger(__name__)
 
@@ -587,19 +588,10 @@ async def send_changelog(table: Any, records: Sequence[tuple[int, bytes, bytes |
             size += len(value)
         futures.append(await topic.send(key=key, value=value, partition=partition))
     if records:
-        _changelog_bytes().labels(table.name).inc(size)
+        changelog_bytes().labels(table.name).inc(size)
     if wait and futures:
         await asyncio.gather(*futures)
     return futures
-
-
-def _changelog_bytes() -> Any:
-    from prometheus_client import Counter
-
-    from streams.metrics import metric
-
-    # what the broker must take (and acknowledge) before the agents' outputs leave
-    return metric("ctr_changelog_bytes_total", Counter, "Table changelog value bytes sent", ["table"])
 
 
 def table_items(table: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:

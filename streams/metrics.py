@@ -18,3 +18,11 @@ def metric(name: str, factory: Any, *args: Any) -> Any:
 
     existing = REGISTRY._names_to_collectors.get(name)  # noqa: SLF001 - no public lookup by name
     return existing if existing is not None else factory(name, *args)
+
+
+def changelog_bytes() -> Any:
+    """``ctr_changelog_bytes_total{table}``: value bytes the agents sent to their tables'
+    changelogs (before compression) -- what the broker must acknowledge before outputs leave."""
+    from prometheus_client import Counter
+
+    return metric("ctr_changelog_bytes_total", Counter, "Table changelog value bytes sent", ["table"])

@@ -191,8 +191,8 @@ def run_worker(
     ``changelog``: ``offsets`` (the changelogs reference the records they consumed, the join's
     its impressions and the feature agent's its delta batches; a restore reads them back, so the
     impressions topic must keep its records for the attribution window and the deltas topic for
-    the longest feature window plus its hop) or ``inline`` (copies them: ~2.5x the join's
-    changelog bytes, ~2x the feature agent's).
+    the longest feature window plus its hop) or ``inline`` (copies them: ~660 changelog bytes
+    per event instead of ~2, measured by ``ctr bench stream``).
     """
     import faust
 

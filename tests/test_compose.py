@@ -319,9 +319,11 @@ def exposed_metric_names() -> set[str]:
     import streams.deadletter  # noqa: F401
     import streams.reweighting  # noqa: F401
     from streams.agents import label_join, windowed_features
+    from streams.metrics import changelog_bytes
 
     label_join._metrics()  # registered lazily, when the worker builds its agents
     windowed_features._metrics()
+    changelog_bytes()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}
     names = set()
     for fam in REGISTRY.collect():

@@ -55,9 +55,10 @@ batch whose outputs are known delivered. Clicks are copied (id and time); impres
 default (``changelog_impressions="offsets"``), referenced by the offset range the batch read
 from the impressions topic -- the topic itself is their log, as Kafka Streams reuses a source
 topic as a table's changelog -- and read back at a restore (:func:`inline_impressions`). That
-keeps ~2.5x fewer bytes in the changelog, which the broker acknowledges before any output
-leaves; it needs the impressions topic to keep its records while a batch's record is live (the
-attribution window plus what is unconfirmed), and a restore fails loudly if they are gone.
+keeps the impressions' bytes out of the changelog (~660 -> ~2 value bytes per event before
+compression), which the broker acknowledges before any output leaves; it needs the impressions
+topic to keep its records while a batch's record is live (the attribution window plus what is
+unconfirmed), and a restore fails loudly if they are gone.
 ``inline`` copies them. The order per batch is:
 
 1. records at or below the offsets already applied are skipped (replayed input changes nothing);

@@ -34,7 +34,8 @@ list, not a range: duplicates and malformed batches in between were not applied,
 records are no contiguous suffix of the log (any record whose buckets aged out is deleted).
 The deltas topic must then keep its records while the records naming them are live (the longest
 window plus the hop, in event time); a restore fails loudly if they are gone. ``inline`` copies
-the rows (about 2x the changelog bytes the broker must acknowledge before the input is acked).
+the rows: tens of bytes per event for the broker to acknowledge before the input is acked,
+against a few per micro-batch.
 """
 
 from __future__ import annotations
