@@ -120,3 +120,43 @@ class FeatureEncoder:
             else:
                 numeric = values.astype(np.float32)
         return EncodedBatch(keys, numeric)
+
+
+def discover_fields(
+    rows: Sequence[Any], categorical: Sequence[str] | None = None, numeric: Sequence[str] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The (categorical, numeric) fields to learn from these rows: every field they carry.
+
+    The impression's own ids (``user_id``, ``item_id``, ``position``) come first, then the
+    categorical and numeric field names present in any row, each sorted (a stable order, so
+    the same data gives the same model layout). Per-field hash seeds derive from the names,
+    so no vocabulary is needed. ``categorical`` / ``numeric`` given: exactly those (they
+    narrow what is learned, whatever the data carries).
+
+    >>> from streams.schema import Impression
+    >>> imp = Impression(event_id="e", event_time_ms=0, user_id="u", item_id="i", position=0,
+    ...                  categorical={"site": "news", "app": "x"}, numeric={"price": 2.0})
+    >>> discover_fields([imp])
+    (('user_id', 'item_id', 'position', 'app', 'site'), ('price',))
+    >>> discover_fields([imp], numeric=())
+    (('user_id', 'item_id', 'position', 'app', 'site'), ())
+    """
+    rows = [getattr(r, "impression", r) for r in rows]
+    cats: set[str] = set()
+    nums: set[str] = set()
+    structured = False
+    for r in rows:
+        if isinstance(r, Mapping):
+            c, n = r.get("categorical", {}), r.get("numeric", {})
+        else:
+            structured = True
+            c, n = r.categorical, r.numeric
+        cats.update(c)
+        nums.update(n)
+    own = IMPRESSION_ATTRIBUTES if structured else ()
+    found_cat = own + tuple(sorted(cats - set(own)))
+    found_num = tuple(sorted(nums - cats - set(own)))
+    return (
+        tuple(categorical) if categorical is not None else found_cat,
+        tuple(numeric) if numeric is not None else found_num,
+    )

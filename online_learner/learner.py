@@ -1,5 +1,12 @@
 """River-style facade: an online CTR learner with ``predict_proba_many`` / ``learn_many``.
 
+The logit is ``log_odds(running click rate) + b + a * f(x)`` (:mod:`online_learner.prior`):
+a fresh learner predicts the running click rate from the first event at any click rate, the
+network ``f`` learns what the features add to it, and ``(a, b)`` calibrate ``f`` on examples
+it had not yet learned from. A batch is learned in updates sized by what has arrived so far
+(:meth:`OnlineCTR.step_size`), with summed per-example gradients and per-coordinate adaptive
+rates, so a poll of 2,048 examples at the start of a stream is not one step but many.
+
 Progressive use (predict each batch before learning from it)::
 
     p = learner.predict_learn_many(batch, labels)   # one forward pass: p is pre-update
@@ -29,8 +36,9 @@ What a trainer / delta publisher needs (the Kafka parts live elsewhere):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,7 +60,17 @@ class OnlineCTR:
             (``categorical_fields``, ``numeric_fields``, ``table_bits``, ``chunk_dim``,
             ``probes``, ...).
         lr_table: row-wise Adagrad learning rate of the embedding table.
-        lr_dense: Adam learning rate of everything else.
+        lr_dense: learning rate of everything else (gates, head, dense numerics).
+        table_beta: the table's Adagrad denominator is ``beta + sqrt(sum g^2)`` (McMahan et al.'s
+            FTRL-Proximal ``beta``): a row's first, small gradients move it in proportion to
+            their size instead of by a full ``lr`` -- at a 0.2 % click rate nearly every first
+            gradient comes from a non-click, and a scale-free first step makes the whole
+            table over-confident.
+        dense_optimizer_kind: ``"adagrad"`` (per-coordinate rates, no momentum to ship),
+            ``"adam"`` or ``"sgd"``.
+        max_step, step_ratio: update sizes; see :meth:`step_size`.
+        calibrate: fit the online calibration of the network's score (see
+            :class:`~online_learner.prior.OnlineCalibration`); False uses the raw score.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA if available). On CUDA the hash runs as
             the Numba-CUDA kernel on torch's stream.
         seed: torch seed for the initial weights.
@@ -68,8 +86,13 @@ class OnlineCTR:
         self,
         config: ModelConfig | None = None,
         *,
-        lr_table: float = 0.05,
-        lr_dense: float = 1e-3,
+        lr_table: float = 0.2,
+        lr_dense: float = 0.01,
+        table_beta: float = 1.0,
+        dense_optimizer_kind: Literal["adagrad", "adam", "sgd"] = "adagrad",
+        max_step: int = 2048,
+        step_ratio: int = 16,
+        calibrate: bool = True,
         device: str | torch.device | None = None,
         seed: int | None = None,
         num_threads: int | None = None,
@@ -81,6 +104,8 @@ class OnlineCTR:
             config = ModelConfig(**config_kwargs)
         elif config_kwargs:
             raise TypeError("pass either config or its fields as keyword arguments, not both")
+        if max_step < 1 or step_ratio < 1:
+            raise ValueError("max_step and step_ratio must be >= 1")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         if device is None:
@@ -91,8 +116,12 @@ class OnlineCTR:
         self.config = config
         self.model = CTRModel(config).to(self.device)
         self.encoder = FeatureEncoder(config, keyer, empty_is_missing)
-        self.table_optimizer = RowWiseAdagrad(self.model.table, lr=lr_table)
-        self.dense_optimizer = dense_optimizer(self.model.dense_parameters(), lr=lr_dense)
+        self.table_optimizer = RowWiseAdagrad(self.model.table, lr=lr_table, eps=table_beta)
+        self.dense_optimizer = dense_optimizer(self.model.dense_parameters(), lr=lr_dense, kind=dense_optimizer_kind)
+        self.max_step, self.step_ratio = max_step, step_ratio
+        self.calibrate = calibrate
+        if not calibrate:  # ablation: the network's score is used as is
+            self.model.calibration.coef[0] = 1.0
         self.touched = TouchedRows(self.model.embedding.num_rows, self.device)
         self.examples_seen = 0
 
@@ -130,6 +159,15 @@ class OnlineCTR:
         """Progressive step: the pre-update probabilities ``[B]``, then learn from the batch."""
         return self._step(self.encode(batch), labels)[0]
 
+    def step_size(self) -> int:
+        """Examples in the next update: ``examples_seen / step_ratio``, between 1 and ``max_step``.
+
+        Updates are sized by what has arrived, not by what one poll returned: while data is
+        scarce every example counts and steps are small (the first sixteen examples are
+        learned one by one); once a step's share of the evidence is small, larger steps cost
+        no quality and buy speed."""
+        return max(1, min(self.max_step, self.examples_seen // self.step_ratio))
+
     def _step(self, enc: EncodedBatch, labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, float]:
         n = len(enc)
         y = torch.as_tensor(np.asarray(labels, dtype=np.float32)).to(self.device)
@@ -137,19 +175,44 @@ class OnlineCTR:
             raise ValueError(f"expected {n} labels, got shape {tuple(y.shape)}")
         if n == 0:
             return np.zeros(0, dtype=np.float32), float("nan")
+        if n <= self.step_size():
+            return self._one_step(enc, y)
+        ps, total, i = [], 0.0, 0
+        while i < n:
+            j = min(n, i + self.step_size())
+            part = EncodedBatch(enc.keys[i:j], None if enc.numeric is None else enc.numeric[i:j])
+            p, loss = self._one_step(part, y[i:j])
+            ps.append(p)
+            total += loss * (j - i)
+            i = j
+        return np.concatenate(ps), total / n
+
+    def _one_step(self, enc: EncodedBatch, y: torch.Tensor) -> tuple[np.ndarray, float]:
+        n = len(enc)
         model = self.model
         model.train()
         ids, numeric = self._inputs(enc)
         lookup = model.embedding.lookup(ids)  # unique rows [U, c] as a leaf; chunks [B, P, c]
-        logits = model.forward_chunks(lookup.chunks, numeric)
-        loss = F.binary_cross_entropy_with_logits(logits, y)
+        score = model.forward_chunks(lookup.chunks, numeric)
+        offset = model.base_rate.log_odds()
+        # the network learns what the features add to the base rate; the calibration of its
+        # (pre-update) scores is fitted separately, below
+        # summed, not averaged: an example moves the weights as much in a step of 1 as of 2,048
+        loss = F.binary_cross_entropy_with_logits(score + offset, y, reduction="sum")
         self.dense_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.dense_optimizer.step()
         self.table_optimizer.step_unique(lookup.ids, lookup.rows.grad)  # grad: summed per row
         self.touched.add(lookup.ids)
+        score = score.detach()
+        with torch.no_grad():
+            p = torch.sigmoid(model.calibration(score, offset))
+            if self.calibrate:
+                model.calibration.observe(score, offset, y)
+        model.base_rate.observe(y)
         self.examples_seen += n
-        return torch.sigmoid(logits.detach()).cpu().numpy(), float(loss.detach())
+        mean_loss = float(F.binary_cross_entropy(p, y))
+        return p.cpu().numpy(), mean_loss
 
     # -- field weights / publishing ---------------------------------------------------------------
     def set_field_weights(self, weights: Mapping[str, float], default: float | None = None) -> list[str]:
@@ -186,7 +249,9 @@ class OnlineCTR:
             raise ValueError("checkpoint config differs from this learner's config")
         self.model.load_state_dict(state["model"])
         self.table_optimizer.load_state_dict(state["table_optimizer"])
-        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        # a copy: torch's optimizer keeps the loaded "step" tensors as they are, so a learner
+        # restored from another's live state_dict() would advance that one's step counters too
+        self.dense_optimizer.load_state_dict(copy.deepcopy(state["dense_optimizer"]))
         self.examples_seen = int(state["examples_seen"])
 
     @classmethod

@@ -46,6 +46,7 @@ from online_learner.embedding import DenseNumericEmbedding, HashedChunkTable, Pe
 from online_learner.gates import FieldGate
 from online_learner.hashing import HASH_VERSION, ProbeLayout
 from online_learner.heads import DCNv2Head
+from online_learner.prior import ClickRatePrior, OnlineCalibration
 
 __all__ = ["CTRModel", "ModelConfig"]
 
@@ -69,6 +70,7 @@ class ModelConfig:
         cross_layers, cross_rank, mlp_dims: DCN-V2 head.
         hash_seed: salt of every field seed (a different seed = a different model file format).
         init_std: embedding init scale.
+        base_rate_horizon: decay horizon of the counted click rate whose log-odds offsets the logit.
     """
 
     categorical_fields: tuple[str, ...]
@@ -90,12 +92,19 @@ class ModelConfig:
     mlp_dims: tuple[int, ...] = (64, 32)
     hash_seed: int = 0
     init_std: float = 0.01
+    #: Examples over which the click-rate prior (the logit's offset) forgets; see
+    #: :mod:`online_learner.prior`.
+    base_rate_horizon: float = 200_000.0
+    #: Starting trust ``a`` of the online calibration and its prior precision.
+    calibration_a0: float = 0.0
+    calibration_precision: tuple[float, float] = (10.0, 1000.0)
     hash_version: str = field(default=HASH_VERSION)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "categorical_fields", tuple(self.categorical_fields))
         object.__setattr__(self, "numeric_fields", tuple(self.numeric_fields))
         object.__setattr__(self, "mlp_dims", tuple(self.mlp_dims))
+        object.__setattr__(self, "calibration_precision", tuple(self.calibration_precision))
         if isinstance(self.probes, Mapping):
             object.__setattr__(self, "probes", dict(self.probes))
         if self.numeric_mode not in ("bucket", "dense"):
@@ -169,6 +178,10 @@ class CTRModel(nn.Module):
             self.input_dim, widths, self.field_names, config.gate, config.prior_strength, config.gate_stop_gradient
         )
         self.head = DCNv2Head(self.input_dim, config.cross_layers, config.cross_rank, config.mlp_dims)
+        self.base_rate = ClickRatePrior(config.base_rate_horizon)
+        self.calibration = OnlineCalibration(
+            config.calibration_a0, config.calibration_precision, config.base_rate_horizon
+        )
 
     # -- inputs --------------------------------------------------------------------------
     def bucket_ids(self, keys: np.ndarray | Tensor) -> Tensor:
@@ -177,15 +190,20 @@ class CTRModel(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, ids: Tensor, numeric: Tensor | None = None) -> Tensor:
-        """Row ids ``[B, P]`` (+ dense numerics ``[B, F_num]``) -> logits ``[B]``."""
-        return self.forward_embedded(self.embedding(ids), numeric)
+        """Row ids ``[B, P]`` (+ dense numerics ``[B, F_num]``) -> calibrated logits ``[B]``."""
+        return self.calibrated(self.forward_embedded(self.embedding(ids), numeric))
 
     def forward_chunks(self, chunks: Tensor, numeric: Tensor | None = None) -> Tensor:
-        """Table rows per probe ``[B, P, c]`` (``embedding.lookup(ids).chunks``) -> logits ``[B]``."""
+        """Table rows per probe ``[B, P, c]`` (``embedding.lookup(ids).chunks``) -> scores ``[B]``."""
         return self.forward_embedded(chunks.flatten(1), numeric)
 
+    def calibrated(self, score: Tensor) -> Tensor:
+        """Network scores ``[B]`` -> logits ``[B]``: ``base-rate log-odds + b + a * score``."""
+        return self.calibration(score, self.base_rate.log_odds())
+
     def forward_embedded(self, emb: Tensor, numeric: Tensor | None = None) -> Tensor:
-        """Hashed field embeddings ``[B, P*c]`` (+ numerics) -> logits ``[B]``."""
+        """Hashed field embeddings ``[B, P*c]`` (+ numerics) -> the network's score ``[B]``
+        (what the features add to the base rate's log-odds, before calibration)."""
         if self.numeric is not None:
             if numeric is None:
                 raise ValueError("this model embeds numeric fields densely: pass numeric [B, F_num]")

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from prometheus_client import Counter, Gauge
 
+from online_learner.encoding import discover_fields
 from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics
 from online_learner.model import ModelConfig
@@ -54,13 +56,6 @@ TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from"
 DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
 PROGRESSIVE = Gauge("ctr_learner_progressive", "Progressive (predict-then-learn) metrics", ["metric"])
 FIELD_WEIGHTS_VERSION = Gauge("ctr_learner_field_weights_version", "Version of the applied field weights")
-
-CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
-#: The impression's own ids are fields too: the ad (and the user) is where a new ad's clicks
-#: show up first -- without them a burst of clicks on a new ad moves only shared rows.
-DEFAULT_CATEGORICAL = (*CRITEO_CATEGORICAL, "user_id", "item_id", "position")
-CRITEO_NUMERIC = tuple(f"I{i}" for i in range(1, 14))
-
 
 class RecentIds:
     """The last ``capacity`` example ids (as 64-bit hashes), oldest evicted first."""
@@ -113,16 +108,33 @@ class TrainerConfig:
     frozen_after_examples: int | None = None
     group_id: str = "ctr-learner"
     model_id: str = field(default_factory=lambda: f"ctr-{uuid.uuid4().hex[:8]}")
-    model: ModelConfig = field(
-        default_factory=lambda: ModelConfig(DEFAULT_CATEGORICAL, CRITEO_NUMERIC, table_bits=18, prior_strength=0.5)
-    )
+    #: The model; None = discover the fields from the first examples (every categorical and
+    #: numeric field they carry, or exactly ``categorical`` / ``numeric`` where given) and
+    #: build it with ``model_options``.
+    model: ModelConfig | None = None
+    categorical: tuple[str, ...] | None = None
+    numeric: tuple[str, ...] | None = None
+    model_options: dict = field(default_factory=lambda: {"table_bits": 18, "prior_strength": 0.5})
     lr_table: float = 0.2
-    lr_dense: float = 3e-3
+    lr_dense: float = 0.01
     seed: int = 0
     #: torch intra-op threads. 1 by default: the trainer shares the machine with the broker,
     #: the stream workers and serving, and measured here 2 threads under contention ran the
     #: step 4-5x slower than 1 (bench/learner.py).
     torch_threads: int = 1
+
+    def model_for(self, impressions: Sequence) -> ModelConfig:
+        """The model config: ``model`` if set, else one over the fields these impressions carry."""
+        if self.model is not None:
+            return self.model
+        cat, num = discover_fields(impressions, self.categorical, self.numeric)
+        return ModelConfig(cat, num, **self.model_options)
+
+    def make_learner(self, model: ModelConfig) -> OnlineCTR:
+        """The learner ``ctr learn`` trains (``bench/quality.py`` evaluates this same one)."""
+        return OnlineCTR(
+            model, lr_table=self.lr_table, lr_dense=self.lr_dense, seed=self.seed, num_threads=self.torch_threads
+        )
 
 
 class Trainer:
@@ -137,13 +149,9 @@ class Trainer:
         self.dlq = DeadLetterSink(
             "learner", lambda t, k, v, h: produce(self.producer, t, v, k, self.tracker, headers=h)
         )
-        self.learner = OnlineCTR(
-            config.model,
-            lr_table=config.lr_table,
-            lr_dense=config.lr_dense,
-            seed=config.seed,
-            num_threads=config.torch_threads,
-        )
+        # Built from the checkpoint, from ``config.model``, or from the first examples' fields.
+        self.learner: OnlineCTR | None = None
+        self.publisher: Publisher | None = None
         self.metrics = ProgressiveMetrics(window=config.metrics_window)
         self.frozen_metrics = ProgressiveMetrics(window=config.metrics_window)
         # Evaluation only: when examples carry the synthetic generator's true click probability,
@@ -154,21 +162,36 @@ class Trainer:
         self.offsets: dict[int, int] = {}
         self.field_weights_offset = 0
         self.field_weights_version = -1
+        self.field_weights: dict[str, float] | None = None  # the newest, applied once a model exists
         self.event_time_ms = 0
         self.duplicates = 0
         self.model_id = config.model_id
         #: Set (SIGUSR1 under ``ctr learn``) to publish a snapshot at the next loop turn.
         self.snapshot_requested = threading.Event()
-        restored = self._restore()
+        self._restored_version = self._restore()
+        if self.learner is None and config.model is not None:
+            self._start_model(config.model)
+
+    def _start_model(self, model: ModelConfig, state: dict | None = None) -> None:
+        self.learner = self.cfg.make_learner(model)
+        if state is not None:
+            self.learner.load_state_dict(state)
+        elif self.field_weights is not None:
+            self.learner.set_field_weights(self.field_weights)
+        log.info(
+            "model: %d categorical fields %s, %d numeric fields %s",
+            len(model.categorical_fields), ",".join(model.categorical_fields),
+            len(model.numeric_fields), ",".join(model.numeric_fields),
+        )
         self.publisher = Publisher(
             self.producer,
             self.learner,
             model_id=self.model_id,
             snapshot_dir=self.state_dir / "snapshots",
-            version=max(self._last_published_version(), restored),
-            gate=QualityGate(config.gate_margin, config.gate_min_examples),
-            fp16=config.fp16_deltas,
-            dense_every=config.dense_every,
+            version=max(self._last_published_version(), self._restored_version),
+            gate=QualityGate(self.cfg.gate_margin, self.cfg.gate_min_examples),
+            fp16=self.cfg.fp16_deltas,
+            dense_every=self.cfg.dense_every,
         )
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -176,9 +199,10 @@ class Trainer:
         if not self.checkpoint_path.exists():
             return 0
         header, state = load_state(self.checkpoint_path)
-        if ModelConfig.from_dict(state["learner"]["config"]) != self.cfg.model:
+        model = ModelConfig.from_dict(state["learner"]["config"])
+        if self.cfg.model is not None and model != self.cfg.model:
             raise ValueError(f"checkpoint {self.checkpoint_path} was made with another model config")
-        self.learner.load_state_dict(state["learner"])
+        self._restored_version = header.version
         t = state["trainer"]
         self.offsets = {int(p): int(o) for p, o in t["offsets"].items()}
         self.field_weights_offset = int(t["field_weights_offset"])
@@ -187,13 +211,17 @@ class Trainer:
         self.duplicates = int(t["duplicates"])
         self.model_id = header.model_id
         self.seen.load(state["seen"])
+        self._start_model(model, state["learner"])
         log.info(
             "restored checkpoint v%d: %d examples, offsets %s", header.version, self.learner.examples_seen, self.offsets
         )
         return header.version
 
     def checkpoint(self) -> int:
-        """Write model + optimizer + offsets + dedupe state atomically; returns bytes."""
+        """Write model + optimizer + offsets + dedupe state atomically; returns bytes (0 before
+        the first example: there is no model yet)."""
+        if self.learner is None or self.publisher is None:
+            return 0
         state = {
             "learner": self.learner.state_dict(),
             "trainer": {
@@ -259,7 +287,9 @@ class Trainer:
                 self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
                 continue
             if fw.version > self.field_weights_version:
-                self.learner.set_field_weights(fw.weights)
+                self.field_weights = fw.weights
+                if self.learner is not None:
+                    self.learner.set_field_weights(fw.weights)
                 self.field_weights_version = fw.version
                 FIELD_WEIGHTS_VERSION.set(fw.version)
 
@@ -272,6 +302,10 @@ class Trainer:
         if not fresh:
             return
         y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=len(fresh))
+        if self.learner is None:  # the first examples: the model learns the fields they carry
+            self._start_model(self.cfg.model_for([e.impression for e in fresh]))
+            self._publish_first_snapshot()
+        assert self.learner is not None and self.publisher is not None
         enc = self.learner.encode([e.impression for e in fresh])
         gate = self.publisher.gate
         served_p = self.publisher.served_proba(enc) if gate.wants_batch() else None
@@ -294,6 +328,18 @@ class Trainer:
         ):
             self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
 
+    @property
+    def examples_seen(self) -> int:
+        return self.learner.examples_seen if self.learner is not None else 0
+
+    def _publish_first_snapshot(self) -> None:
+        assert self.publisher is not None
+        self._record(
+            self.publisher.publish_snapshot(
+                event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=True
+            )
+        )
+
     def _record(self, event: dict) -> None:
         summary = self.metrics.summary()
         for k in ("auc", "window_auc", "log_loss", "window_log_loss", "calibration"):
@@ -301,7 +347,7 @@ class Trainer:
         row = {
             "wall_ms": int(time.time() * 1000),
             "event_time_ms": self.event_time_ms,
-            "examples": self.learner.examples_seen,
+            "examples": self.examples_seen,
             "duplicates": self.duplicates,
             "field_weights_version": self.field_weights_version,
             **event,
@@ -327,11 +373,8 @@ class Trainer:
         cfg = self.cfg
         self._consumer = make_consumer(cfg.bootstrap, cfg.group_id)
         self._assign()
-        self._record(
-            self.publisher.publish_snapshot(
-                event_time_ms=self.event_time_ms, metrics=self.metrics.summary(), new_version=True
-            )
-        )
+        if self.publisher is not None:
+            self._publish_first_snapshot()
         now = time.monotonic()
         next_publish, next_ckpt = now + cfg.publish_interval_s, now + cfg.checkpoint_interval_s
         next_snapshot, last_data = now + cfg.snapshot_interval_s, now
@@ -348,6 +391,10 @@ class Trainer:
                         self.offsets[m.partition()] = m.offset() + 1
                     last_data = time.monotonic()  # after training: the first step JIT-compiles
                 now = time.monotonic()
+                if self.publisher is None:  # no example yet, so no model to publish or save
+                    if idle_exit_s is not None and now - last_data > idle_exit_s:
+                        break
+                    continue
                 if now >= next_publish:
                     next_publish = now + cfg.publish_interval_s
                     rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
@@ -376,19 +423,20 @@ class Trainer:
                     break
                 if idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
-            rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
-            if rec is not None:
-                self._record(rec)
+            if self.publisher is not None:
+                rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
+                if rec is not None:
+                    self._record(rec)
             self.checkpoint()
         finally:
             self._consumer.close()
             self.producer.flush(10)
         return {
             **self.metrics.summary(),
-            "examples": self.learner.examples_seen,
+            "examples": self.examples_seen,
             "duplicates": self.duplicates,
-            "version": self.publisher.version,
-            "withheld": self.publisher.withheld,
+            "version": self.publisher.version if self.publisher is not None else 0,
+            "withheld": self.publisher.withheld if self.publisher is not None else 0,
             "dead_letters": self.dlq.count,
         }
 

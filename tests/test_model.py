@@ -54,11 +54,11 @@ def test_forward_shapes(embedding: str, numeric_mode: str) -> None:
     assert lookup.chunks.shape == (7, ids.shape[1], 4)
     assert lookup.rows.is_leaf and lookup.rows.requires_grad and lookup.rows.shape == (lookup.ids.numel(), 4)
     torch.testing.assert_close(lookup.ids, torch.unique(ids.long()))
-    torch.testing.assert_close(model.forward_chunks(lookup.chunks, numeric), model(ids, numeric))
+    torch.testing.assert_close(model.calibrated(model.forward_chunks(lookup.chunks, numeric)), model(ids, numeric))
     # the leaf's grad is the per-row sum of the dense-autograd table gradient
     model.forward_chunks(lookup.chunks, numeric).sum().backward()
     model.zero_grad()
-    model(ids, numeric).sum().backward()
+    model.forward_embedded(model.embedding(ids), numeric).sum().backward()
     torch.testing.assert_close(lookup.rows.grad, model.table.grad[lookup.ids])
     assert model.input_dim == 4 * (6 + 4)  # dense numerics are 2 chunks wide too
     assert model.field_names == list(CAT + NUM)
@@ -108,22 +108,23 @@ def test_gate_starts_neutral_and_follows_stream_weights() -> None:
     torch.nn.init.normal_(model.gate.proj.weight, 0.0, 5.0)
     keys = _random_keys(32, 5)
     ids = model.bucket_ids(keys)
-    before = model(ids)
+    # the network's score: a fresh model's calibrated output is the base rate whatever the features
+    before = model.forward_embedded(model.embedding(ids))
     assert model.set_field_weights({"ad": 0.0, "nope": 2.0}) == ["nope"]
     assert model.field_weights()["ad"] == 0.0
     assert model.gate.prior.tolist() == pytest.approx([1.25, 0.0, 1.25, 1.25, 1.25])
-    after = model(ids)
+    after = model.forward_embedded(model.embedding(ids))
     assert not torch.allclose(before, after)
     # field "ad" is switched off: changing its values no longer changes the prediction
     keys2 = keys.copy()
     keys2[:, 1] = _random_keys(32, 1, seed=9)[:, 0]
-    torch.testing.assert_close(model(model.bucket_ids(keys2)), after)
+    torch.testing.assert_close(model.forward_embedded(model.embedding(model.bucket_ids(keys2))), after)
     # the prior travels with the state dict
     clone = CTRModel(_config())
     clone.load_state_dict(model.state_dict())
     torch.testing.assert_close(clone.gate.prior, model.gate.prior)
     model.set_field_weights({}, default=1.0)
-    torch.testing.assert_close(model(ids), before)
+    torch.testing.assert_close(model.forward_embedded(model.embedding(ids)), before)
 
 
 def test_learned_gate_is_trained() -> None:
@@ -341,10 +342,15 @@ def test_predict_then_learn_equals_separate_calls_and_checkpoint_round_trip() ->
     b = OnlineCTR(_config(), seed=0)
     for i in range(0, 512, 128):
         batch, labels = rows[i : i + 128], y[i : i + 128]
-        p_sep = a.predict_proba_many(batch)
-        a.learn_many(batch, labels)
+        # a poll is learned in updates of step_size() examples, each predicted before its update
+        p_sep, j = [], 0
+        while j < 128:
+            k = a.step_size()
+            p_sep.append(a.predict_proba_many(batch[j : j + k]))
+            a.learn_many(batch[j : j + k], labels[j : j + k])
+            j += k
         p_fused = b.predict_learn_many(batch, labels)
-        np.testing.assert_allclose(p_sep, p_fused, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.concatenate(p_sep), p_fused, rtol=1e-5, atol=1e-6)
     restored = OnlineCTR.from_state_dict(a.state_dict(), seed=123)
     enc = a.encode(rows[:64])
     assert isinstance(enc, EncodedBatch)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 import tracemalloc
@@ -19,7 +20,7 @@ from streams.datasets import (
     open_source,
     roc_auc,
 )
-from streams.datasets.synthetic import POST, PRE
+from streams.datasets.synthetic import POST, PRE, PROFILES
 from streams.schema import Impression, decode_impression, encode
 
 # Small and strongly-drifting, so 100k events show every effect in about a second.
@@ -276,3 +277,83 @@ def test_generation_is_fast_and_memory_is_flat() -> None:
     finally:
         tracemalloc.stop()
     assert peak - early_peak < 512 * 1024, "memory grows with the number of events"
+
+
+# --------------------------------------------------------------------------- profiles
+LOW_CTR_EVENTS = 200_000
+
+
+@pytest.fixture(scope="module")
+def low_ctr() -> tuple[SyntheticStream, dict[str, np.ndarray]]:
+    """200k low-ctr events as arrays (chunks, not Impressions: a second instead of several)."""
+    stream = open_source("synthetic:low-ctr", seed=2, events=LOW_CTR_EVENTS)
+    assert isinstance(stream, SyntheticStream)
+    parts: defaultdict[str, list[np.ndarray]] = defaultdict(list)
+    for ch in stream.chunks():
+        for name in ("user", "oracle_ctr", "clicked"):
+            parts[name].append(getattr(ch, name))
+        parts["regime"].append(np.full(len(ch), ch.regime))
+    return stream, {name: np.concatenate(arrays) for name, arrays in parts.items()}
+
+
+def test_low_ctr_profile_clicks_rarely_on_both_sides_of_the_drift(
+    low_ctr: tuple[SyntheticStream, dict[str, np.ndarray]],
+) -> None:
+    stream, arrays = low_ctr
+    clicked, regime = arrays["clicked"], arrays["regime"]
+    assert stream.config.drift and stream.drift_at == LOW_CTR_EVENTS // 2
+    assert 0.002 <= clicked.mean() <= 0.01
+    assert 0.002 <= clicked[regime == PRE].mean() <= 0.01
+    assert 0.002 <= clicked[regime == POST].mean() <= 0.01
+
+
+def test_low_ctr_profile_users_are_many_and_mostly_one_off(
+    low_ctr: tuple[SyntheticStream, dict[str, np.ndarray]],
+) -> None:
+    stream, arrays = low_ctr
+    assert stream.config.n_users >= 1_000_000
+    _, counts = np.unique(arrays["user"], return_counts=True)
+    assert (counts == 1).mean() > 0.5  # heavy tail: most users seen are seen once...
+    assert len(counts) < stream.config.n_users / 2  # ...and most of the id space is never seen
+    assert arrays["user"].max() > 500_000  # the tail really reaches into the 1M id space
+    assert counts.max() < 0.05 * LOW_CTR_EVENTS  # no single user dominates the traffic
+
+
+def test_low_ctr_profile_signal_is_weak(low_ctr: tuple[SyntheticStream, dict[str, np.ndarray]]) -> None:
+    _, arrays = low_ctr
+    assert 0.65 < roc_auc(arrays["oracle_ctr"], arrays["clicked"]) < 0.72
+
+
+def test_profile_selection_and_overrides() -> None:
+    low = open_source("synthetic:low-ctr", base_ctr=0.002, events=100_000)
+    assert isinstance(low, SyntheticStream)
+    assert low.config == SyntheticConfig(**{**PROFILES["low-ctr"], "base_ctr": 0.002, "n_events": 100_000})
+    assert 0.0012 < np.concatenate([ch.clicked for ch in low.chunks()]).mean() < 0.003
+    # The keyword form, as benchmarks call it; None is the default profile.
+    assert open_source("synthetic", profile="low-ctr").config == SyntheticConfig.from_profile("low-ctr")
+    assert open_source("synthetic", profile=None).config == SyntheticConfig()
+    assert open_source("synthetic:default").config == SyntheticConfig()
+    with pytest.raises(ValueError, match="unknown profile 'high-ctr'.*known profiles: default, low-ctr"):
+        open_source("synthetic:high-ctr")
+    with pytest.raises(ValueError, match="unknown synthetic profile 'x'"):
+        SyntheticConfig.from_profile("x")
+    with pytest.raises(ValueError, match="contradicts"):
+        open_source("synthetic:low-ctr", profile="default")
+    with pytest.raises(ValueError, match="unexpected keyword"):
+        open_source("synthetic:low-ctr", colour="blue")
+
+
+def test_default_profile_is_unchanged() -> None:
+    def digest(stream: SyntheticStream) -> str:
+        h = hashlib.sha256()
+        for ch in stream.chunks():
+            for a in (ch.categorical, ch.user, ch.ad, ch.position, ch.clicked, ch.click_delay_ms, ch.event_time_ms):
+                h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+    # Pinned from the stream as it was before profiles existed: seeded runs stay reproducible.
+    expected = "b8bbc2d699f042d0"
+    assert digest(SyntheticStream(seed=0, n_events=5_000)) == expected
+    for spec, profile in (("synthetic", None), ("synthetic:default", None), ("synthetic", "default")):
+        stream = open_source(spec, profile=profile, events=5_000)
+        assert isinstance(stream, SyntheticStream) and digest(stream) == expected

@@ -6,16 +6,18 @@ delay (real files carry no click times, so :class:`ClickDelay` draws one), strea
 disk in constant memory. File sources skip unparseable rows and count them in
 ``source.skipped`` (or raise with ``strict=True``); see :class:`~streams.datasets.base.CsvSource`.
 
-==================== ====================================================================
-spec                 source
-==================== ====================================================================
-``synthetic``        :class:`SyntheticStream` (options: :class:`SyntheticConfig` fields)
-``criteo:PATH``      :class:`CriteoSource` (Kaggle DAC / 1TB layout, tab or comma)
-``avazu:PATH``       :class:`AvazuSource` (Kaggle Avazu ``train``)
-``obd:PATH``         :class:`ObdSource` (Open Bandit Dataset ``all.csv``)
-``csv:PATH``         :class:`CsvMappedSource`; needs ``mapping=`` (TOML/JSON, see
-                     ``mapping.example.toml``)
-==================== ====================================================================
+===================== ====================================================================
+spec                  source
+===================== ====================================================================
+``synthetic``         :class:`SyntheticStream` (options: :class:`SyntheticConfig` fields)
+``synthetic:PROFILE`` the same from a named profile of defaults (``default``, ``low-ctr``:
+                      see :data:`~streams.datasets.synthetic.PROFILES`); options override it
+``criteo:PATH``       :class:`CriteoSource` (Kaggle DAC / 1TB layout, tab or comma)
+``avazu:PATH``        :class:`AvazuSource` (Kaggle Avazu ``train``)
+``obd:PATH``          :class:`ObdSource` (Open Bandit Dataset ``all.csv``)
+``csv:PATH``          :class:`CsvMappedSource`; needs ``mapping=`` (TOML/JSON, see
+                      ``mapping.example.toml``)
+===================== ====================================================================
 
 >>> src = open_source("synthetic", seed=7, events=1_000, n_categorical=4, n_numeric=2,
 ...                   cardinalities=(10, 100, 1000, 5), n_informative=2, n_drift_fields=1)
@@ -24,6 +26,9 @@ spec                 source
 (1000, 'syn7-0')
 >>> sum(e.clicked for e in examples) == sum(e.click() is not None for e in examples)
 True
+>>> low = open_source("synthetic:low-ctr", events=1_000, base_ctr=0.002)
+>>> low.config.n_users, low.config.base_ctr
+(1000000, 0.002)
 >>> open_source("parquet:/tmp/x")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
@@ -76,6 +81,7 @@ def open_source(
     events: int | None = None,
     delay: ClickDelay | None = None,
     strict: bool = False,
+    profile: str | None = None,
     **options: Any,
 ) -> Source:
     """Open the source named by ``spec`` (see the module table).
@@ -85,21 +91,32 @@ def open_source(
     of one million); ``delay`` replaces the default ``ClickDelay(seed=seed)`` of a file
     source; ``strict`` makes a file source raise :class:`BadRowError` on its first bad row;
     ``options`` go to the source's constructor (e.g. ``user_column="C3"`` for Criteo) or
-    to :class:`SyntheticConfig`. Raises :class:`ValueError` for an unknown kind, a missing
+    to :class:`SyntheticConfig`, where they override the profile's values. ``profile``
+    names the synthetic profile like ``synthetic:PROFILE`` does (``None``: the spec's, else
+    ``default``). Raises :class:`ValueError` for an unknown kind, a missing
     file or mapping, or an unusable header, before any event is read.
     """
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "synthetic":
-        if path:
-            raise ValueError(f"'synthetic' takes no path, got {spec!r} (pass options as keywords)")
+        from streams.datasets.synthetic import PROFILES
+
+        named = path.strip() or None
+        if named is not None and profile is not None and named != profile:
+            raise ValueError(f"synthetic: profile {profile!r} contradicts {spec!r}")
+        profile = named or profile
+        if profile is not None and profile not in PROFILES:
+            raise ValueError(
+                f"synthetic: unknown profile {profile!r} in {spec!r} (it takes no path, only "
+                f"'synthetic:PROFILE'); known profiles: {', '.join(PROFILES)}"
+            )
         if mapping is not None or delay is not None:
             raise ValueError("synthetic: mapping/delay do not apply (set click_delay_* options instead)")
         config = {"seed": seed, **options}
         if events is not None:
             config["n_events"] = events
         try:
-            return SyntheticStream(**config)
+            return SyntheticStream(SyntheticConfig.from_profile(profile, **config))
         except TypeError as err:
             raise ValueError(f"synthetic: {err}") from None
     reader = _FILE_SOURCES.get(kind)
@@ -117,6 +134,8 @@ def open_source(
         options["mapping"] = mapping
     elif mapping is not None:
         raise ValueError(f"{kind}: mapping only applies to csv:PATH sources")
+    if profile is not None:
+        raise ValueError(f"{kind}: profile only applies to synthetic sources")
     try:
         return reader(
             Path(path).expanduser(), seed=seed, delay=delay, events=events, strict=strict, **options

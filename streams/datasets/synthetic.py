@@ -28,6 +28,20 @@ became informative. This stream does, so the pipeline can be graded against the 
   ``attribution_window_ms``;
 * **event time**: a Poisson process at ``events_per_second`` from ``start_ms``.
 
+**Profiles** (:data:`PROFILES`) are named sets of :class:`SyntheticConfig` defaults, chosen
+with ``open_source("synthetic:PROFILE")`` or :meth:`SyntheticConfig.from_profile`; explicit
+options override the profile's values:
+
+=========== ===============================================================================
+profile     stream
+=========== ===============================================================================
+``default`` Criteo-shaped at ``base_ctr=0.1``, 100k users; strong signal (best achievable
+            AUC near the best published Criteo models)
+``low-ctr`` real-ad-log regime: ``base_ctr=0.005``; ``n_users=1_000_000`` with a Zipf
+            popularity (``user_zipf_exponent=0.8``), so most users are seen once or never;
+            weak signal (effect scales about half the default's); drift on
+=========== ===============================================================================
+
 Generation is vectorised with numpy in chunks of ``chunk_size`` events and only then turned
 into :class:`~streams.schema.Impression` objects, one chunk at a time (constant memory).
 :meth:`SyntheticStream.chunks` exposes the numpy chunks directly for vectorised consumers.
@@ -71,15 +85,44 @@ HEAD = 10
 #: signal lives where a learner can see each value often enough to learn it.
 LEARNABLE_CARDINALITY = 100_000
 
+#: Named presets of :class:`SyntheticConfig` defaults (see the module's table), applied by
+#: :meth:`SyntheticConfig.from_profile` and ``open_source("synthetic:PROFILE")``.
+PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # Real ad logs: clicks are rare, users many and mostly one-off, and the signal is weak.
+    "low-ctr": {
+        "base_ctr": 0.005,
+        "n_users": 1_000_000,
+        # Below 1 so that no single user takes a large share of 1M users' traffic.
+        "user_zipf_exponent": 0.8,
+        # About half the default scales: best achievable AUC ~0.65-0.72 instead of ~0.82.
+        "effect_scale": 0.2,
+        "interaction_scale": 0.2,
+        "numeric_scale": 0.15,
+        "user_scale": 0.2,
+        "ad_scale": 0.25,
+        "position_decay": 0.15,
+    },
+}
+
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """Every knob of :class:`SyntheticStream`; defaults give a Criteo-like stream.
 
+    A *profile* (:data:`PROFILES`, the module's table) is a named set of other defaults:
+    :meth:`from_profile` starts from it and applies explicit overrides on top. ``default`` is
+    this class's own defaults; ``low-ctr`` is a real-ad-log regime (``base_ctr=0.005``,
+    ``n_users=1_000_000`` with a Zipf popularity of exponent ``user_zipf_exponent=0.8``, effect
+    scales about half the default's), drift kept on.
+
     >>> SyntheticConfig(n_events=1_000).resolved_drift_at
     500
     >>> SyntheticConfig(n_categorical=3).resolved_cardinalities
     (1460, 583, 10131227)
+    >>> low = SyntheticConfig.from_profile("low-ctr", base_ctr=0.002)
+    >>> low.base_ctr, low.n_users, low.drift
+    (0.002, 1000000, True)
     """
 
     seed: int = 0
@@ -103,6 +146,9 @@ class SyntheticConfig:
     #: About a third of categorical fields, and every numeric one, have a missing rate up to this.
     max_missing_rate: float = 0.4
     n_users: int = 100_000
+    #: Zipf exponent of user popularity; ``None`` = ``zipf_exponent``. Below 1 the head is
+    #: flatter (no single user takes a large share) while most users stay rare.
+    user_zipf_exponent: float | None = None
     n_ads: int = 2_000
     n_positions: int = 4
 
@@ -136,6 +182,22 @@ class SyntheticConfig:
 
     chunk_size: int = 8_192
 
+    @classmethod
+    def from_profile(cls, profile: str | None = None, **overrides: Any) -> SyntheticConfig:
+        """The config of :data:`PROFILES` ``[profile]`` (``None`` = ``"default"``) with ``overrides``.
+
+        >>> SyntheticConfig.from_profile() == SyntheticConfig()
+        True
+        >>> SyntheticConfig.from_profile("high-ctr")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown synthetic profile 'high-ctr'; known profiles: default, low-ctr
+        """
+        name = "default" if profile is None else profile
+        if name not in PROFILES:
+            raise ValueError(f"unknown synthetic profile {name!r}; known profiles: {', '.join(PROFILES)}")
+        return cls(**{**PROFILES[name], **overrides})
+
     def __post_init__(self) -> None:
         if self.n_events is not None and self.n_events < 0:
             raise ValueError("n_events must be >= 0 or None")
@@ -150,8 +212,8 @@ class SyntheticConfig:
                 raise ValueError("cardinalities must be in [1, 2**32)")
         if not 0.0 < self.base_ctr < 1.0:
             raise ValueError("base_ctr must be in (0, 1)")
-        if self.zipf_exponent <= 0:
-            raise ValueError("zipf_exponent must be positive")
+        if self.zipf_exponent <= 0 or (self.user_zipf_exponent is not None and self.user_zipf_exponent <= 0):
+            raise ValueError("zipf_exponent and user_zipf_exponent must be positive")
         for name in ("new_id_fraction", "max_missing_rate", "new_ad_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1]")
@@ -490,10 +552,11 @@ class SyntheticStream(Source):
         return frozenset(self.ad_ids(range(c.n_ads, c.n_ads + c.n_new_ads))) if c.drift else frozenset()
 
     # -- sampling
-    def _zipf(self, rng: np.random.Generator, n: int, k: int) -> np.ndarray:
-        """Ranks in [0, k) with P(rank) ~ (rank + 1) ** -a (continuous inverse-CDF approximation)."""
+    def _zipf(self, rng: np.random.Generator, n: int, k: int, a: float | None = None) -> np.ndarray:
+        """Ranks in [0, k) with P(rank) ~ (rank + 1) ** -a (continuous inverse-CDF approximation;
+        ``a`` defaults to ``zipf_exponent``). Nothing is allocated per rank, so ``k`` may be huge."""
         u = rng.random(n)
-        a = self.config.zipf_exponent
+        a = self.config.zipf_exponent if a is None else a
         if abs(a - 1.0) < 1e-9:
             x = np.power(k + 1.0, u)
         else:
@@ -508,15 +571,17 @@ class SyntheticStream(Source):
         birth = (_uniform(_mix(h)) * c.horizon).astype(np.int64)
         return ~newcomer | (birth <= index)
 
-    def _sample_born(self, rng: np.random.Generator, index: np.ndarray, k: int, salt: int) -> np.ndarray:
-        ranks = self._zipf(rng, index.shape[0], k)
+    def _sample_born(
+        self, rng: np.random.Generator, index: np.ndarray, k: int, salt: int, a: float | None = None
+    ) -> np.ndarray:
+        ranks = self._zipf(rng, index.shape[0], k, a)
         if self.config.new_id_fraction <= 0.0 or k <= HEAD:
             return ranks
         for _ in range(32):  # rejection: redraw values not born yet (each round keeps >= 1-f)
             unborn = ~self._born(ranks, salt, index)
             if not unborn.any():
                 return ranks
-            ranks[unborn] = self._zipf(rng, int(unborn.sum()), k)
+            ranks[unborn] = self._zipf(rng, int(unborn.sum()), k, a)
         ranks[~self._born(ranks, salt, index)] = 0
         return ranks
 
@@ -535,7 +600,7 @@ class SyntheticStream(Source):
             num[rng.random((n, c.n_numeric)) < t.num_missing] = np.nan
         else:
             num = np.empty((n, 0))
-        user = self._sample_born(rng, index, c.n_users, t.birth_salt[-1])
+        user = self._sample_born(rng, index, c.n_users, t.birth_salt[-1], c.user_zipf_exponent)
         ad = self._zipf(rng, n, c.n_ads)
         if regime == POST and c.n_new_ads:
             new = rng.random(n) < c.new_ad_share
@@ -711,6 +776,7 @@ __all__ = [
     "CRITEO_CARDINALITIES",
     "POST",
     "PRE",
+    "PROFILES",
     "GroundTruth",
     "SyntheticChunk",
     "SyntheticConfig",
