@@ -76,11 +76,14 @@ def _river_x(ex: TrainingExample, fields: Sequence[str], numeric: Sequence[str])
 def run_river(
     examples: Sequence[TrainingExample], fields: Sequence[str], numeric: Sequence[str], kind: str = "lr"
 ) -> tuple[np.ndarray, float]:
-    """River ``LogisticRegression`` or ``FMClassifier`` (10 factors), one example at a time."""
+    """River ``LogisticRegression`` (``kind="lr"``: SGD 0.05; ``"lr-adagrad"``: AdaGrad) or
+    ``FMClassifier`` (``"fm"``, 10 factors), one example at a time."""
     from river import facto, linear_model, optim
 
     if kind == "lr":
         model = linear_model.LogisticRegression(optimizer=optim.SGD(0.05))
+    elif kind == "lr-adagrad":  # per-coordinate rates, as VW's defaults
+        model = linear_model.LogisticRegression(optimizer=optim.AdaGrad())
     else:
         model = facto.FMClassifier(n_factors=10, seed=0)
     p = np.empty(len(examples), dtype=np.float64)

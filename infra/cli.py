@@ -190,22 +190,41 @@ def replay_cmd(
     data: Annotated[str, typer.Option(help="synthetic | criteo:PATH | avazu:PATH | obd:PATH | csv:PATH")] = "synthetic",
     mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH (see streams/datasets).")] = None,
     rate: Annotated[str, typer.Option(help="Events per second, or 'max'.")] = "max",
-    events: Annotated[int | None, typer.Option(help="Impressions to replay (clicks follow them).")] = 100_000,
+    events: Annotated[
+        int | None,
+        typer.Option(help="Impressions to replay (clicks follow them). Default: the whole file; synthetic: its own."),
+    ] = None,
+    order: Annotated[
+        str,
+        typer.Option(
+            callback=_one_of(("check", "sort", "trust")),  # streams.datasets.base.ORDER_MODES (lazy import)
+            help="A file's rows out of event-time order: check (refuse, with their count), sort (external "
+            "merge sort via temporary files), trust (replay as is, counted).",
+        ),
+    ] = "check",
     seed: Annotated[int, typer.Option(help="Seed for the synthetic stream and click delays.")] = 0,
     bootstrap: Bootstrap = None,
 ) -> None:
-    """Write impressions and delayed clicks to Kafka in event-time order, with progress."""
+    """Write impressions and delayed clicks to Kafka in event-time order, with progress; the
+    final JSON line adds the rows skipped (by reason) and, for timestamped files, the order handling."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from streams.datasets import open_source
+    from streams.datasets.base import OutOfOrderError
     from streams.replay import replay
 
     bs = _bootstrap(bootstrap)
+    # The synthetic stream is in order by construction and takes no file options.
+    options = {} if data.partition(":")[0].strip().lower() == "synthetic" else {"order": order}
     try:
         per_s = None if rate == "max" else float(rate)
-        records = open_source(data, mapping=mapping, seed=seed, events=events)
+        # An unsorted file is refused here (order=check), before anything is produced.
+        records = open_source(data, mapping=mapping, seed=seed, events=events, **options)
     except ValueError as err:
         _fail(str(err))
+    # The bar's length: the count asked for, else the synthetic stream's own; a whole file's
+    # row count is unknown until read (the bar then pulses).
+    total = events if events is not None else getattr(getattr(records, "config", None), "n_events", None)
     with Progress(
         TextColumn("replay"),
         BarColumn(),
@@ -214,13 +233,16 @@ def replay_cmd(
         TimeElapsedColumn(),
         transient=False,
     ) as progress:
-        task = progress.add_task("replay", total=events, rate="")
+        task = progress.add_task("replay", total=total, rate="")
 
         def on_progress(s) -> None:
             progress.update(task, completed=s.impressions, rate=f"{s.events_per_s:,.0f} events/s")
 
-        summary = replay(records, bs, rate=per_s, on_progress=on_progress)
-    typer.echo(json.dumps(summary.as_dict()))
+        try:
+            summary = replay(records, bs, rate=per_s, on_progress=on_progress)
+        except OutOfOrderError as err:  # past a capped check's prefix: rare, but say it plainly
+            _fail(str(err))
+    typer.echo(json.dumps({**summary.as_dict(), **records.report()}))
 
 
 # --------------------------------------------------------------------------- worker
@@ -354,11 +376,18 @@ def learn_cmd(
     ] = 0.02,
     table_bits: Annotated[int, typer.Option(help="Unified table has 2**bits rows.")] = 18,
     categorical: Annotated[
-        str, typer.Option(help="Comma-separated categorical fields (user_id, item_id, position: the impression's).")
-    ] = ",".join((*(f"C{i}" for i in range(1, 27)), "user_id", "item_id", "position")),
-    numeric: Annotated[str, typer.Option(help="Comma-separated numeric fields.")] = ",".join(
-        f"I{i}" for i in range(1, 14)
-    ),
+        str | None,
+        typer.Option(
+            help="Comma-separated categorical fields to learn (user_id, item_id, position: the impression's). "
+            "Default: every categorical field the first examples carry."
+        ),
+    ] = None,
+    numeric: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated numeric fields to learn. Default: every numeric field the first examples carry."
+        ),
+    ] = None,
     fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
     prior_strength: Annotated[
         float, typer.Option(help="Exponent on the stream's field weights in the gate (0 ignores them).")
@@ -373,16 +402,12 @@ def learn_cmd(
     ] = None,
 ) -> None:
     """Train the unified-embedding model online from training-examples; publish versions."""
-    from online_learner.model import ModelConfig
     from online_learner.trainer import TrainerConfig, run_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = ModelConfig(
-        tuple(f for f in categorical.split(",") if f),
-        tuple(f for f in numeric.split(",") if f),
-        table_bits=table_bits,
-        prior_strength=prior_strength,
-    )
+    def names(option: str | None) -> tuple[str, ...] | None:
+        return None if option is None else tuple(f.strip() for f in option.split(",") if f.strip())
+
     cfg = TrainerConfig(
         bootstrap=_bootstrap(bootstrap),
         state_dir=state_dir,
@@ -393,7 +418,9 @@ def learn_cmd(
         snapshot_interval_s=snapshot_interval,
         gate_margin=gate_margin,
         fp16_deltas=fp16,
-        model=model,
+        categorical=names(categorical),
+        numeric=names(numeric),
+        model_options={"table_bits": table_bits, "prior_strength": prior_strength},
         frozen_after_examples=frozen_after,
     )
     result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
@@ -468,6 +495,30 @@ def status_cmd() -> None:
 
 
 # --------------------------------------------------------------------------- bench
+@bench_app.command("quality")
+def bench_quality(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/quality.json"
+    ),
+    data: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Dataset spec, repeatable: synthetic | synthetic:low-ctr | obd:PATH | criteo:PATH | avazu:PATH | "
+            "csv:PATH. Default: every real log in ../shared/data and both synthetic profiles."
+        ),
+    ] = None,
+    mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH.")] = None,
+    events: Annotated[int | None, typer.Option(help="Cap on events per file (default: the whole file).")] = None,
+    synthetic_events: Annotated[int, typer.Option(help="Events per synthetic stream.")] = 100_000,
+    peers: Annotated[bool, typer.Option(help="Run Vowpal Wabbit and River too.")] = True,
+) -> None:
+    """Progressive log loss, AUC and calibration on real click logs, from the first event: the
+    learner as `ctr learn` runs it vs the running click rate, Vowpal Wabbit and River."""
+    from bench.quality import main
+
+    main(json_path, data or (), mapping, events, synthetic_events, peers)
+
+
 @bench_app.command("replay")
 def bench_replay(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(

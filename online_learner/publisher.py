@@ -53,10 +53,18 @@ GATE = Counter("ctr_learner_gate_decisions_total", "Quality gate decisions", ["d
 
 @dataclass
 class QualityGate:
-    """Withhold a version whose AUC on recent examples trails the served model's by > margin."""
+    """Withhold a version whose AUC on recent examples trails the served model's by > margin.
+
+    Both models score the same sampled examples (the live model progressively, before it
+    learns them). At a 0.3 % click rate a window of a thousand examples holds three clicks,
+    and an AUC on three clicks decides nothing, so the window is not a fixed count: it grows
+    across publishes until it holds ``min_positives`` clicks and as many non-clicks, then
+    decides and starts afresh. A version published before that passes *undecided*
+    (``GateDecision.decided`` is False; the publisher counts them).
+    """
 
     margin: float = 0.02
-    min_examples: int = 1000
+    min_positives: int = 50
     sample_every: int = 4
     _y: list[np.ndarray] = field(default_factory=list)
     _live: list[np.ndarray] = field(default_factory=list)
@@ -73,17 +81,27 @@ class QualityGate:
         self._served.append(np.asarray(served_p))
 
     def decide(self, live_finite: bool = True) -> GateDecision:
+        """Decide on the window when it holds enough of both classes (and then start a new
+        one); otherwise pass undecided and keep the window growing."""
         if not live_finite:
             return GateDecision(passed=False, reason="live model has non-finite weights")
-        n = sum(len(y) for y in self._y)
-        if n < self.min_examples:
-            return GateDecision(passed=True, reason=f"not enough evidence ({n} < {self.min_examples} examples)")
-        y = np.concatenate(self._y)
+        y = np.concatenate(self._y) if self._y else np.zeros(0)
+        positives = int(y.sum())
+        negatives = len(y) - positives
+        if min(positives, negatives) < self.min_positives:
+            return GateDecision(
+                passed=True,
+                decided=False,
+                reason=f"undecided: {positives} clicks / {negatives} non-clicks in the window "
+                f"(needs {self.min_positives} of each)",
+            )
         live, served = roc_auc(y, np.concatenate(self._live)), roc_auc(y, np.concatenate(self._served))
-        if np.isnan(live) or np.isnan(served):
-            return GateDecision(passed=True, reason="one class only in the gate window")
+        self.reset()
         passed = live >= served - self.margin
-        reason = f"live AUC {live:.4f} vs served {served:.4f} (margin {self.margin})"
+        reason = (
+            f"live AUC {live:.4f} vs served {served:.4f} on {len(y)} examples, {positives} clicks"
+            f" (margin {self.margin})"
+        )
         return GateDecision(passed=bool(passed), reason=reason, window_auc=float(live), served_auc=float(served))
 
     def reset(self) -> None:
@@ -116,6 +134,8 @@ class Publisher:
         self.served = copy.deepcopy(learner.model).eval()
         self.last_decision = GateDecision(passed=True, reason="initial")
         self.withheld = 0
+        #: versions published before the gate's window held enough clicks to compare
+        self.undecided = 0
 
     # -- the served copy, for the gate --------------------------------------------------------
     @torch.no_grad()
@@ -144,8 +164,9 @@ class Publisher:
         if not decision.passed:
             self.withheld += 1
             log.warning("quality gate withheld version %d: %s", self.version + 1, decision.reason)
-            self.gate.reset()
             return {"published": False, "version": self.version, "gate": decision.reason}
+        if not decision.decided:
+            self.undecided += 1
         t0 = time.perf_counter()
         touched = self.learner.take_touched()
         with_dense = (self.version + 1) % self.dense_every == 0
@@ -170,7 +191,6 @@ class Publisher:
         PUBLISH_BYTES.labels("delta").inc(nbytes)
         # The served copy now equals what every replica will hold at this version.
         apply_tensors(self.served, {k: v.astype(np.float32) if k == "table.rows" else v for k, v in tensors.items()})
-        self.gate.reset()
         seconds = time.perf_counter() - t0
         PUBLISH_SECONDS.observe(seconds)
         VERSION.set(self.version)
@@ -214,7 +234,6 @@ class Publisher:
         PUBLISH_BYTES.labels("snapshot").inc(len(data))
         if new_version:
             self.served.load_state_dict(self.learner.model.state_dict())
-            self.gate.reset()
         self._prune()
         VERSION.set(self.version)
         return {

@@ -98,7 +98,8 @@ class TrainerConfig:
     checkpoint_interval_s: float = 10.0
     snapshot_interval_s: float = 60.0
     gate_margin: float = 0.02
-    gate_min_examples: int = 1000
+    #: the gate compares AUCs once its window holds this many clicks (and non-clicks)
+    gate_min_positives: int = 50
     fp16_deltas: bool = False
     dense_every: int = 1
     dedupe_capacity: int = 1_000_000
@@ -189,7 +190,7 @@ class Trainer:
             model_id=self.model_id,
             snapshot_dir=self.state_dir / "snapshots",
             version=max(self._last_published_version(), self._restored_version),
-            gate=QualityGate(self.cfg.gate_margin, self.cfg.gate_min_examples),
+            gate=QualityGate(self.cfg.gate_margin, self.cfg.gate_min_positives),
             fp16=self.cfg.fp16_deltas,
             dense_every=self.cfg.dense_every,
         )
@@ -437,6 +438,7 @@ class Trainer:
             "duplicates": self.duplicates,
             "version": self.publisher.version if self.publisher is not None else 0,
             "withheld": self.publisher.withheld if self.publisher is not None else 0,
+            "undecided": self.publisher.undecided if self.publisher is not None else 0,
             "dead_letters": self.dlq.count,
         }
 

@@ -65,6 +65,8 @@ class GateDecision(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     reason: str = ""
     window_auc: float | None = None
     served_auc: float | None = None
+    #: False: the window did not yet hold enough clicks to compare, the version passed untested
+    decided: bool = True
 
 
 class UpdateHeader(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

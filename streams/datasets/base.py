@@ -24,10 +24,13 @@ import heapq
 import logging
 import lzma
 import math
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from operator import itemgetter
 from pathlib import Path
-from typing import IO, ClassVar, NamedTuple
+from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -42,6 +45,11 @@ DEFAULT_ATTRIBUTION_WINDOW_MS = 30_000
 #: requires a non-empty id). All such rows share it, which is what a counter keyed on a
 #: missing id should see.
 MISSING_ID = "unknown"
+#: How a file source treats rows out of event-time order (see :class:`CsvSource`).
+ORDER_MODES = ("check", "sort", "trust")
+#: Rows per sorted run of ``order="sort"`` held in memory before spilling to a temporary
+#: file (in ``$TMPDIR``); the merge needs about the file's uncompressed size on disk.
+DEFAULT_SORT_RUN_ROWS = 100_000
 
 # Label spellings accepted by every reader (Criteo/Avazu/OBD use 0/1; generic CSV may not).
 _LABELS: dict[str, bool] = {
@@ -251,6 +259,26 @@ class BadRowError(ValueError):
     """A row that cannot be parsed, raised only by sources opened with ``strict=True``."""
 
 
+class OutOfOrderError(ValueError):
+    """A file source with ``order="check"`` found rows out of event-time order.
+
+    ``rows`` counts them (a lower bound when ``complete`` is false: found while replaying
+    past the checked prefix) and ``first_line`` is the first one's line number.
+    """
+
+    def __init__(self, path: Path, rows: int, first_line: int, *, complete: bool = True) -> None:
+        self.path, self.rows, self.first_line = path, rows, first_line
+        count = "1 row is" if rows == 1 else f"{rows:,} rows are"
+        if not complete:
+            count = "at least " + count
+        super().__init__(
+            f"{path}: {count} out of event-time order (earlier than a row before them), "
+            f"the first at line {first_line}. Replayed as is, the label join would drop them "
+            "as late events. Sort the file by event time, or open it with order='sort' "
+            "(ctr replay --order sort) to sort it on the fly; order='trust' replays it as is."
+        )
+
+
 class SkippedRows:
     """What a non-strict reader dropped: a count per reason and the first few examples.
 
@@ -275,6 +303,10 @@ class SkippedRows:
         self.reasons[kind] += 1
         if len(self.examples) < self.max_examples:
             self.examples.append((line, f"{kind}: {detail}" if detail else kind))
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"total": n, "reasons": {reason: n}}``, most frequent reason first (for summaries)."""
+        return {"total": self.total, "reasons": dict(self.reasons.most_common())}
 
     def __repr__(self) -> str:
         return f"SkippedRows(total={self.total}, reasons={dict(self.reasons)})"
@@ -325,6 +357,11 @@ class Source(Iterator[LabeledImpression]):
 
     def _generate(self) -> Iterator[LabeledImpression]:
         raise NotImplementedError
+
+    def report(self) -> dict[str, Any]:
+        """What the source dropped (and, for files, how it handled event-time order), for
+        the summary printed after a replay."""
+        return {"skipped": self.skipped.as_dict()}
 
 
 def open_text(path: Path) -> IO[str]:
@@ -413,8 +450,36 @@ class CsvSource(Source):
 
     ``event_id`` is ``f"{id_prefix}-{row_index}"`` where ``row_index`` counts data rows
     from 0, bad rows included, so ids are unique, deterministic, and stable when a bad
-    row is fixed.
+    row is fixed (also when ``order="sort"`` moves the row).
+
+    **Event-time order** (``order``, one of :data:`ORDER_MODES`): the label join drops
+    events older than its watermark, so a file that is not sorted by event time would
+    silently lose most of its clicks. A row is *out of order* when its event time is
+    earlier than that of a row before it (the check and the sort read only timestamps, so
+    a row that is bad for another reason counts too; it is skipped all the same).
+
+    * ``"check"`` (default): when the source is opened, a pass that parses only the
+      timestamps counts the out-of-order rows and raises :class:`OutOfOrderError` (a
+      ``ValueError``, like a bad header) if there are any, so nothing is produced from an
+      unsorted file. With ``events`` set the pass stops after that many timestamped rows;
+      the rows read past it are still checked, as they are yielded.
+    * ``"sort"``: yield rows in event-time order, ties in file order, with bounded memory
+      (an external merge sort: sorted runs of at most ``sort_run_rows`` rows spill to
+      temporary files, which are then merged); :attr:`out_of_order` counts the rows that
+      were out of order.
+    * ``"trust"``: yield rows in file order as they are; :attr:`out_of_order` counts the
+      events yielded out of order (e.g. to exercise the late-event path on purpose).
+
+    Sources whose event time is synthesized from the row index (no timestamp column) are
+    always in order and ignore ``order``.
     """
+
+    #: Whether rows carry their own event time (else it comes from the row index and the
+    #: file is in order by construction). Subclasses with a timestamp column set it, and
+    #: implement :meth:`_time_key` and call :meth:`check_order` once their columns are known.
+    has_event_time: bool = False
+    #: How many sorted runs one merge reads at once (open files); more are merged in rounds.
+    merge_fan_in: ClassVar[int] = 64
 
     def __init__(
         self,
@@ -426,15 +491,27 @@ class CsvSource(Source):
         strict: bool = False,
         id_prefix: str | None = None,
         delimiter: str | None = None,
+        order: str = "check",
+        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
     ) -> None:
         super().__init__(events=events)
+        if order not in ORDER_MODES:
+            raise ValueError(f"order must be one of {', '.join(ORDER_MODES)}, got {order!r}")
+        if sort_run_rows < 1:
+            raise ValueError(f"sort_run_rows must be >= 1, got {sort_run_rows}")
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"{self.source}: no such file: {self.path}")
         self.delay = delay if delay is not None else ClickDelay(seed=seed)
         self.strict = strict
         self.id_prefix = id_prefix or self.source
+        self.order = order
+        self.sort_run_rows = sort_run_rows
         self.rows_read = 0
+        #: Rows whose event time is earlier than a row before them in the file: found by the
+        #: check, moved by the sort, or replayed as they are (``trust``).
+        self.out_of_order = 0
+        self._order_checked = False
         first = self._first_line()
         self.delimiter = delimiter or sniff_delimiter(first)
         self.first_row: list[str] = next(csv.reader([first], delimiter=self.delimiter), [])
@@ -455,6 +532,13 @@ class CsvSource(Source):
         """One data row -> (impression, clicked); raise :class:`BadRow` if unparseable."""
         raise NotImplementedError
 
+    def _time_key(self, row: list[str]) -> int:
+        """A non-negative number that orders rows as their event times do (the event time
+        itself, or a coarser key such as Avazu's hour); only reads the timestamp column.
+        Raises :class:`BadRow` or :class:`IndexError` when the row has none (such a row
+        is then a bad row for :meth:`_parse` too). Needed when :attr:`has_event_time`."""
+        raise NotImplementedError
+
     def _bad(self, line: int, err: BadRow) -> None:
         if self.strict:
             raise BadRowError(f"{self.path}:{line}: {err.kind}: {err.detail}")
@@ -462,8 +546,17 @@ class CsvSource(Source):
             log.warning("%s:%d: skipped row (%s: %s)", self.path, line, err.kind, err.detail)
         self.skipped.add(line, err.kind, err.detail)
 
-    def _generate(self) -> Iterator[LabeledImpression]:
-        parse, draw = self._parse, self.delay.draw
+    def report(self) -> dict[str, Any]:
+        out = super().report()
+        if self.has_event_time:
+            out["order"] = {"mode": self.order, "out_of_order_rows": self.out_of_order}
+        return out
+
+    # ------------------------------------------------------------------ reading
+
+    def _rows(self) -> Iterator[_NumberedRow]:
+        """``(row_index, line, fields)`` per data row in file order; a row the csv module
+        cannot split comes with a :class:`BadRow` instead of its fields."""
         with open_text(self.path) as f:
             reader = csv.reader(f, delimiter=self.delimiter)
             if self.has_header:
@@ -474,25 +567,163 @@ class CsvSource(Source):
             while True:
                 try:
                     for row in reader:
-                        if not row:
-                            continue
-                        self.rows_read += 1
-                        try:
-                            imp, clicked = parse(row, index)
-                        except BadRow as err:
-                            self._bad(reader.line_num, err)
-                            continue
-                        finally:
+                        if row:
+                            yield index, reader.line_num, row
                             index += 1
-                        if clicked:
-                            yield LabeledImpression(imp, True, draw())
-                        else:
-                            yield LabeledImpression(imp, False, None)
                     return
                 except csv.Error as err:  # e.g. a runaway quote hitting the field-size limit
-                    self.rows_read += 1
+                    yield index, reader.line_num, BadRow("malformed csv", str(err))
                     index += 1
-                    self._bad(reader.line_num, BadRow("malformed csv", str(err)))
+
+    def _generate(self) -> Iterator[LabeledImpression]:
+        if not self.has_event_time:
+            rows = self._rows()
+        elif self.order == "sort":
+            rows = self._sorted_rows()
+        else:
+            self.check_order()
+            rows = self._rows()
+        # The sorted stream is in order by construction; otherwise watch each event time:
+        # "check" refuses rows past the checked prefix, "trust" counts them.
+        watch = self.has_event_time and self.order != "sort"
+        latest = -1
+        parse, draw = self._parse, self.delay.draw
+        for index, line, row in rows:
+            self.rows_read += 1
+            if isinstance(row, BadRow):
+                self._bad(line, row)
+                continue
+            try:
+                imp, clicked = parse(row, index)
+            except BadRow as err:
+                self._bad(line, err)
+                continue
+            if watch:
+                if imp.event_time_ms < latest:
+                    self._late_row(line)
+                else:
+                    latest = imp.event_time_ms
+            if clicked:
+                yield LabeledImpression(imp, True, draw())
+            else:
+                yield LabeledImpression(imp, False, None)
+
+    def _late_row(self, line: int) -> None:
+        if self.order == "check":
+            raise OutOfOrderError(self.path, 1, line, complete=False)
+        self.out_of_order += 1
+
+    # ------------------------------------------------------------------ event-time order
+
+    def check_order(self) -> None:
+        """The ``order="check"`` pass: count the out-of-order rows, reading only timestamps
+        in constant memory, and raise :class:`OutOfOrderError` if there are any.
+
+        Subclasses call it at the end of ``__init__`` (it needs their column positions),
+        so an unsorted file is refused at open; it also runs before the first event if
+        not run yet. Runs at most once; does nothing for the other modes or without a
+        timestamp column.
+        """
+        if self._order_checked or self.order != "check" or not self.has_event_time:
+            return
+        self._order_checked = True
+        latest, late, first_line, timed = -1, 0, 0, 0
+        for _index, line, row in self._rows():
+            if self.events is not None and timed >= self.events:
+                break  # the rows a capped replay can reach; later ones are checked as yielded
+            key = self._sort_key(row)
+            if key == _NO_TIME:
+                continue  # a bad row: the replay skips (or, strict, refuses) it anyway
+            timed += 1
+            if key < latest:
+                late += 1
+                first_line = first_line or line
+            else:
+                latest = key
+        self.out_of_order = late
+        if late:
+            raise OutOfOrderError(self.path, late, first_line)
+
+    def _sort_key(self, row: list[str] | BadRow) -> int:
+        """:meth:`_time_key`, or :data:`_NO_TIME` for a row without a usable timestamp."""
+        if isinstance(row, BadRow):
+            return _NO_TIME
+        try:
+            return self._time_key(row)
+        except (BadRow, IndexError):
+            return _NO_TIME
+
+    def _sorted_rows(self) -> Iterator[_NumberedRow]:
+        """The rows in event-time order (file order among ties), as an external merge sort.
+
+        Rows without a usable timestamp sort first, so ``strict`` fails early and the
+        others are counted as skipped; malformed-CSV rows are counted here, as they have
+        no fields to carry through the sort.
+        """
+        with ExitStack() as spilled:
+            runs: list[IO[str]] = []
+            run: list[_KeyedRow] = []
+            latest = -1
+            for index, line, row in self._rows():
+                if isinstance(row, BadRow):
+                    self.rows_read += 1
+                    self._bad(line, row)
+                    continue
+                key = self._sort_key(row)
+                if key != _NO_TIME:
+                    if key < latest:
+                        self.out_of_order += 1
+                    else:
+                        latest = key
+                run.append((key, index, line, row))
+                if len(run) >= self.sort_run_rows:
+                    run.sort(key=_TIME_KEY)  # stable: file order among equal times
+                    runs.append(spilled.enter_context(_spill(run)))
+                    run = []
+            run.sort(key=_TIME_KEY)
+            if runs and run:
+                runs.append(spilled.enter_context(_spill(run)))
+            merged = iter(run) if not runs else self._merge(runs, spilled)
+            for _key, index, line, row in merged:
+                yield index, line, row
+
+    def _merge(self, runs: list[IO[str]], spilled: ExitStack) -> Iterator[_KeyedRow]:
+        """Merge sorted run files; in rounds of :attr:`merge_fan_in` so open files stay
+        bounded. ``heapq.merge`` takes equal keys from earlier runs first, and runs are in
+        file order, so the sort stays stable."""
+        while len(runs) > self.merge_fan_in:
+            rounds = [runs[i : i + self.merge_fan_in] for i in range(0, len(runs), self.merge_fan_in)]
+            merged = []
+            for group in rounds:
+                merged.append(spilled.enter_context(_spill(heapq.merge(*map(_read_run, group), key=_TIME_KEY))))
+                for f in group:
+                    f.close()  # frees its disk space now rather than at the end
+            runs = merged
+        return heapq.merge(*map(_read_run, runs), key=_TIME_KEY)
+
+
+# (row_index, line, fields or the reason the row could not be split)
+_NumberedRow = tuple[int, int, "list[str] | BadRow"]
+# (time key, row_index, line, fields): a row on its way through the external sort
+_KeyedRow = tuple[int, int, int, list[str]]
+_TIME_KEY = itemgetter(0)
+# The sort key of a row without a usable timestamp: below every real one, so such rows sort
+# first (strict mode fails early) and never count as out of order.
+_NO_TIME = -1
+
+
+def _spill(rows: Iterable[_KeyedRow]) -> IO[str]:
+    """Write sorted rows to an anonymous temporary file (deleted when closed)."""
+    f = tempfile.TemporaryFile("w+", encoding="utf-8", newline="")
+    # csv quoting carries any field (delimiters, quotes, newlines) through unchanged.
+    csv.writer(f).writerows((key, index, line, *row) for key, index, line, row in rows)
+    return f
+
+
+def _read_run(f: IO[str]) -> Iterator[_KeyedRow]:
+    f.seek(0)
+    for rec in csv.reader(f):
+        yield int(rec[0]), int(rec[1]), int(rec[2]), rec[3:]
 
 
 def check_field_count(n_fields: int) -> None:

@@ -29,6 +29,7 @@ import re
 from pathlib import Path
 
 from streams.datasets.base import (
+    DEFAULT_SORT_RUN_ROWS,
     BadRow,
     ClickDelay,
     CsvSource,
@@ -55,7 +56,9 @@ class CriteoSource(CsvSource):
     Parameters: ``user_column`` / ``item_column`` name the categorical columns used as ids,
     ``start_ms`` / ``events_per_second`` place rows in event time, ``delay`` gives clicks
     their delay (default ``ClickDelay(seed=seed)``), ``events`` caps the number yielded,
-    ``strict`` raises on the first bad row instead of counting it in ``skipped``.
+    ``strict`` raises on the first bad row instead of counting it in ``skipped``. Event time
+    comes from the row index, so the file is in order by construction and ``order`` (accepted
+    like every :class:`CsvSource` option) changes nothing.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "day_0.txt"
@@ -86,6 +89,8 @@ class CriteoSource(CsvSource):
         strict: bool = False,
         id_prefix: str | None = None,
         delimiter: str | None = None,
+        order: str = "check",
+        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
     ) -> None:
         super().__init__(
             path,
@@ -95,6 +100,8 @@ class CriteoSource(CsvSource):
             strict=strict,
             id_prefix=id_prefix,
             delimiter=delimiter,
+            order=order,
+            sort_run_rows=sort_run_rows,
         )
         if events_per_second <= 0:
             raise ValueError(f"events_per_second must be positive, got {events_per_second}")

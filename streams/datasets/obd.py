@@ -29,7 +29,15 @@ from functools import lru_cache
 from hashlib import blake2b
 from pathlib import Path
 
-from streams.datasets.base import BadRow, ClickDelay, CsvSource, open_text, parse_label, parse_number
+from streams.datasets.base import (
+    DEFAULT_SORT_RUN_ROWS,
+    BadRow,
+    ClickDelay,
+    CsvSource,
+    open_text,
+    parse_label,
+    parse_number,
+)
 from streams.schema import MAX_ID_LEN, Impression
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,8 +70,8 @@ class ObdSource(CsvSource):
 
     ``item_context``: path of the item-context file; default ``item_context.csv`` next to
     ``path`` if it exists; ``False`` disables the join. ``position_base``: the first slot's
-    number in the file (1 for OBD). ``delay``, ``events``, ``strict``, ``seed`` behave as for
-    every :class:`CsvSource`.
+    number in the file (1 for OBD). ``delay``, ``events``, ``strict``, ``seed``, ``order``
+    behave as for every :class:`CsvSource`.
 
     >>> import tempfile, pathlib
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "all.csv"
@@ -79,6 +87,7 @@ class ObdSource(CsvSource):
     """
 
     source = "obd"
+    has_event_time = True
 
     def __init__(
         self,
@@ -93,6 +102,8 @@ class ObdSource(CsvSource):
         strict: bool = False,
         id_prefix: str | None = None,
         delimiter: str | None = None,
+        order: str = "check",
+        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
     ) -> None:
         super().__init__(
             path,
@@ -102,6 +113,8 @@ class ObdSource(CsvSource):
             strict=strict,
             id_prefix=id_prefix,
             delimiter=delimiter,
+            order=order,
+            sort_run_rows=sort_run_rows,
         )
         names = [c.strip() for c in self.first_row]
         missing = [
@@ -132,6 +145,10 @@ class ObdSource(CsvSource):
         self.items: dict[str, tuple[dict[str, str], dict[str, float]]] = (
             _load_item_context(Path(item_context)) if item_context else {}
         )
+        self.check_order()  # an unsorted file is refused at open, like a bad header
+
+    def _time_key(self, row: list[str]) -> int:
+        return parse_timestamp_ms(row[self._ts])
 
     def _parse(self, row: list[str], index: int) -> tuple[Impression, bool]:
         if len(row) != self._ncols:
