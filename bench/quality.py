@@ -6,7 +6,8 @@ Progressive evaluation (predict each example, then learn it), in impression orde
   from the data, :class:`~online_learner.trainer.TrainerConfig` defaults, examples arriving in
   polls of ``batch_size`` like a backed-up topic), with the stream's field weights recomputed
   by the reweighting stage's logic as the stream flows (published every ``publish_every``);
-* the same learner **without field weights** (the reweighting ablation);
+* the same learner **with the stream's field weights applied** (``--prior-strength 0.5``: the
+  reweighting ablation; by default ``ctr learn`` receives them but gives them no weight);
 * a **running mean** click rate (``(clicks + 0.5) / (seen + 1)``, the Krichevsky-Trofimov
   estimator: what "knowing nothing but the click rate" scores);
 * **Vowpal Wabbit** linear and with all pairwise interactions (``-q``), defaults otherwise;
@@ -31,6 +32,7 @@ import numpy as np
 from bench.common import report
 from bench.peers import run_river, run_vw
 from online_learner.metrics import roc_auc
+from online_learner.trainer import TrainerConfig
 from streams.schema import TrainingExample
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -44,6 +46,10 @@ REAL_LOGS = (
 )
 SYNTHETIC = ("synthetic", "synthetic:low-ctr")
 _EPS = 1e-7
+OURS = "ctr-stream (ctr learn defaults)"
+ABLATION = "ctr-stream + field weights (strength 0.5)"
+ABLATION_STRENGTH = 0.5
+BASELINE = "running mean click rate"
 
 
 @dataclass
@@ -86,13 +92,18 @@ def running_mean(y: np.ndarray) -> np.ndarray:
 
 
 def run_ctr_stream(
-    stream: Stream, *, field_weights: bool = True, poll: int | None = None, publish_every: int = 5_000
+    stream: Stream,
+    *,
+    field_weights: bool = True,
+    poll: int | None = None,
+    publish_every: int = 5_000,
+    config: TrainerConfig | None = None,
 ) -> tuple[np.ndarray, float]:
-    """The learner as ``ctr learn`` runs it by default, fed in polls of ``poll`` examples."""
-    from online_learner.trainer import TrainerConfig
+    """The learner as ``ctr learn`` runs it (``config``: default ``TrainerConfig()``), fed in
+    polls of ``poll`` examples, with the stream's field weights applied as they are published."""
     from streams.agents.reweighting import FieldImportance, ReweightConfig
 
-    cfg = TrainerConfig(bootstrap="", state_dir=Path("."))
+    cfg = config or TrainerConfig(bootstrap="", state_dir=Path("."))
     poll = poll or cfg.batch_size
     examples = stream.examples
     learner = cfg.make_learner(cfg.model_for([e.impression for e in examples[:poll]]))
@@ -110,6 +121,13 @@ def run_ctr_stream(
                 pending = 0
                 learner.set_field_weights(importance.compute().weights)
     return p, time.perf_counter() - t
+
+
+def with_field_weights(strength: float = ABLATION_STRENGTH) -> TrainerConfig:
+    """``ctr learn --prior-strength STRENGTH``: the stream's field weights scale the fields."""
+    default = TrainerConfig(bootstrap="", state_dir=Path("."))
+    options = {**default.model_options, "prior_strength": strength}
+    return TrainerConfig(bootstrap="", state_dir=Path("."), model_options=options)
 
 
 def _fields(stream: Stream) -> tuple[list[str], list[str]]:
@@ -172,9 +190,6 @@ def score(y: np.ndarray, p: np.ndarray) -> dict:
     }
 
 
-OURS = "ctr-stream (ctr learn defaults)"
-ABLATION = "ctr-stream without field weights"
-BASELINE = "running mean click rate"
 
 
 def evaluate(
@@ -185,7 +200,7 @@ def evaluate(
     preds: dict[str, tuple[np.ndarray, float]] = {BASELINE: (running_mean(y), 0.0)}
     runs: dict[str, Callable[[], tuple[np.ndarray, float]]] = {
         OURS: lambda: run_ctr_stream(stream),
-        ABLATION: lambda: run_ctr_stream(stream, field_weights=False),
+        ABLATION: lambda: run_ctr_stream(stream, config=with_field_weights()),
     }
     if with_peers:
         runs.update(peers(stream))

@@ -390,8 +390,11 @@ def learn_cmd(
     ] = None,
     fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
     prior_strength: Annotated[
-        float, typer.Option(help="Exponent on the stream's field weights in the gate (0 ignores them).")
-    ] = 0.5,
+        float,
+        typer.Option(
+            help="Exponent on the stream's field weights in the gate (0 ignores them; see `ctr bench quality`)."
+        ),
+    ] = 0.0,
     max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="Stop after this many seconds without examples.")] = None,
     frozen_after: Annotated[

@@ -86,7 +86,7 @@ class OnlineCTR:
         self,
         config: ModelConfig | None = None,
         *,
-        lr_table: float = 0.2,
+        lr_table: float = 0.1,
         lr_dense: float = 0.01,
         table_beta: float = 1.0,
         dense_optimizer_kind: Literal["adagrad", "adam", "sgd"] = "adagrad",

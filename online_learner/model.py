@@ -95,6 +95,10 @@ class ModelConfig:
     #: Examples over which the click-rate prior (the logit's offset) forgets; see
     #: :mod:`online_learner.prior`.
     base_rate_horizon: float = 200_000.0
+    #: Add a first-order (linear) term: the first float of each chunk, summed, times
+    #: ``first_order_scale / sqrt(hashed fields)``.
+    first_order: bool = True
+    first_order_scale: float = 1.0
     #: Starting trust ``a`` of the online calibration and its prior precision.
     calibration_a0: float = 0.0
     calibration_precision: tuple[float, float] = (10.0, 1000.0)
@@ -179,6 +183,7 @@ class CTRModel(nn.Module):
         )
         self.head = DCNv2Head(self.input_dim, config.cross_layers, config.cross_rank, config.mlp_dims)
         self.base_rate = ClickRatePrior(config.base_rate_horizon)
+        self.first_order_scale = float(config.first_order_scale) / len(config.hashed_fields) ** 0.5
         self.calibration = OnlineCalibration(
             config.calibration_a0, config.calibration_precision, config.base_rate_horizon
         )
@@ -204,12 +209,20 @@ class CTRModel(nn.Module):
     def forward_embedded(self, emb: Tensor, numeric: Tensor | None = None) -> Tensor:
         """Hashed field embeddings ``[B, P*c]`` (+ numerics) -> the network's score ``[B]``
         (what the features add to the base rate's log-odds, before calibration)."""
+        score = None
+        if self.config.first_order:
+            # the first float of every chunk doubles as a hashed linear weight (the "wide" part
+            # of wide & deep, VW's model): learned directly by the table's per-row Adagrad, it
+            # picks up a value's own click rate from its first clicks, before the deep path has
+            # learned to read the embeddings
+            score = emb[:, :: self.config.chunk_dim].sum(1) * self.first_order_scale
         if self.numeric is not None:
             if numeric is None:
                 raise ValueError("this model embeds numeric fields densely: pass numeric [B, F_num]")
             emb = torch.cat([emb, self.numeric(numeric)], dim=1)
         x0, _ = self.gate(emb)
-        return self.head(x0)
+        deep = self.head(x0)
+        return deep if score is None else deep + score
 
     # -- field weights / parameters --------------------------------------------------------
     def set_field_weights(self, weights: Mapping[str, float], default: float | None = None) -> list[str]:
