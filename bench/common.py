@@ -11,6 +11,32 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+#: load average when the bench process started (``report`` adds the one at its end)
+_LOAD_AT_START = os.getloadavg()
+
+
+def provenance() -> dict:
+    """What a reader needs to trace a result: the commit, whether the tree had uncommitted
+    changes (a dirty result is not one to quote), the command and the load around the run."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or None,
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "load_avg_start": [round(x, 2) for x in _LOAD_AT_START],
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
 
 def machine() -> dict:
     import psutil
@@ -38,6 +64,7 @@ def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = N
         "bench": title,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine(),
+        **provenance(),
         "rows": rows,
         **(extra or {}),
     }

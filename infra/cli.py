@@ -512,7 +512,9 @@ def bench_quality(
     ] = None,
     mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH.")] = None,
     events: Annotated[int | None, typer.Option(help="Cap on events per file (default: the whole file).")] = None,
-    synthetic_events: Annotated[int, typer.Option(help="Events per synthetic stream.")] = 100_000,
+    synthetic_events: Annotated[
+        int | None, typer.Option(help="Events per synthetic stream (default: 100k, 500k for low-ctr).")
+    ] = None,
     peers: Annotated[bool, typer.Option(help="Run Vowpal Wabbit and River too.")] = True,
 ) -> None:
     """Progressive log loss, AUC and calibration on real click logs, from the first event: the
