@@ -137,11 +137,15 @@ def run_demo(
                 replay_error.append(err)
 
         replayer = threading.Thread(target=do_replay, name="replay", daemon=True)
-        # the stream starts once serving is ready (a model and the feature store), so every
-        # event of it can show up in served scores; on a busy machine this takes a while
+        # The stream starts once every stage is up and serving has its feature store. The learner
+        # builds its model from the fields of the first examples (no field flags), so the first
+        # model -- and serving's readiness -- follows the stream's first examples; the prediction
+        # client and the freshness probes start then. On a busy machine this takes a while.
         with console.status("starting the stages (broker, worker, reweighter, learner, serving) ..."):
-            sup.wait_for(lambda: ready(port), timeout_s=240, what="the serving tier to be ready")
+            sup.wait_for(lambda: ready(port, but_model=True), timeout_s=240, what="the serving tier to be up")
         replayer.start()
+        with console.status("waiting for the learner's first model (built from the first examples' fields) ..."):
+            sup.wait_for(lambda: ready(port), timeout_s=240, what="the first model to be served")
         client.start()
         # click -> served score, measured every few seconds with a burst of clicks on a new ad
         # (its events ride the stream's event-time clock; stopped before the replay's last
@@ -231,13 +235,19 @@ def start_stages(sup: Supervisor, bootstrap: str, out: Path, frozen_after: int |
     return port
 
 
-def ready(port: int) -> bool:
+def ready(port: int, but_model: bool = False) -> bool:
+    """Serving answers /readyz 200 (``but_model``: its only problem, if any, is that no model
+    has been published yet)."""
     import httpx
 
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)
     except httpx.HTTPError:
         return False
+    if r.status_code == 200:
+        return True
+    problems = r.json().get("problems", []) if but_model else ["not ready"]
+    return bool(problems) and all(p.startswith("no model loaded yet") for p in problems)
 
 
 def serving_summary(log: TrafficLog) -> dict:

@@ -172,8 +172,8 @@ class Trainer:
         #: Set (SIGUSR1 under ``ctr learn``) to publish a snapshot at the next loop turn.
         self.snapshot_requested = threading.Event()
         self._restored_version = self._restore()
-        if self.learner is None and config.model is not None:
-            self._start_model(config.model)
+        if self.learner is None and (config.model is not None or None not in (config.categorical, config.numeric)):
+            self._start_model(config.model_for(()))  # the fields are known without seeing data
 
     def _start_model(self, model: ModelConfig, state: dict | None = None) -> None:
         self.learner = self.cfg.make_learner(model)
