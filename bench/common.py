@@ -11,27 +11,36 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-#: load average when the bench process started (``report`` adds the one at its end)
+
+def _git(*args: str) -> str:
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _tree() -> tuple[str | None, bool]:
+    return _git("rev-parse", "HEAD") or None, bool(_git("status", "--porcelain", "--untracked-files=no"))
+
+
+#: the code and the load when the bench process started (``report`` checks both again at its end)
+_TREE_AT_START = _tree()
 _LOAD_AT_START = os.getloadavg()
 
 
 def provenance() -> dict:
     """What a reader needs to trace a result: the commit, whether the tree had uncommitted
-    changes (a dirty result is not one to quote), the command and the load around the run."""
-    import subprocess
+    changes or moved during the run (a dirty result is not one to quote), the command and the
+    load around the run."""
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
+    commit, dirty = _tree()
     return {
-        "commit": git("rev-parse", "HEAD") or None,
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "commit": _TREE_AT_START[0],
+        "dirty": _TREE_AT_START[1] or dirty or commit != _TREE_AT_START[0],
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "load_avg_start": [round(x, 2) for x in _LOAD_AT_START],
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
