@@ -116,7 +116,9 @@ def run_ctr_stream(
     t = time.perf_counter()
     for i in range(0, len(examples), poll):
         chunk = examples[i : i + poll]
-        p[i : i + len(chunk)] = learner.predict_learn_many(learner.encode(chunk), stream.y[i : i + len(chunk)])
+        event_ms = np.array([e.impression.event_time_ms for e in chunk], dtype=np.int64)
+        y = stream.y[i : i + len(chunk)]
+        p[i : i + len(chunk)] = learner.predict_learn_many(learner.encode(chunk), y, event_ms)
         if importance is not None:
             importance.add(chunk)
             pending += len(chunk)

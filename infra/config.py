@@ -36,6 +36,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("model-updates", 1, "versioned model deltas and snapshots (one total order)"),
     TopicSpec("dead-letter", 1, "malformed or unprocessable messages with a reason"),
     TopicSpec("late-events", 1, "clicks that arrived after their attribution window"),
+    TopicSpec("served-scores", 1, "what serving predicted for a named impression, with the version"),
 )
 TOPIC_NAMES = {t.name for t in TOPICS}
 

@@ -29,24 +29,28 @@ from infra.broker import EmbeddedBroker
 from infra.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from infra.procs import free_port
 from infra.supervisor import Service, Supervisor, ctr_argv
-from infra.traffic import SteadyClient, TrafficLog
+from infra.traffic import ServedImpressions, SteadyClient, TrafficLog
 from streams.datasets import open_source
 from streams.replay import ReplaySummary, replay
 
 
 class _DriftProbe:
-    """Passes records through, noting the event time of the impression at ``drift_at``."""
+    """Passes records through, noting the event time of the impression at ``drift_at`` and
+    offering each impression to the served-impressions scorer once it is live."""
 
     def __init__(self, records, drift_at: int | None) -> None:
         self.records, self.drift_at = records, drift_at
         self.drift_event_ms: int | None = None
         self.count = 0
+        self.scorer: ServedImpressions | None = None
 
     def __iter__(self) -> Iterator:
         for rec in self.records:
             if self.count == self.drift_at:
                 self.drift_event_ms = rec.impression.event_time_ms
             self.count += 1
+            if self.scorer is not None:
+                self.scorer.offer(rec.impression)
             yield rec
 
 
@@ -120,6 +124,9 @@ def run_demo(
     try:
         port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10))
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
+        # one replayed impression in 40 is scored by serving as it is shown (~50 requests/s at
+        # the default rate): the online quality of what was served
+        scorer = ServedImpressions(f"http://127.0.0.1:{port}/predict")
         records = _DriftProbe(
             open_source(data, mapping=mapping, seed=seed, events=events),
             drift_at=events // 2 if data == "synthetic" else None,
@@ -147,6 +154,8 @@ def run_demo(
         with console.status("waiting for the learner's first model (built from the first examples' fields) ..."):
             sup.wait_for(lambda: ready(port), timeout_s=240, what="the first model to be served")
         client.start()
+        scorer.start()
+        records.scorer = scorer
         # click -> served score, measured every few seconds with a burst of clicks on a new ad
         # (its events ride the stream's event-time clock; stopped before the replay's last
         # watermark marker would make them late)
@@ -184,7 +193,9 @@ def run_demo(
         # let the learner publish its last version and serving apply it, then stop everything
         time.sleep(2.5)
         client.stop.set()
+        scorer.stop.set()
         client.join(10)
+        scorer.join(10)
         codes = sup.stop_all(["serve", "learner", "reweighter", "worker"])
         rows = _read_jsonl(metrics_path)
         result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes,
@@ -198,6 +209,7 @@ def run_demo(
         if prober.error is not None:
             result["freshness_error"] = repr(prober.error)
         result.update(serving_summary(client.log))
+        result["served_impressions_scored"] = scorer.scored
         result["dead_letters"] = _dead_letters(bs)
         weights = _field_weights(bs)
         from infra.report import Timeline, write_report
@@ -346,6 +358,20 @@ def summarise(
         "frozen_window_auc_end": end.get("frozen_window_auc"),
         "best_auc": last.get("oracle_auc"),
         "best_window_auc_end": end.get("oracle_window_auc"),
+        # what serving scored for sampled impressions as they were shown, joined to their labels
+        # (predict-then-learn numbers above are optimistic: positives reach the learner at their
+        # click, negatives only when the window closes, so a negative is scored by a model that
+        # has already learned from later clicks)
+        "served_examples": last.get("served_examples"),
+        "served_auc": last.get("served_auc"),
+        "served_logloss": last.get("served_log_loss"),
+        "frozen_served_auc": last.get("frozen_served_auc"),
+        "frozen_served_logloss": last.get("frozen_served_log_loss"),
+        "live_minus_frozen_served_auc": (
+            round(last["served_auc"] - last["frozen_served_auc"], 4)
+            if last.get("served_auc") is not None and last.get("frozen_served_auc") is not None
+            else None
+        ),
         "live_minus_frozen_after_drift": (
             round(end["window_auc"] - end["frozen_window_auc"], 4)
             if after and end.get("frozen_window_auc") is not None

@@ -3,6 +3,7 @@ recording latency and the model version that scored each response."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,3 +71,44 @@ class SteadyClient(threading.Thread):
                     self.log.errors += 1
                 next_at = start + self.log.sent / self.rate
                 self.stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+class ServedImpressions(threading.Thread):
+    """Scores a sample of the replayed impressions *as they are shown*: one /predict each,
+    naming the impression, so the replica logs what it served (``served-scores``) and the
+    learner can join it to the label. Impressions are offered from the replay thread
+    (:meth:`offer`); when the scorer falls behind they are dropped, never scored late."""
+
+    def __init__(self, url: str, every: int = 40, backlog: int = 50) -> None:
+        super().__init__(name="served-impressions", daemon=True)
+        self.url, self.every = url, every
+        self.queue: queue.Queue = queue.Queue(maxsize=backlog)
+        self.offered = self.scored = self.dropped = self.errors = 0
+        self.stop = threading.Event()
+
+    def offer(self, impression) -> None:
+        self.offered += 1
+        if self.offered % self.every:
+            return
+        try:
+            self.queue.put_nowait(impression)
+        except queue.Full:
+            self.dropped += 1
+
+    def run(self) -> None:
+        with httpx.Client(timeout=5.0) as client:
+            while not self.stop.is_set():
+                try:
+                    imp = self.queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                body = {"user_id": imp.user_id,
+                        "context": {"categorical": dict(imp.categorical), "numeric": dict(imp.numeric)},
+                        "candidates": [{"item_id": imp.item_id, "position": imp.position,
+                                        "impression_id": imp.event_id}]}  # fmt: skip
+                try:
+                    ok = client.post(self.url, json=body).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                self.scored += ok
+                self.errors += not ok

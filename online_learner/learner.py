@@ -48,6 +48,7 @@ from online_learner.encoding import EncodedBatch, FeatureEncoder
 from online_learner.hashing import ValueKeyer
 from online_learner.model import CTRModel, ModelConfig
 from online_learner.optim import RowWiseAdagrad, TouchedRows, dense_optimizer
+from online_learner.prior import CompleteCohorts
 
 __all__ = ["OnlineCTR"]
 
@@ -123,6 +124,9 @@ class OnlineCTR:
         if not calibrate:  # ablation: the network's score is used as is
             self.model.calibration.coef[0] = 1.0
         self.touched = TouchedRows(self.model.embedding.num_rows, self.device)
+        #: clicks waiting for their cohort (not checkpointed: a restart forgets at most one
+        #: attribution window's clicks from the base rate, never an example)
+        self.cohorts = CompleteCohorts()
         self.examples_seen = 0
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -151,13 +155,29 @@ class OnlineCTR:
         ids, numeric = self._inputs(enc)
         return torch.sigmoid(self.model(ids, numeric)).cpu().numpy()
 
-    def learn_many(self, batch: Sequence[Any] | EncodedBatch, labels: Sequence[int] | np.ndarray) -> float:
-        """One sparse training step on the batch; returns the mean log loss before the step."""
-        return self._step(self.encode(batch), labels)[1]
+    def learn_many(
+        self,
+        batch: Sequence[Any] | EncodedBatch,
+        labels: Sequence[int] | np.ndarray,
+        event_time_ms: np.ndarray | None = None,
+    ) -> float:
+        """Learn the batch; returns the mean log loss before the updates. See
+        :meth:`predict_learn_many` for ``event_time_ms``."""
+        return self._step(self.encode(batch), labels, event_time_ms)[1]
 
-    def predict_learn_many(self, batch: Sequence[Any] | EncodedBatch, labels: Sequence[int] | np.ndarray) -> np.ndarray:
-        """Progressive step: the pre-update probabilities ``[B]``, then learn from the batch."""
-        return self._step(self.encode(batch), labels)[0]
+    def predict_learn_many(
+        self,
+        batch: Sequence[Any] | EncodedBatch,
+        labels: Sequence[int] | np.ndarray,
+        event_time_ms: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Progressive step: the pre-update probabilities ``[B]``, then learn from the batch.
+
+        ``event_time_ms`` (the impressions' event times, ``[B]``): the base rate and the
+        calibration then count labels in complete impression-time cohorts
+        (:class:`~online_learner.prior.CompleteCohorts`) -- what a stream whose clicks arrive
+        before their window's non-clicks needs. Without it every label counts on arrival."""
+        return self._step(self.encode(batch), labels, event_time_ms)[0]
 
     def step_size(self) -> int:
         """Examples in the next update: ``examples_seen / step_ratio``, between 1 and ``max_step``.
@@ -168,26 +188,29 @@ class OnlineCTR:
         no quality and buy speed."""
         return max(1, min(self.max_step, self.examples_seen // self.step_ratio))
 
-    def _step(self, enc: EncodedBatch, labels: Sequence[int] | np.ndarray) -> tuple[np.ndarray, float]:
+    def _step(
+        self, enc: EncodedBatch, labels: Sequence[int] | np.ndarray, event_time_ms: np.ndarray | None = None
+    ) -> tuple[np.ndarray, float]:
         n = len(enc)
         y = torch.as_tensor(np.asarray(labels, dtype=np.float32)).to(self.device)
         if y.shape != (n,):
             raise ValueError(f"expected {n} labels, got shape {tuple(y.shape)}")
         if n == 0:
             return np.zeros(0, dtype=np.float32), float("nan")
+        t = None if event_time_ms is None else np.asarray(event_time_ms, dtype=np.int64).reshape(n)
         if n <= self.step_size():
-            return self._one_step(enc, y)
+            return self._one_step(enc, y, t)
         ps, total, i = [], 0.0, 0
         while i < n:
             j = min(n, i + self.step_size())
             part = EncodedBatch(enc.keys[i:j], None if enc.numeric is None else enc.numeric[i:j])
-            p, loss = self._one_step(part, y[i:j])
+            p, loss = self._one_step(part, y[i:j], None if t is None else t[i:j])
             ps.append(p)
             total += loss * (j - i)
             i = j
         return np.concatenate(ps), total / n
 
-    def _one_step(self, enc: EncodedBatch, y: torch.Tensor) -> tuple[np.ndarray, float]:
+    def _one_step(self, enc: EncodedBatch, y: torch.Tensor, t: np.ndarray | None) -> tuple[np.ndarray, float]:
         n = len(enc)
         model = self.model
         model.train()
@@ -207,12 +230,30 @@ class OnlineCTR:
         score = score.detach()
         with torch.no_grad():
             p = torch.sigmoid(model.calibration(score, offset))
-            if self.calibrate:
-                model.calibration.observe(score, offset, y)
-        model.base_rate.observe(y)
+            self._observe_outcomes(score, offset, y, t)
         self.examples_seen += n
         mean_loss = float(F.binary_cross_entropy(p, y))
         return p.cpu().numpy(), mean_loss
+
+    def _observe_outcomes(
+        self, score: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, t: np.ndarray | None
+    ) -> None:
+        """Count labels into the base rate and fit the calibration -- at once, or (with event
+        times) once their impression-time cohort is complete."""
+        model = self.model
+        if t is not None:
+            now = torch.from_numpy(self.cohorts.admit(t, y.cpu().numpy(), score.cpu().numpy())).to(y.device)
+            if not bool(now.all()):
+                score, y = score[now], y[now]
+            released, k = self.cohorts.release()
+            if k:
+                score = torch.cat([score, torch.from_numpy(released).to(score)])
+                y = torch.cat([y, y.new_ones(k)])
+        if y.numel() == 0:
+            return
+        if self.calibrate:
+            model.calibration.observe(score, offset, y)
+        model.base_rate.observe(y)
 
     # -- field weights / publishing ---------------------------------------------------------------
     def set_field_weights(self, weights: Mapping[str, float], default: float | None = None) -> list[str]:

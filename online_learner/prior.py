@@ -23,12 +23,14 @@ part of every delta), so serving adds the same offset as the learner.
 
 from __future__ import annotations
 
+import heapq
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClickRatePrior", "OnlineCalibration"]
+__all__ = ["ClickRatePrior", "CompleteCohorts", "OnlineCalibration"]
 
 
 class ClickRatePrior(nn.Module):
@@ -144,3 +146,53 @@ class OnlineCalibration(nn.Module):
         coef[0].clamp_(min=0.0)  # a feature score is never trusted upside down
         self.precision.copy_(precision)
         self.coef.copy_(coef)
+
+
+class CompleteCohorts:
+    """Hands labels to the base rate and the calibration in complete impression-time cohorts.
+
+    When a positive example leaves the label join at its click and a negative only when its
+    attribution window closes, the newest examples are all clicks: counted on arrival, the
+    click rate of the last window's impressions reads as 100 % (a fresh model then serves
+    p near 1 until the first negatives arrive), and in steady state it stays inflated by a
+    window's worth of clicks. So a click whose impression is newer than the newest negative
+    seen (the join's closed-window watermark) waits here until that watermark passes it;
+    negatives, and clicks of closed windows, go through at once. Replays in impression order
+    release everything immediately.
+
+    >>> c = CompleteCohorts()
+    >>> c.admit(np.array([10, 20, 5]), np.array([1, 1, 0]), np.array([0.1, 0.2, 0.3])).tolist()
+    [False, False, True]
+    >>> c.release()  # nothing: the newest negative is from t=5
+    (array([], dtype=float64), 0)
+    >>> _ = c.admit(np.array([15]), np.array([0]), np.array([0.0]))
+    >>> c.release()  # the click from t=10 is complete now, the one from t=20 is not
+    (array([0.1]), 1)
+    """
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self.capacity = capacity
+        self.watermark = -math.inf
+        self._pending: list[tuple[int, int, float]] = []  # heap of (event time, seq, score)
+        self._seq = 0
+
+    def admit(self, event_ms: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Which examples count now (bool ``[B]``); the others (recent clicks) wait, with their score."""
+        negatives = labels == 0
+        if negatives.any():
+            self.watermark = max(self.watermark, float(event_ms[negatives].max()))
+        wait = ~negatives & (event_ms > self.watermark)
+        for t, s in zip(event_ms[wait].tolist(), scores[wait].tolist(), strict=True):
+            heapq.heappush(self._pending, (t, self._seq, s))
+            self._seq += 1
+        return ~wait
+
+    def release(self) -> tuple[np.ndarray, int]:
+        """Scores of the waiting clicks whose cohort is now complete (and how many)."""
+        out = []
+        while self._pending and (self._pending[0][0] <= self.watermark or len(self._pending) > self.capacity):
+            out.append(heapq.heappop(self._pending)[2])
+        return np.asarray(out, dtype=np.float64), len(out)
+
+    def __len__(self) -> int:
+        return len(self._pending)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from online_learner.encoding import discover_fields
@@ -41,16 +41,18 @@ from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics
 from online_learner.model import ModelConfig
 from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
+from online_learner.served import ServedQuality
 from online_learner.state_io import load_state, save_state
 from online_learner.update_format import UpdateError, UpdateHeader, decode_header
 from streams.deadletter import DeadLetterSink
 from streams.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
-from streams.schema import SchemaError, decode_field_weights, decode_training_example
+from streams.schema import SchemaError, decode_field_weights, decode_served_score, decode_training_example
 from streams.validate import decode_batch
 
 log = logging.getLogger(__name__)
 EXAMPLES_TOPIC = "training-examples"
 FIELD_WEIGHTS_TOPIC = "field-weights"
+SERVED_SCORES_TOPIC = "served-scores"
 
 TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from")
 DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
@@ -160,6 +162,11 @@ class Trainer:
         # Evaluation only: when examples carry the synthetic generator's true click probability,
         # score it like a model so reports can state the best achievable AUC. Never learned from.
         self.oracle_metrics = ProgressiveMetrics(window=config.metrics_window)
+        # What serving actually predicted for these impressions (joined from served-scores), and
+        # the frozen copy on the same examples: online quality, free of predict-then-learn bias.
+        self.served = ServedQuality()
+        self.served_metrics = ProgressiveMetrics(window=config.metrics_window)
+        self.frozen_served_metrics = ProgressiveMetrics(window=config.metrics_window)
         self.frozen = None
         self.seen = RecentIds(config.dedupe_capacity)
         self.offsets: dict[int, int] = {}
@@ -279,6 +286,10 @@ class Trainer:
         parts = c.list_topics(EXAMPLES_TOPIC, timeout=10).topics[EXAMPLES_TOPIC].partitions
         assignment = [TopicPartition(EXAMPLES_TOPIC, p, self.offsets.get(p, OFFSET_BEGINNING)) for p in parts]
         assignment.append(TopicPartition(FIELD_WEIGHTS_TOPIC, 0, self.field_weights_offset or OFFSET_BEGINNING))
+        # scores served from now on (they only feed metrics; older ones would have no example
+        # left); a deployment without the topic simply has no served metrics
+        if SERVED_SCORES_TOPIC in c.list_topics(timeout=10).topics:
+            assignment.append(TopicPartition(SERVED_SCORES_TOPIC, 0, OFFSET_END))
         c.assign(assignment)
 
     def _apply_field_weights(self, msgs) -> None:
@@ -312,9 +323,17 @@ class Trainer:
         enc = self.learner.encode([e.impression for e in fresh])
         gate = self.publisher.gate
         served_p = self.publisher.served_proba(enc) if gate.wants_batch() else None
+        frozen_p = None
         if self.frozen is not None:
-            self.frozen_metrics.update(y, self.frozen.predict_proba_many(enc))
-        p = self.learner.predict_learn_many(enc, y)
+            frozen_p = self.frozen.predict_proba_many(enc)
+            self.frozen_metrics.update(y, frozen_p)
+        idx, served_p = self.served.take([e.example_id for e in fresh])
+        if idx.size:
+            self.served_metrics.update(y[idx], served_p)
+            if frozen_p is not None:
+                self.frozen_served_metrics.update(y[idx], frozen_p[idx])
+        event_ms = np.fromiter((e.impression.event_time_ms for e in fresh), dtype=np.int64, count=len(fresh))
+        p = self.learner.predict_learn_many(enc, y, event_ms)
         self.metrics.update(y, p)
         oracle = [e.impression.oracle_ctr for e in fresh]
         known = [i for i, o in enumerate(oracle) if o is not None]
@@ -330,6 +349,28 @@ class Trainer:
             and self.learner.examples_seen >= self.cfg.frozen_after_examples
         ):
             self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
+
+    def _served_summary(self) -> dict:
+        m, f = self.served_metrics, self.frozen_served_metrics
+        out = {
+            "served_examples": m.count,
+            "served_auc": _round(m.auc()),
+            "served_log_loss": _round(m.log_loss()),
+            "served_window_auc": _round(m.window_auc()),
+            "served_window_log_loss": _round(m.window_log_loss()),
+        }
+        if f.count:
+            out.update(frozen_served_auc=_round(f.auc()), frozen_served_log_loss=_round(f.log_loss()))
+        return out
+
+    def _apply_served_scores(self, msgs) -> None:
+        for m in msgs:
+            try:
+                s = decode_served_score(m.value())
+            except SchemaError as err:
+                self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
+                continue
+            self.served.add(s.impression_id, s.p_click, s.version)
 
     @property
     def examples_seen(self) -> int:
@@ -360,6 +401,8 @@ class Trainer:
             row["oracle_window_auc"] = _round(self.oracle_metrics.window_auc())
             row["oracle_auc"] = _round(self.oracle_metrics.auc())
             row["oracle_window_log_loss"] = _round(self.oracle_metrics.window_log_loss())
+        if self.served_metrics.count:
+            row.update(self._served_summary())
         if self.frozen is not None:
             row["frozen_window_auc"] = _round(self.frozen_metrics.window_auc())
             row["frozen_auc"] = _round(self.frozen_metrics.auc())
@@ -387,6 +430,9 @@ class Trainer:
                 weights = [m for m in msgs if m.topic() == FIELD_WEIGHTS_TOPIC]
                 if weights:
                     self._apply_field_weights(weights)
+                scores = [m for m in msgs if m.topic() == SERVED_SCORES_TOPIC]
+                if scores:
+                    self._apply_served_scores(scores)
                 batch = [m for m in msgs if m.topic() == EXAMPLES_TOPIC]
                 if batch:
                     self._train(decode_batch(batch, decode_training_example, self.dlq))
@@ -441,6 +487,7 @@ class Trainer:
             "version": self.publisher.version if self.publisher is not None else 0,
             "withheld": self.publisher.withheld if self.publisher is not None else 0,
             "undecided": self.publisher.undecided if self.publisher is not None else 0,
+            **(self._served_summary() if self.served_metrics.count else {}),
             "dead_letters": self.dlq.count,
         }
 

@@ -57,6 +57,7 @@ from serving.features import (
     record,
 )
 from serving.registry import ModelRegistry, ModelVersion, RegistryError
+from serving.score_log import ScoreLog
 from serving.updates import MODEL_UPDATES_TOPIC, UpdateConsumer, read_snapshot_header, snapshot_files
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ class Candidate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     position: Annotated[int, msgspec.Meta(ge=0, le=10_000)] | None = None
     categorical: Fields = {}
     numeric: Numerics = {}
+    #: The impression this candidate will be shown as: its score and version are logged on
+    #: ``served-scores`` so the learner can measure the served model's online quality.
+    impression_id: Id | None = None
 
 
 def _request_type(max_candidates: int) -> type[msgspec.Struct]:
@@ -274,6 +278,7 @@ class ServingState:
         self._source: FeatureSource | None = None
         self._threads: list[threading.Thread] = []
         self.registry.listeners.append(self._on_swap)
+        self.score_log: ScoreLog | None = None
 
     # -- lifecycle
     def start(self) -> None:
@@ -293,6 +298,7 @@ class ServingState:
         if cfg.bootstrap:
             self.updates = UpdateConsumer(self.registry, cfg.bootstrap, topic=cfg.topic,
                                           snapshot_dir=cfg.snapshot_dir).start()
+            self.score_log = ScoreLog(cfg.bootstrap)
         elif cfg.snapshot_dir is not None:
             t = threading.Thread(target=self._load_static, name="snapshot-load", daemon=True)
             t.start()
@@ -301,6 +307,8 @@ class ServingState:
     def stop(self) -> None:
         if self.updates is not None:
             self.updates.stop()
+        if self.score_log is not None:
+            self.score_log.close()
         if self.cache is not None:
             self.cache.stop()
         close = getattr(self._source, "close", None)
@@ -509,6 +517,9 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
         CANDIDATES.observe(len(cands))
         preds = [{"item_id": c.item_id, "position": c.position if c.position is not None else i, "p_click": p[i]}
                  for i, c in enumerate(cands)]
+        named = [(c.impression_id, p[i]) for i, c in enumerate(cands) if c.impression_id is not None]
+        if named and state.score_log is not None:
+            state.score_log.log(mv.model_id, mv.version, named)
         body: dict[str, Any] = {"model_id": mv.model_id, "model_version": mv.version,
                                 "model_event_time_ms": mv.event_time_ms, "predictions": preds,
                                 "request_id": req.request_id, "features": look.as_dict()}

@@ -92,6 +92,19 @@ class FieldWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     psi: dict[FieldName, float] = {}
 
 
+class ServedScore(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What serving predicted for an impression, and with which version: logged on
+    ``served-scores`` (keyed by ``impression_id``) when a /predict candidate names its
+    impression, so the learner can join it to the impression's label -- the online quality of
+    what was actually served, not of the learner's own predict-then-learn scores."""
+
+    impression_id: Id
+    model_id: Id
+    version: Annotated[int, msgspec.Meta(ge=0)]
+    p_click: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    served_at_ms: EventTimeMs
+
+
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A message some stage could not process: the reason, where it came from, the bytes."""
 
@@ -139,3 +152,4 @@ decode_impression = _decoder(Impression)
 decode_click = _decoder(Click)
 decode_training_example = _decoder(TrainingExample)
 decode_field_weights = _decoder(FieldWeights)
+decode_served_score = _decoder(ServedScore)

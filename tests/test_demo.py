@@ -32,14 +32,21 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     # clicks on a brand-new ad, injected while the stream runs, reach its served score
     assert s["freshness_trials"] >= 2 and s["freshness_p50_s"] is not None, s
     assert s["probe_impressions"] > 0 and "freshness_error" not in s, s
-    # live refresh is worth something after the drift, and nobody beats the ground truth
+    # live refresh is worth something after the drift
     assert s["drift_event_time_ms"] is not None
     assert s["live_minus_frozen_after_drift"] > 0.02, s
-    assert 0.5 < s["progressive_auc"] < s["best_auc"]
+    # what serving actually scored for impressions as they were shown, joined to their labels:
+    # the live model beats the frozen copy on the same impressions, and nobody beats the ground
+    # truth (predict-then-learn AUC may: positives reach the learner at their click, negatives
+    # 30 s later, so a negative is scored by a model that has learned from later clicks)
+    assert s["served_examples"] > 500, s
+    assert 0.5 < s["served_auc"] < s["best_auc"], s
+    assert s["live_minus_frozen_served_auc"] > 0, s
     # the learner must stop cleanly (final publish + checkpoint); see the README for the worker
     assert s["exit_codes"]["learner"] == 0, s["exit_codes"]
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") == 4 and "live_minus_frozen_after_drift" in report
+    assert "served_auc" in report
     for stage in ("worker", "learner", "reweighter"):
         assert (out / "logs" / f"{stage}.log").exists()
     assert s["field_weights_version"] >= 1, "the reweighting stage published weights the learner applied"
