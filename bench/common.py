@@ -23,7 +23,9 @@ def _git(*args: str) -> str:
 
 
 def _tree() -> tuple[str | None, bool]:
-    return _git("rev-parse", "HEAD") or None, bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # the results folder is what a bench writes: its own outputs do not make the code dirty
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
+    return _git("rev-parse", "HEAD") or None, bool(changed)
 
 
 #: the code and the load when the bench process started (``report`` checks both again at its end)

@@ -316,3 +316,32 @@ def main(
         json_path,
         {"datasets": specs, "verdicts": v, "meets_target": all(x["met"] for x in v.values()), "plot": str(plot_path)},
     )
+def _ci(value: float | None, ci: list) -> str:
+    return "" if value is None else f"{value:+.5f} [{ci[0]:+.5f}, {ci[1]:+.5f}]"
+
+
+def markdown_table(doc: dict) -> str:
+    """The README's table from a result: per dataset, the shipped learner against the running
+    click rate and the best peer (lower log loss is better; a CI below 0 is a win)."""
+    lines = [
+        "| dataset (click rate, examples) | running mean | **ctr-stream** | best peer | vs running mean "
+        "(95 % CI) | vs best peer (95 % CI) | AUC ours / peer | calibration whole / first 10 % | with field "
+        "weights | bar met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by: dict[str, dict[str, dict]] = {}
+    for r in doc["rows"]:
+        by.setdefault(r["dataset"], {})[r["learner"]] = r
+    for ds, rs in by.items():
+        ours, base, abl = rs[OURS], rs[BASELINE], rs[ABLATION]
+        peer = rs[ours["best_peer"]]
+        met = doc["verdicts"][ds]
+        missed = ", ".join(k.replace("_", " ") for k, ok in met.items() if k != "met" and not ok)
+        lines.append(
+            f"| {ds} ({ours['click_rate']:.2%}, {ours['examples']:,}) | {base['log_loss']:.5f} "
+            f"| **{ours['log_loss']:.5f}** | {peer['log_loss']:.5f} {peer['learner']} "
+            f"| {_ci(ours['vs_mean'], ours['vs_mean_ci'])} | {_ci(ours['vs_best_peer'], ours['vs_best_peer_ci'])} "
+            f"| {ours['auc']} / {peer['auc']} | {ours['calibration']} / {ours['calibration_first10']} "
+            f"| {abl['log_loss']:.5f} | {'yes' if met['met'] else 'no: ' + missed} |"
+        )
+    return "\n".join(lines)

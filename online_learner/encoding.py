@@ -98,18 +98,21 @@ class FeatureEncoder:
             cats = nums = list(rows)
 
         keys = np.empty((n, len(cfg.hashed_fields)), dtype=np.uint64)
-        for f, name in enumerate(cfg.categorical_fields):
-            if structured and name in IMPRESSION_ATTRIBUTES:
-                keys[:, f] = self.keyer([str(getattr(r, name)) for r in rows])
-            else:
-                keys[:, f] = self.keyer.column(cats, name)
+        own = [f for f, name in enumerate(cfg.categorical_fields) if structured and name in IMPRESSION_ATTRIBUTES]
+        for f in own:
+            name = cfg.categorical_fields[f]
+            keys[:, f] = self.keyer([str(getattr(r, name)) for r in rows])
+        rest = [f for f in range(len(cfg.categorical_fields)) if f not in own]
+        if rest:
+            keys[:, rest] = self.keyer.columns(cats, [cfg.categorical_fields[f] for f in rest])
         if self.empty_is_missing:
             cat_keys = keys[:, : len(cfg.categorical_fields)]
             cat_keys[cat_keys == _EMPTY_KEY] = MISSING_KEY
 
         numeric = None
         if cfg.numeric_fields:
-            table = [[d.get(name) for name in cfg.numeric_fields] for d in nums]
+            names = cfg.numeric_fields
+            table = [list(map(d.get, names)) for d in nums]
             try:  # None -> NaN; numeric strings parse
                 values = np.array(table, dtype=np.float64)
             except (TypeError, ValueError):  # something unparsable: per value, unparsable -> NaN

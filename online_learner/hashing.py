@@ -480,6 +480,34 @@ class ValueKeyer:
         return np.fromiter(found, dtype=np.uint64, count=len(rows))
 
 
+    def columns(self, rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
+        """Keys ``[len(rows), len(names)]`` of ``row.get(name)``: :meth:`column` for many
+        fields at once, with the per-value work in C-level ``map`` calls (one dict lookup for
+        the value, one for its key) instead of a Python loop per column.
+
+        >>> k = ValueKeyer()
+        >>> rows = [{"a": "x", "b": "y"}, {"b": "x"}]
+        >>> bool((k.columns(rows, ["a", "b"]) == np.stack([k.column(rows, "a"), k.column(rows, "b")], 1)).all())
+        True
+        """
+        n, f = len(rows), len(names)
+        flat: list[Any] = []
+        extend = flat.extend
+        for r in rows:
+            extend(map(r.get, names))
+        found = list(map(self._cache.get, flat))
+        if None in found:  # new values (or non-str ones, never cached as such): hash just those
+            miss = [i for i, k in enumerate(found) if k is None]
+            values = [flat[i] for i in miss]
+            keys = self([v if isinstance(v, str) or v is None else str(v) for v in values]).tolist()
+            for i, k in zip(miss, keys, strict=True):
+                found[i] = k
+            self.hits += n * f - len(miss)
+        else:
+            self.hits += n * f
+        return np.fromiter(found, dtype=np.uint64, count=n * f).reshape(n, f)
+
+
 def numeric_keys(x: np.ndarray, resolution: int = 4) -> np.ndarray:
     """Vectorised :func:`numeric_key`: float ``[...]`` -> uint64 ``[...]`` (NaN/inf -> missing).
 

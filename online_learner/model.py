@@ -184,6 +184,9 @@ class CTRModel(nn.Module):
         self.head = DCNv2Head(self.input_dim, config.cross_layers, config.cross_rank, config.mlp_dims)
         self.base_rate = ClickRatePrior(config.base_rate_horizon)
         self.first_order_scale = float(config.first_order_scale) / len(config.hashed_fields) ** 0.5
+        #: field index of each probe ``[P]`` (the first-order term's field prior)
+        probe_field = [f for f, name in enumerate(config.hashed_fields) for _ in range(config.probes_of(name))]
+        self.register_buffer("probe_field", torch.tensor(probe_field, dtype=torch.int64), persistent=False)
         self.calibration = OnlineCalibration(
             config.calibration_a0, config.calibration_precision, config.base_rate_horizon
         )
@@ -215,7 +218,9 @@ class CTRModel(nn.Module):
             # of wide & deep, VW's model): learned directly by the table's per-row Adagrad, it
             # picks up a value's own click rate from its first clicks, before the deep path has
             # learned to read the embeddings
-            score = emb[:, :: self.config.chunk_dim].sum(1) * self.first_order_scale
+            # (times the stream's field prior, so a field switched off is off here too)
+            wide = emb[:, :: self.config.chunk_dim] * self.gate.prior[self.probe_field]
+            score = wide.sum(1) * self.first_order_scale
         if self.numeric is not None:
             if numeric is None:
                 raise ValueError("this model embeds numeric fields densely: pass numeric [B, F_num]")
