@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -100,6 +101,10 @@ class TrainerConfig:
     checkpoint_interval_s: float = 10.0
     snapshot_interval_s: float = 60.0
     gate_margin: float = 0.02
+    #: with no ``model``: build it from the fields of the first this-many examples, or of those
+    #: that arrived within ``discover_wait_s`` of the first
+    discover_examples: int = 1_000
+    discover_wait_s: float = 5.0
     #: the gate compares AUCs once its window holds this many clicks (and non-clicks)
     gate_min_positives: int = 50
     fp16_deltas: bool = False
@@ -173,6 +178,8 @@ class Trainer:
         self.field_weights_offset = 0
         self.field_weights_version = -1
         self.field_weights: dict[str, float] | None = None  # the newest, applied once a model exists
+        self._first: list = []  # examples held until the model is built from their fields
+        self._first_at = 0.0
         self.event_time_ms = 0
         self.duplicates = 0
         self.model_id = config.model_id
@@ -313,12 +320,21 @@ class Trainer:
         if dup:
             self.duplicates += dup
             DUPLICATES.inc(dup)
+        if self.learner is None:
+            # The model learns the fields the first examples carry: wait for enough of them (a
+            # first poll of a handful can miss a sparse field), then learn them all.
+            if fresh and not self._first:
+                self._first_at = time.monotonic()
+            self._first.extend(fresh)
+            waited = time.monotonic() - self._first_at
+            if not self._first or (len(self._first) < self.cfg.discover_examples and waited < self.cfg.discover_wait_s):
+                return
+            fresh, self._first = self._first, []
+            self._start_model(self.cfg.model_for([e.impression for e in fresh]))
+            self._publish_first_snapshot()
         if not fresh:
             return
         y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=len(fresh))
-        if self.learner is None:  # the first examples: the model learns the fields they carry
-            self._start_model(self.cfg.model_for([e.impression for e in fresh]))
-            self._publish_first_snapshot()
         assert self.learner is not None and self.publisher is not None
         enc = self.learner.encode([e.impression for e in fresh])
         gate = self.publisher.gate
@@ -327,9 +343,9 @@ class Trainer:
         if self.frozen is not None:
             frozen_p = self.frozen.predict_proba_many(enc)
             self.frozen_metrics.update(y, frozen_p)
-        idx, served_p = self.served.take([e.example_id for e in fresh])
+        idx, logged_p = self.served.take([e.example_id for e in fresh])
         if idx.size:
-            self.served_metrics.update(y[idx], served_p)
+            self.served_metrics.update(y[idx], logged_p)
             if frozen_p is not None:
                 self.frozen_served_metrics.update(y[idx], frozen_p[idx])
         event_ms = np.fromiter((e.impression.event_time_ms for e in fresh), dtype=np.int64, count=len(fresh))
@@ -440,10 +456,13 @@ class Trainer:
                         self.offsets[m.partition()] = m.offset() + 1
                     last_data = time.monotonic()  # after training: the first step JIT-compiles
                 now = time.monotonic()
-                if self.publisher is None:  # no example yet, so no model to publish or save
-                    if idle_exit_s is not None and now - last_data > idle_exit_s:
-                        break
-                    continue
+                if self.publisher is None:  # no model yet, so nothing to publish or save
+                    if self._first:
+                        self._train([])  # builds the model once the first examples waited enough
+                    if self.publisher is None:
+                        if idle_exit_s is not None and now - last_data > idle_exit_s:
+                            break
+                        continue
                 if now >= next_publish:
                     next_publish = now + cfg.publish_interval_s
                     rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
@@ -472,6 +491,9 @@ class Trainer:
                     break
                 if idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
+            if self._first:  # stopping before the model was built: build it, learn what waited
+                self._first_at = -math.inf
+                self._train([])
             if self.publisher is not None:
                 rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
                 if rec is not None:

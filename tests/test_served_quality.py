@@ -31,7 +31,8 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
     warm, held = exs[:5_000], exs[5_000:]
     model = ModelConfig(CATEGORICAL + ("user_id", "item_id"), NUMERIC, table_bits=14)
     cfg = TrainerConfig(bootstrap=bs, state_dir=state_dir, batch_size=256, publish_interval_s=0.2,
-                        checkpoint_interval_s=60, snapshot_interval_s=3600, model=model, frozen_after_examples=500)
+                        checkpoint_interval_s=60, snapshot_interval_s=3600, model=model, frozen_after_examples=500,
+                        gate_margin=1.0, gate_min_positives=5)  # the gate decides while served scores join
     trainer = Trainer(cfg)
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(trainer.run(stop)), daemon=True)
@@ -66,6 +67,14 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
     p = np.array([served[e.example_id] for e in held])
     np.testing.assert_allclose(p, mine, atol=1e-5)
     assert result["served_examples"] == len(held)
+    # every gate decision compared the live model with its served copy on the same examples
+    import json
+    import re
+
+    rows = [json.loads(line) for line in (state_dir / "learner_metrics.jsonl").read_text().splitlines()]
+    decided = [re.search(r"live AUC ([-\d.]+) vs served ([-\d.]+)", r.get("gate") or "") for r in rows]
+    aucs = [(float(m[1]), float(m[2])) for m in decided if m]
+    assert len(aucs) >= 2 and all(0.4 < a <= 1 and 0.4 < b <= 1 for a, b in aucs), aucs
     assert abs(result["served_auc"] - roc_auc(y, p)) < 1e-4
     assert abs(result["served_log_loss"] - log_loss(y, p)) < 1e-4
     # the frozen copy scored the same impressions
