@@ -266,10 +266,11 @@ def plot(curves: dict[str, dict[str, np.ndarray]], ys: dict[str, np.ndarray], pa
     for ax, (name, preds) in zip(axes.flat, curves.items(), strict=False):
         y = ys[name]
         x = np.arange(1, len(y) + 1)
-        for learner, p in preds.items():
-            cum = np.cumsum(example_log_loss(y, p)) / x
-            style = "-" if learner.startswith("ctr-stream") else "--" if learner == BASELINE else ":"
-            ax.plot(x, cum, style, label=learner, linewidth=1.4 if learner == OURS else 1.0)
+        # the shipped learner drawn last and thickest (the ablation often coincides with it)
+        for learner in sorted(preds, key=lambda k: k == OURS):
+            cum = np.cumsum(example_log_loss(y, preds[learner])) / x
+            style = "-" if learner == OURS else "--" if learner in (BASELINE, ABLATION) else ":"
+            ax.plot(x, cum, style, label=learner, linewidth=2.0 if learner == OURS else 1.0)
         ax.set_xscale("log")
         ax.set_title(f"{name} (CTR {y.mean():.2%})", fontsize=9)
         ax.set_xlabel("examples")
