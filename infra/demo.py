@@ -18,7 +18,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -122,7 +122,13 @@ def run_demo(
     console.print(f"[bold]ctr demo[/]: broker {kind if broker else 'external'} at {bs}; run folder {out}")
     result: dict = {}
     try:
-        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10))
+        # The learner learns every field of the data -- the fields `ctr learn` would discover
+        # from its first examples, read here up front so that the first model (and serving's
+        # warm-up) exists before the stream starts and every event can show up in served scores.
+        from online_learner.encoding import discover_fields
+
+        fields = discover_fields([r.impression for r in open_source(data, mapping=mapping, seed=seed, events=1_000)])
+        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields)
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         # one replayed impression in 40 is scored by serving as it is shown (~50 requests/s at
         # the default rate): the online quality of what was served
@@ -144,15 +150,11 @@ def run_demo(
                 replay_error.append(err)
 
         replayer = threading.Thread(target=do_replay, name="replay", daemon=True)
-        # The stream starts once every stage is up and serving has its feature store. The learner
-        # builds its model from the fields of the first examples (no field flags), so the first
-        # model -- and serving's readiness -- follows the stream's first examples; the prediction
-        # client and the freshness probes start then. On a busy machine this takes a while.
+        # the stream starts once serving is ready (a model and the feature store), so every
+        # event of it can show up in served scores; on a busy machine this takes a while
         with console.status("starting the stages (broker, worker, reweighter, learner, serving) ..."):
-            sup.wait_for(lambda: ready(port, but_model=True), timeout_s=240, what="the serving tier to be up")
+            sup.wait_for(lambda: ready(port), timeout_s=240, what="the serving tier to be ready")
         replayer.start()
-        with console.status("waiting for the learner's first model (built from the first examples' fields) ..."):
-            sup.wait_for(lambda: ready(port), timeout_s=240, what="the first model to be served")
         client.start()
         scorer.start()
         records.scorer = scorer
@@ -227,16 +229,25 @@ def run_demo(
     return result
 
 
-def start_stages(sup: Supervisor, bootstrap: str, out: Path, frozen_after: int | None = None) -> int:
+def start_stages(
+    sup: Supervisor,
+    bootstrap: str,
+    out: Path,
+    frozen_after: int | None = None,
+    fields: tuple[Sequence[str], Sequence[str]] | None = None,
+) -> int:
     """Start worker, reweighter, learner and serving under ``sup`` with their state in ``out``;
-    returns the serving port (ready once :func:`ready` says so)."""
+    returns the serving port (ready once :func:`ready` says so). ``fields``: the learner's
+    (categorical, numeric) fields; None lets it discover them from its first examples."""
     feast_dir, learner_dir = str(out / "feast"), out / "learner"
-    frozen = ["--frozen-after", str(frozen_after)] if frozen_after is not None else []
+    extra = ["--frozen-after", str(frozen_after)] if frozen_after is not None else []
+    if fields is not None:
+        extra += ["--categorical", ",".join(fields[0]), "--numeric", ",".join(fields[1])]
     stages = {
         "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
         "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
         "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
-                    "--checkpoint-interval", "10", *frozen],
+                    "--checkpoint-interval", "10", *extra],
     }  # fmt: skip
     for name, args in stages.items():
         sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:])))
@@ -247,19 +258,13 @@ def start_stages(sup: Supervisor, bootstrap: str, out: Path, frozen_after: int |
     return port
 
 
-def ready(port: int, but_model: bool = False) -> bool:
-    """Serving answers /readyz 200 (``but_model``: its only problem, if any, is that no model
-    has been published yet)."""
+def ready(port: int) -> bool:
     import httpx
 
     try:
-        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0)
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
-    if r.status_code == 200:
-        return True
-    problems = r.json().get("problems", []) if but_model else ["not ready"]
-    return bool(problems) and all(p.startswith("no model loaded yet") for p in problems)
 
 
 def serving_summary(log: TrafficLog) -> dict:
