@@ -31,10 +31,7 @@ NUMERIC = tuple(f"I{i}" for i in range(1, 14))
 
 
 def synthetic_examples(n: int, seed: int = 0) -> list[TrainingExample]:
-    return [
-        TrainingExample(example_id=r.impression.event_id, label=int(r.clicked), impression=r.impression)
-        for r in open_source("synthetic", seed=seed, events=n)
-    ]
+    return [r.example() for r in open_source("synthetic", seed=seed, events=n)]
 
 
 def run_ours(examples, threads: int | None = 1, poll: int = 2048) -> tuple[np.ndarray, float, float]:

@@ -80,10 +80,7 @@ def load(spec: str, events: int | None = None, mapping: Path | None = None) -> S
         src = open_source(spec, events=events, mapping=mapping)
         parts = Path(rest).parts
         name = f"{kind}:{'/'.join(parts[-3:]) if kind == 'obd' else parts[-1]}"
-    examples = [
-        TrainingExample(example_id=r.impression.event_id, label=int(r.clicked), impression=r.impression)
-        for r in src
-    ]
+    examples = [r.example() for r in src]
     return Stream(name, examples, np.array([e.label for e in examples], dtype=np.float64))
 
 

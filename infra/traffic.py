@@ -23,6 +23,16 @@ class TrafficLog:
     versions: list[tuple[float, int]] = field(default_factory=list)
 
 
+def impression_request(imp) -> dict:
+    """The /predict body that scores one impression as it is shown, naming it (so the replica
+    logs its score on ``served-scores``)."""
+    return {
+        "user_id": imp.user_id,
+        "context": {"categorical": dict(imp.categorical), "numeric": dict(imp.numeric)},
+        "candidates": [{"item_id": imp.item_id, "position": imp.position, "impression_id": imp.event_id}],
+    }
+
+
 def requests_from_stream(n: int, candidates: int = 10, seed: int = 99) -> list[dict]:
     """Request bodies shaped like the replayed traffic: a user, its context fields, candidate ads."""
     imps = [r.impression for r in open_source("synthetic", seed=seed, events=n * candidates)]
@@ -102,12 +112,8 @@ class ServedImpressions(threading.Thread):
                     imp = self.queue.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                body = {"user_id": imp.user_id,
-                        "context": {"categorical": dict(imp.categorical), "numeric": dict(imp.numeric)},
-                        "candidates": [{"item_id": imp.item_id, "position": imp.position,
-                                        "impression_id": imp.event_id}]}  # fmt: skip
                 try:
-                    ok = client.post(self.url, json=body).status_code == 200
+                    ok = client.post(self.url, json=impression_request(imp)).status_code == 200
                 except httpx.HTTPError:
                     ok = False
                 self.scored += ok

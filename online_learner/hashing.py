@@ -466,24 +466,12 @@ class ValueKeyer:
         >>> ValueKeyer().column([{"a": "x"}, {}, {"a": 7}], "a").tolist() == [value_key("x"), 0, value_key("7")]
         True
         """
-        get = self._cache.get
-        found = [get(r.get(name)) for r in rows]
-        if None in found:  # new values (or non-str ones, never cached as such): hash just those
-            miss = [i for i, k in enumerate(found) if k is None]
-            values = [rows[i].get(name) for i in miss]
-            keys = self([v if isinstance(v, str) else str(v) for v in values]).tolist()
-            for i, k in zip(miss, keys, strict=True):
-                found[i] = k
-            self.hits += len(rows) - len(miss)
-        else:
-            self.hits += len(rows)
-        return np.fromiter(found, dtype=np.uint64, count=len(rows))
-
+        return self.columns(rows, [name])[:, 0]
 
     def columns(self, rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
-        """Keys ``[len(rows), len(names)]`` of ``row.get(name)``: :meth:`column` for many
-        fields at once, with the per-value work in C-level ``map`` calls (one dict lookup for
-        the value, one for its key) instead of a Python loop per column.
+        """Keys ``[len(rows), len(names)]`` of ``row.get(name)``, one column per name, with the
+        per-value work in C-level ``map`` calls (one dict lookup for the value, one for its key)
+        instead of a Python loop per column.
 
         >>> k = ValueKeyer()
         >>> rows = [{"a": "x", "b": "y"}, {"b": "x"}]

@@ -9,7 +9,7 @@ click and negatives only when the attribution window closes (the learner has the
 learned from up to a window's worth of *later* clicks when it scores a negative).
 
 >>> q = ServedQuality(capacity=2)
->>> q.add("a", 0.9, 3); q.add("b", 0.2, 3); q.add("c", 0.4, 4)  # "a" is evicted
+>>> q.add("a", 0.9); q.add("b", 0.2); q.add("c", 0.4)  # "a" is evicted
 >>> idx, p = q.take(["a", "b", "x", "c"])
 >>> idx.tolist(), p.tolist(), q.matched, len(q)
 ([1, 3], [0.2, 0.4], 2, 0)
@@ -22,7 +22,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ServedQuality"]
+__all__ = ["SERVED_SCORES_TOPIC", "ServedQuality"]
+
+SERVED_SCORES_TOPIC = "served-scores"
 
 
 class ServedQuality:
@@ -30,12 +32,12 @@ class ServedQuality:
 
     def __init__(self, capacity: int = 1_000_000) -> None:
         self.capacity = capacity
-        self._scores: OrderedDict[str, tuple[float, int]] = OrderedDict()
+        self._scores: OrderedDict[str, float] = OrderedDict()
         self.received = 0
         self.matched = 0
 
-    def add(self, impression_id: str, p_click: float, version: int) -> None:
-        self._scores[impression_id] = (p_click, version)
+    def add(self, impression_id: str, p_click: float) -> None:
+        self._scores[impression_id] = p_click
         self.received += 1
         if len(self._scores) > self.capacity:
             self._scores.popitem(last=False)
@@ -49,7 +51,7 @@ class ServedQuality:
             hit = pop(eid, None)
             if hit is not None:
                 idx.append(i)
-                p.append(hit[0])
+                p.append(hit)
         self.matched += len(idx)
         return np.asarray(idx, dtype=np.int64), np.asarray(p, dtype=np.float64)
 

@@ -42,7 +42,7 @@ from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics
 from online_learner.model import ModelConfig
 from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
-from online_learner.served import ServedQuality
+from online_learner.served import SERVED_SCORES_TOPIC, ServedQuality
 from online_learner.state_io import load_state, save_state
 from online_learner.update_format import UpdateError, UpdateHeader, decode_header
 from streams.deadletter import DeadLetterSink
@@ -53,7 +53,6 @@ from streams.validate import decode_batch
 log = logging.getLogger(__name__)
 EXAMPLES_TOPIC = "training-examples"
 FIELD_WEIGHTS_TOPIC = "field-weights"
-SERVED_SCORES_TOPIC = "served-scores"
 
 TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from")
 DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
@@ -386,7 +385,7 @@ class Trainer:
             except SchemaError as err:
                 self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
                 continue
-            self.served.add(s.impression_id, s.p_click, s.version)
+            self.served.add(s.impression_id, s.p_click)
 
     @property
     def examples_seen(self) -> int:

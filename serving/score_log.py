@@ -18,10 +18,10 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
+from online_learner.served import SERVED_SCORES_TOPIC
 from streams.kafka_io import DeliveryTracker, make_producer, produce
 from streams.schema import ServedScore, encode
 
-SERVED_SCORES_TOPIC = "served-scores"
 LOGGED = Counter("ctr_serving_scores_logged_total", "Served scores logged to served-scores")
 
 

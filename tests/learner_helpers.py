@@ -12,10 +12,7 @@ NUMERIC = tuple(f"I{i}" for i in range(1, 4))
 
 
 def examples(n: int, seed: int = 0, **options) -> list[TrainingExample]:
-    return [
-        TrainingExample(example_id=r.impression.event_id, label=int(r.clicked), impression=r.impression)
-        for r in open_source("synthetic", seed=seed, events=n, **{**SMALL, **options})
-    ]
+    return [r.example() for r in open_source("synthetic", seed=seed, events=n, **{**SMALL, **options})]
 
 
 def produce_examples(bootstrap: str, exs: list[TrainingExample], extra: list[bytes] = ()) -> None:

@@ -86,13 +86,9 @@ def test_fields_are_discovered_from_a_csv(tmp_path: Path) -> None:
 
 
 def test_ctr_learn_with_no_flags_learns_every_field_of_the_data(broker, tmp_path: Path) -> None:
-    from streams.schema import TrainingExample
 
     data, mapping = _write_csv(tmp_path)
-    exs = [
-        TrainingExample(example_id=r.impression.event_id, label=int(r.clicked), impression=r.impression)
-        for r in open_source(f"csv:{data}", mapping=mapping)
-    ]
+    exs = [r.example() for r in open_source(f"csv:{data}", mapping=mapping)]
     produce_examples(broker.bootstrap, exs)
     cfg = TrainerConfig(bootstrap=broker.bootstrap, state_dir=tmp_path / "learner", batch_size=512,
                         publish_interval_s=0.2, checkpoint_interval_s=1.0, model_options={"table_bits": 14})

@@ -10,17 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
+from infra.traffic import impression_request
 from online_learner.metrics import log_loss, roc_auc
 from online_learner.model import ModelConfig
 from online_learner.trainer import Trainer, TrainerConfig
 from tests.learner_helpers import CATEGORICAL, NUMERIC, examples, produce_examples
 from tests.test_serving import Replica
-
-
-def _request(imp) -> dict:
-    return {"user_id": imp.user_id,
-            "context": {"categorical": dict(imp.categorical), "numeric": dict(imp.numeric)},
-            "candidates": [{"item_id": imp.item_id, "position": imp.position, "impression_id": imp.event_id}]}
 
 
 def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Path) -> None:
@@ -51,7 +46,7 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
         # serve the held-out impressions, naming them, then let their labels arrive
         served = {}
         for e in held:
-            body = rep.client.post("/predict", json=_request(e.impression)).json()
+            body = rep.client.post("/predict", json=impression_request(e.impression)).json()
             served[e.example_id] = body["predictions"][0]["p_click"]
         time.sleep(1.0)  # the replica's producer lingers; the learner reads served-scores
         produce_examples(bs, held)

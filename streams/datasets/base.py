@@ -34,7 +34,7 @@ from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from streams.schema import MAX_FIELDS, MAX_ID_LEN, Click, Impression
+from streams.schema import MAX_FIELDS, MAX_ID_LEN, Click, Impression, TrainingExample
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ class LabeledImpression(NamedTuple):
             impression_id=self.impression.event_id,
             event_time_ms=self.impression.event_time_ms + self.click_delay_ms,
         )
+
+    def example(self) -> TrainingExample:
+        """The training example of this impression, labelled ``clicked`` (keyed like the join's)."""
+        return TrainingExample(example_id=self.impression.event_id, label=int(self.clicked), impression=self.impression)
 
     def is_late(self, window_ms: int = DEFAULT_ATTRIBUTION_WINDOW_MS) -> bool:
         """True when the click arrives after ``window_ms`` (so it misses the join)."""
