@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 from streams.datasets.base import interleave_clicks
 from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
-from streams.schema import Impression, encode
+from streams.schema import Click, Impression, encode
 
 IMPRESSIONS_TOPIC = "impressions"
 CLICKS_TOPIC = "clicks"
@@ -55,8 +55,20 @@ class RateLimiter:
                 time.sleep(ahead)
 
 
-def replay(
-    records: Iterable,
+def replay(records: Iterable, bootstrap: str, **options: object) -> ReplaySummary:
+    """Replay labelled impressions: their impressions and clicks, interleaved in event-time
+    order (:func:`~streams.datasets.base.interleave_clicks`). Options as :func:`replay_events`.
+
+    To replay one stream in parts (a pause, a fault in between), split the *events*, not the
+    records: ``evs = list(interleave_clicks(records)); replay_events(evs[:n], ...)`` and later
+    ``replay_events(evs[n:], ...)``. Replaying ``records[:n]`` flushes the clicks still pending
+    at the cut -- clicks from the future -- and the next part's clicks then break the clicks
+    topic's event-time order."""
+    return replay_events(interleave_clicks(records), bootstrap, **options)  # type: ignore[arg-type]
+
+
+def replay_events(
+    events: Iterable[Impression | Click],
     bootstrap: str,
     *,
     rate: float | None = None,
@@ -64,9 +76,10 @@ def replay(
     producer_config: dict | None = None,
     close_after_ms: int | None = 60_000,
 ) -> ReplaySummary:
-    """Write the records' impressions and clicks to Kafka; returns only after every message
-    was acknowledged by the broker (raises if any was rejected). Limit the count at the
-    source (``open_source(..., events=N)``) so every replayed impression keeps its click.
+    """Write impressions and clicks to Kafka in the given (event-time) order; returns only
+    after every message was acknowledged by the broker (raises if any was rejected). Limit the
+    count at the source (``open_source(..., events=N)``) so every replayed impression keeps
+    its click.
 
     After the last event a watermark marker at ``last event time + close_after_ms`` goes to
     every impressions/clicks partition, so the label join closes the last attribution windows
@@ -77,7 +90,7 @@ def replay(
     summary = ReplaySummary()
     limiter = RateLimiter(rate)
     start = time.perf_counter()
-    for event in interleave_clicks(records):
+    for event in events:
         value = encode(event)
         last_ms = event.event_time_ms
         if isinstance(event, Impression):

@@ -27,9 +27,10 @@ from streams.agents.label_join import DEFAULT_WINDOW_MS, LATE_REASON_HEADER, sen
 from streams.agents.windowed_features import WindowPlan
 from streams.app import CHANGELOG_TOPIC_CONFIGS
 from streams.datasets import open_source
+from streams.datasets.base import interleave_clicks
 from streams.deadletter import read_dead_letter
 from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
-from streams.replay import replay
+from streams.replay import replay, replay_events
 from streams.schema import decode_training_example, encode
 from tests.kafka_helpers import make_records
 
@@ -363,12 +364,13 @@ def test_malformed_messages_go_to_dead_letter_and_the_join_keeps_running(broker,
     ]
     p = make_producer(broker.bootstrap)
     tracker = DeliveryTracker()
-    half = len(records) // 2
-    replay(records[:half], broker.bootstrap)
+    events = list(interleave_clicks(records))  # split the event stream, not the records
+    half = len(events) // 2
+    replay_events(events[:half], broker.bootstrap, close_after_ms=None)
     for topic, key, value in bad:
         produce(p, topic, value, key, tracker)
     flush(p, tracker)
-    replay(records[half:], broker.bootstrap)
+    replay_events(events[half:], broker.bootstrap)
     send_watermark(broker.bootstrap, END_MARKER)
     worker = Worker(broker.bootstrap, tmp_path, "ctr-tdlq", "--no-features").start()
     try:

@@ -39,6 +39,14 @@ The rules (pure logic in :class:`JoinPartition`, no Faust needed to test it):
   was emitted already, or never existed). *Which* clicks are late is deterministic; the reason
   of an after-window click is not always (``after_window`` if it arrives while its impression
   is still pending, ``no_impression`` after the impression was emitted).
+* **Order is the input's contract**: each topic partition must be in event-time order up to
+  ``allowed_lateness_ms``. A click behind the newest click seen by more than that is counted
+  as ``out_of_order_clicks`` (impressions likewise): the click side of the watermark may have
+  closed its window already, so its label depends on fetch timing. Found the hard way: a test
+  that replayed a stream in two halves flushed the first half's pending (future) clicks at the
+  split, and under CPU load, when the click fetch lagged, 64-158 clicked impressions came out
+  as negatives. Replays keep the order (:func:`streams.replay.replay_events` resumes a stream
+  at any event); producers are idempotent, so a retried batch cannot land after its successor.
 
 Windowed-count deltas for the feature agent are produced here, because only the join knows a
 click's impression: an impression adds 1 impression to its user, item and (field, value)
@@ -130,6 +138,7 @@ COUNTERS: tuple[str, ...] = (
     "impressions", "clicks", "examples", "positives", "attributed_clicks", "late_clicks",
     "late_after_window", "late_before_impression", "late_no_impression", "late_impressions",
     "duplicate_impressions", "duplicate_clicks", "dead_letters", "markers", "skipped_replayed",
+    "out_of_order_impressions", "out_of_order_clicks",
 )  # fmt: skip
 
 #: ``(kind index, entity key, hop bucket, impressions delta, clicks delta)``
@@ -442,6 +451,7 @@ class JoinPartition:
         c = self.counters
         pending = self.pending
         wm_before = self.wm
+        lateness = self.cfg.allowed_lateness_ms
         for raw, imp in zip(raws, imps, strict=True):
             eid = imp.event_id
             if eid in pending:
@@ -450,6 +460,8 @@ class JoinPartition:
             ti = imp.event_time_ms
             if ti > self.imp_max:
                 self.imp_max = ti
+            elif ti < self.imp_max - lateness:
+                c["out_of_order_impressions"] += 1
             c["impressions"] += 1
             self._count(out.imp_keys, imp, ti)
             p = _Pending(imp, raw, seq)
@@ -467,6 +479,10 @@ class JoinPartition:
             tc = click.event_time_ms
             if tc > self.click_max:
                 self.click_max = tc
+            elif tc < self.click_max - lateness:
+                # the topic broke the event-time order this join relies on: the click side of
+                # the watermark may already have closed this click's window (see the docstring)
+                c["out_of_order_clicks"] += 1
             c["clicks"] += 1
             p = pending.get(click.impression_id)
             if p is not None:
@@ -1033,23 +1049,32 @@ class LabelJoinAgent:
 
     async def checkpoint(self, runner: Any) -> None:
         """When idle: once the last outputs are acknowledged, write an empty record that says
-        so (and drops dead records), so a restart re-sends nothing."""
+        so (and drops dead records), so a restart re-sends at most its empty delta batches.
+
+        Its (empty) delta batches go out too, after the record is acknowledged like any
+        round's: every seq of a source reaches the feature agent, which applies a source's
+        batches as an unbroken chain (a missing seq means a reordered batch, held until it
+        arrives -- :meth:`FeatureShard.apply <streams.agents.windowed_features.FeatureShard.apply>`)."""
         from streams.app import send_changelog
 
         if not self._unconfirmed and not self._inflight:
             return
         await self.quiesce(runner)
         changelog = []
+        written: list[tuple[JoinPartition, StepOutput, int]] = []
         for p in sorted(self._unconfirmed):
             jp = self.states.get(p)
             if jp is None:
                 continue
-            _, rec = jp.process([], [], [])
+            out, rec = jp.process([], [], [])
             for s in jp.dead_records():
                 changelog.append((p, record_key(p, s), None))
             changelog.append((p, record_key(p, rec.seq), encode_record(rec)))
+            written.append((jp, out, rec.seq))
         self._unconfirmed.clear()
         await send_changelog(self.table, changelog)
+        for jp, out, seq in written:
+            self._send_outputs(jp, out, seq)
 
     def _send_outputs(self, jp: JoinPartition, out: StepOutput, seq: int, tracker: Any = None) -> None:
         send = partial(self.output.send, tracker=tracker)

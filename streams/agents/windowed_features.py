@@ -178,6 +178,12 @@ class FeatureShard:
         self.seq = 0
         self.feast_confirmed = 0
         self.duplicates = 0
+        #: batches that arrived ahead of their predecessor (held until it came)
+        self.reordered = 0
+        #: src -> seq -> (batch, offset): held for a missing predecessor
+        self.held: dict[int, dict[int, tuple[DeltaBatch, int]]] = {}
+        #: offsets of held batches applied since the agent last acked them
+        self.released: list[int] = []
         self.rows_applied = 0
         #: live record seq -> newest bucket in it
         self.live: dict[int, int] = {}
@@ -204,32 +210,77 @@ class FeatureShard:
                 cur[1] += dc
             touched.add(ek)
 
+    def _offer(self, b: DeltaBatch, offset: int, ready: list[tuple[DeltaBatch, int]]) -> None:
+        """Chain rule: the batches of one source apply in seq order, each once. A duplicate is
+        skipped; a batch ahead of its predecessor is held until the predecessor arrives (a
+        reorder); a source's first batch starts its chain."""
+        last = self.applied.get(b.src)
+        if last is not None and b.seq <= last:
+            self.duplicates += 1
+            return
+        if last is not None and b.seq > last + 1:
+            held = self.held.setdefault(b.src, {})
+            if b.seq in held:
+                self.duplicates += 1
+            else:
+                held[b.seq] = (b, offset)
+                self.reordered += 1
+            return
+        ready.append((b, offset))
+        self.applied[b.src] = b.seq
+        held = self.held.get(b.src)
+        while held:
+            nxt = held.pop(self.applied[b.src] + 1, None)
+            if nxt is None:
+                break
+            ready.append(nxt)
+            self.applied[b.src] = nxt[0].seq
+            self.released.append(nxt[1])
+        if held is not None and not held:
+            del self.held[b.src]
+
+    @property
+    def held_offsets(self) -> set[int]:
+        """Offsets (in this partition of the deltas topic) of the batches held for a missing
+        predecessor: not applied, so their input must not be acked."""
+        return {off for held in self.held.values() for _, off in held.values()}
+
     def apply(
-        self, batches: Sequence[DeltaBatch], offsets: Sequence[int] | None = None
+        self, batches: Sequence[DeltaBatch], offsets: Sequence[int] | None = None, *, reference: bool = True
     ) -> tuple[set[EntityKey], FeatureRecord | None]:
-        """Apply the delta batches not applied yet; returns the touched entities and the
-        changelog record (None when every batch was a replay). With ``offsets`` (of each batch
-        in the deltas topic) the record references the batches applied instead of copying
-        their rows."""
+        """Apply the delta batches not applied yet, in each source's seq order; returns the
+        touched entities and the changelog record (None when nothing was applied). With
+        ``offsets`` (of each batch in the deltas topic) and ``reference`` the record references
+        the batches applied instead of copying their rows.
+
+        >>> from streams.agents.label_join import DeltaBatch
+        >>> shard = FeatureShard(0)
+        >>> batch = lambda seq: DeltaBatch(src=3, seq=seq, max_time=0, rows=[(1, "ad7", 0, seq, 0)])
+        >>> shard.apply([batch(1), batch(3)], [10, 11])[1].deltas   # 3 waits for 2
+        [(10, 3, 1)]
+        >>> shard.held_offsets
+        {11}
+        >>> shard.apply([batch(2), batch(3)], [12, 13])[1].deltas   # 2 releases 3; 3 again: a duplicate
+        [(12, 3, 2), (11, 3, 3)]
+        >>> shard.counts[(1, "ad7")][0], shard.held_offsets, shard.released
+        ([6, 0], set(), [11])
+        """
         # Rows are not merged by key: a key may repeat (its impressions and its clicks, or two
         # source partitions), which the counts and a restore sum up alike -- merging first cost
         # as much as applying.
+        ready: list[tuple[DeltaBatch, int]] = []
+        for i, b in enumerate(batches):
+            self._offer(b, -1 if offsets is None else offsets[i], ready)
+        if not ready:
+            return set(), None
         rows: list[tuple[int, str, int, int, int]] = []
         refs: list[tuple[int, int, int]] = []
-        fresh = 0
-        for i, b in enumerate(batches):
-            if b.seq <= self.applied.get(b.src, 0):
-                self.duplicates += 1
-                continue
-            fresh += 1
-            if offsets is not None:
-                refs.append((offsets[i], b.src, b.seq))
-            self.applied[b.src] = b.seq
+        for b, offset in ready:
+            if offsets is not None and reference:
+                refs.append((offset, b.src, b.seq))
             if b.max_time > self.clock:
                 self.clock = b.max_time
             rows.extend(b.rows)
-        if not fresh:
-            return set(), None
         touched: set[EntityKey] = set()
         self._add(rows, touched)
         self.rows_applied += len(rows)
@@ -662,12 +713,16 @@ class WindowedFeatureAgent:
         changelog = []
         for p, batches in by_part.items():
             shard = self.shards[p]
-            touched, rec = shard.apply(batches, offsets[p] if self.by_offsets else None)
+            touched, rec = shard.apply(batches, offsets[p], reference=self.by_offsets)
             self.metrics["batches"].labels("duplicate").inc(shard.duplicates)
-            shard.duplicates = 0
+            self.metrics["batches"].labels("reordered").inc(shard.reordered)
+            if shard.reordered:
+                log.warning("feature partition %d: %d delta batches arrived ahead of their predecessor; "
+                            "held (%d now)", p, shard.reordered, len(shard.held_offsets))  # fmt: skip
+            shard.duplicates = shard.reordered = 0
             if rec is None:
                 continue
-            self.metrics["batches"].labels("applied").inc(len(batches))
+            self.metrics["batches"].labels("applied").inc(len(rec.deltas) if rec.deltas else len(batches))
             # Marked before the record is durable: a Feast row written from counts whose record
             # is then lost in a crash is rewritten with the same counts after the replay.
             self.writer.mark(p, touched)
@@ -679,7 +734,28 @@ class WindowedFeatureAgent:
         if self.dlq.count:
             await self.output.delivered()
         await send_changelog(self.table, changelog)
-        runner.ack(batch.chunks)
+        self._ack(batch.chunks, runner)
+
+    def _ack(self, chunks: Sequence[Any], runner: Any) -> None:
+        """Ack the input whose effects are recorded: everything but the batches still held for
+        a missing predecessor (Faust's commit stops below the first of those, so a restart
+        reads them again), plus the held batches applied in this round."""
+        from faust.types import TP
+
+        held = {p: shard.held_offsets for p, shard in self.shards.items() if shard.held}
+        ranges = []
+        for c in chunks:
+            lo = c.ack_from
+            for off in sorted(o for o in held.get(c.partition, ()) if c.ack_from <= o <= c.records[-1].offset):
+                ranges.append((c.tp, lo, off - 1))
+                lo = off + 1
+            ranges.append((c.tp, lo, c.records[-1].offset))
+        for p, shard in self.shards.items():
+            if shard.released:
+                tp = TP(self.deltas_topic, p)
+                ranges.extend((tp, off, off) for off in shard.released)
+                shard.released = []
+        runner.ack_ranges(ranges)
 
     async def checkpoint(self) -> None:
         """When idle, record ``feast_confirmed`` progress so a restart rewrites less."""
