@@ -71,6 +71,27 @@ def broker_command(kind: str, host: str, port: int, data_dir: Path) -> list[str]
     raise ValueError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
+def stop_broker(proc: subprocess.Popen | int, kind: str, data_dir: Path | str | None, grace_s: float = 10.0) -> None:
+    """Stop a broker without losing what it acknowledged.
+
+    noida-db answers produce requests for a few tens of milliseconds after its SIGTERM handler
+    saved the data file, and those acknowledged messages are gone after a restart (measured:
+    1 of 12 stops under a 5,000 msg/s producer lost the 100 acked 42 ms after the signal).
+    Its own ``stop kafka`` command stops the service first and then saves ("data saved"): with
+    it, 0 of 25 stops lost anything. So: ``stop kafka``, then SIGTERM (SIGKILL after
+    ``grace_s``)."""
+    if kind == "noida" and data_dir is not None and (not isinstance(proc, subprocess.Popen) or proc.poll() is None):
+        import noida_db
+
+        binary = Path(noida_db.__file__).with_name("noida-db")
+        try:
+            subprocess.run([str(binary), "stop", "kafka", "--data-dir", str(data_dir)], capture_output=True,
+                           timeout=max(grace_s, 5.0), check=False)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pass  # SIGTERM below still saves what it has
+    stop_process(proc, grace_s)
+
+
 def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeout_s: float = 30.0) -> None:
     """Create the project's topics with explicit partition counts; existing ones are kept.
 
@@ -133,7 +154,7 @@ class EmbeddedBroker:
 
     The child gets ``PR_SET_PDEATHSIG`` so it dies with this process even on ``kill -9``
     (pass ``detach=True`` for a broker that must outlive the launcher, as ``ctr broker
-    start --detach`` does). ``stop()`` sends SIGTERM (noida then flushes its data file).
+    start --detach`` does). ``stop()`` stops it without losing acknowledged data (:func:`stop_broker`).
     """
 
     kind: str = DEFAULT_KIND
@@ -185,7 +206,7 @@ class EmbeddedBroker:
 
     def stop(self, keep_data: bool = False, grace_s: float = 10.0) -> None:
         if self.proc is not None:
-            stop_process(self.proc, grace_s)
+            stop_broker(self.proc, self.kind, self.data_dir, grace_s)
             self.proc = None
         if self._tmp and not keep_data:
             shutil.rmtree(self._tmp, ignore_errors=True)

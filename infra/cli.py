@@ -129,16 +129,16 @@ def broker_start(
 
 @broker_app.command("stop")
 def broker_stop() -> None:
-    """Stop the broker started by `ctr broker start` (SIGTERM, then SIGKILL after 10 s)."""
+    """Stop the broker started by `ctr broker start` (nothing acknowledged is lost)."""
+    from infra.broker import stop_broker
     from infra.config import state_dir
-    from infra.procs import stop_process
 
     state = state_dir() / "broker.json"
     if not state.exists():
         typer.echo("no broker running (nothing in .ctr/broker.json)")
         return
     info = json.loads(state.read_text())
-    stop_process(info["pid"])
+    stop_broker(info["pid"], info["kind"], info.get("data_dir"))
     state.unlink()
     typer.echo(f"stopped broker {info['kind']} (pid {info['pid']})")
 

@@ -77,16 +77,23 @@ def down() -> dict[str, str]:
     path = _state_path()
     if not path.exists():
         return {}
+    from infra.broker import stop_broker
+
     state = json.loads(path.read_text())
+    broker_file = state_dir() / "broker.json"
     out = {}
     for name in STOP_ORDER:
         svc = state["services"].get(name)
         if svc:
             was = pid_alive(svc["pid"])
-            stop_process(svc["pid"], grace_s=15.0)
+            if name == "broker" and broker_file.exists():
+                info = json.loads(broker_file.read_text())
+                stop_broker(svc["pid"], info["kind"], info.get("data_dir"), grace_s=15.0)
+            else:
+                stop_process(svc["pid"], grace_s=15.0)
             out[name] = "stopped" if was else "was not running"
     path.unlink()
-    (state_dir() / "broker.json").unlink(missing_ok=True)
+    broker_file.unlink(missing_ok=True)
     return out
 
 

@@ -23,9 +23,11 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import torch
 from confluent_kafka import Producer
@@ -36,7 +38,7 @@ from online_learner.learner import OnlineCTR
 from online_learner.metrics import roc_auc
 from online_learner.state_io import atomic_write
 from online_learner.update_format import GateDecision, UpdateHeader, encode_update, split_delta
-from streams.kafka_io import DeliveryTracker, flush, produce
+from streams.kafka_io import DeliveryTracker, produce
 
 log = logging.getLogger(__name__)
 MODEL_UPDATES_TOPIC = "model-updates"
@@ -108,8 +110,24 @@ class QualityGate:
         self._y, self._live, self._served = [], [], []
 
 
+@dataclass
+class _Unacked:
+    """A version on its way to the broker: its bytes, and what publishing it changes here."""
+
+    version: int
+    parts: list[bytes]
+    commit: Callable[[], None]
+    t0: float
+    attempts: int = 0
+    tracker: DeliveryTracker = field(default_factory=DeliveryTracker)
+
+
 class Publisher:
-    """Turns the learner's state into versions on ``model-updates`` and snapshot files."""
+    """Turns the learner's state into versions on ``model-updates`` and snapshot files.
+
+    A version number is consumed only when the broker acknowledged every part of it: during a
+    broker outage the version waits (re-sent, same bytes, if a part fails), nothing newer is
+    built, and the learner learns on; the rows it learns go into the next version."""
 
     def __init__(
         self,
@@ -124,6 +142,7 @@ class Publisher:
         dense_every: int = 1,
         topic: str = MODEL_UPDATES_TOPIC,
         keep_snapshots: int = 5,
+        ack_wait_s: float = 2.0,
     ) -> None:
         self.producer, self.learner, self.model_id = producer, learner, model_id
         self.snapshot_dir = Path(snapshot_dir)
@@ -136,6 +155,9 @@ class Publisher:
         self.withheld = 0
         #: versions published before the gate's window held enough clicks to compare
         self.undecided = 0
+        #: the version sent and not yet acknowledged (at most one)
+        self.pending: _Unacked | None = None
+        self.ack_wait_s = ack_wait_s
 
     # -- the served copy, for the gate --------------------------------------------------------
     @torch.no_grad()
@@ -147,14 +169,80 @@ class Publisher:
         return all(bool(torch.isfinite(p).all()) for p in self.learner.model.parameters())
 
     # -- versions ---------------------------------------------------------------------------------
-    def _header(self, kind: str, base: int, extra: dict) -> UpdateHeader:
-        return UpdateHeader(kind=kind, model_id=self.model_id, version=self.version, base_version=base, **extra)
+    # -- delivery: a version counts once the broker acknowledged all of it ------------------------
+    @property
+    def settled(self) -> bool:
+        """No version is waiting for its acknowledgement."""
+        return self.pending is None
+
+    @property
+    def issued(self) -> int:
+        """The newest version number that may be on the topic (sent, acknowledged or not): a
+        learner restored from a checkpoint must publish above it."""
+        return self.version if self.pending is None else self.pending.version
+
+    def _send(self, pending: _Unacked) -> None:
+        pending.tracker = DeliveryTracker()
+        pending.attempts += 1
+        for part in pending.parts:
+            produce(self.producer, self.topic, part, None, pending.tracker)
+
+    def settle(self, wait_s: float | None = None) -> bool:
+        """Wait up to ``wait_s`` (default :attr:`ack_wait_s`) for the pending version's
+        acknowledgement; commit it when it comes. A part the broker refused (or that timed out
+        in the client) is sent again, the same bytes: the version stays the same version and a
+        replica that already has it skips the copy. Returns :attr:`settled`."""
+        pending = self.pending
+        if pending is None:
+            return True
+        tracker = pending.tracker
+        if tracker.failed:
+            log.warning("version %d not acknowledged (%s); sending it again (attempt %d)", pending.version,
+                        tracker.errors[:1], pending.attempts + 1)  # fmt: skip
+            self._send(pending)
+            tracker = pending.tracker
+        self.producer.flush(self.ack_wait_s if wait_s is None else wait_s)
+        if tracker.delivered < len(pending.parts):
+            return False
+        self.pending = None
+        pending.commit()
+        self.version = pending.version
+        VERSION.set(self.version)
+        PUBLISH_SECONDS.observe(time.perf_counter() - pending.t0)
+        return True
+
+    def _publish(self, version: int, parts: list[bytes], commit: Callable[[], None], record: dict) -> dict:
+        """Send ``parts`` as ``version``; the version number is consumed (``self.version``) and
+        ``commit`` runs only once every part is acknowledged. Until then nothing newer is
+        published and the learner learns on (rows learned meanwhile go into the next version)."""
+        pending = _Unacked(version, parts, commit, time.perf_counter())
+        self.pending = pending
+        self._send(pending)
+        if not self.settle():
+            log.warning("version %d sent, not acknowledged within %.1fs: the broker is slow or away; "
+                        "publishing waits for it", version, self.ack_wait_s)  # fmt: skip
+            return {**record, "published": False, "pending": version, "version": self.version}
+        return {**record, "published": True, "version": version,
+                "publish_ms": round((time.perf_counter() - pending.t0) * 1000, 2)}  # fmt: skip
+
+    def _waiting(self) -> dict | None:
+        """None once no version is waiting; else what to report while one is."""
+        if self.settle(0.0):
+            return None
+        p = self.pending
+        assert p is not None
+        return {"published": False, "pending": p.version, "version": self.version,
+                "waiting_s": round(time.perf_counter() - p.t0, 1)}  # fmt: skip
 
     def publish_delta(self, *, event_time_ms: int, metrics: dict[str, float]) -> dict | None:
         """Gate, then publish the touched rows (+ dense weights) as the next version.
 
         Returns a record of what happened (for logs and the report), or None when nothing
-        changed since the last version."""
+        changed since the last version. While the previous version waits for its
+        acknowledgement (a broker outage), nothing new is built: the record says so."""
+        waiting = self._waiting()
+        if waiting is not None:
+            return waiting
         touched = self.learner.touched.peek()
         if touched.size == 0:
             return None
@@ -167,81 +255,72 @@ class Publisher:
             return {"published": False, "version": self.version, "gate": decision.reason}
         if not decision.decided:
             self.undecided += 1
-        t0 = time.perf_counter()
+        # The rows leave the touched set now: from here they live in this version's bytes, which
+        # are re-sent until acknowledged (a crash before that restarts from the checkpoint,
+        # whose model holds them, and publishes a snapshot).
         touched = self.learner.take_touched()
-        with_dense = (self.version + 1) % self.dense_every == 0
+        version = self.version + 1
+        with_dense = version % self.dense_every == 0
         tensors = delta_tensors(self.learner.model, touched, with_dense=with_dense, fp16=self.fp16)
-        base = self.version
-        self.version += 1
-        header = self._header(
-            "delta",
-            base,
-            {
-                "event_time_ms": event_time_ms,
-                "metrics": _finite(metrics),
-                "gate": decision,
-                "examples_seen": self.learner.examples_seen,
-            },
-        )
+        header = UpdateHeader(
+            kind="delta", model_id=self.model_id, version=version, base_version=version - 1,
+            event_time_ms=event_time_ms, metrics=_finite(metrics), gate=decision,
+            examples_seen=self.learner.examples_seen,
+        )  # fmt: skip
         parts = split_delta(header, tensors)
-        for part in parts:
-            produce(self.producer, self.topic, part, None, self.tracker)
-        flush(self.producer, self.tracker)
         nbytes = sum(len(p) for p in parts)
         PUBLISH_BYTES.labels("delta").inc(nbytes)
-        # The served copy now equals what every replica will hold at this version.
-        apply_tensors(self.served, {k: v.astype(np.float32) if k == "table.rows" else v for k, v in tensors.items()})
-        seconds = time.perf_counter() - t0
-        PUBLISH_SECONDS.observe(seconds)
-        VERSION.set(self.version)
-        return {
-            "published": True,
-            "version": self.version,
-            "rows": int(touched.size),
-            "parts": len(parts),
-            "bytes": nbytes,
-            "with_dense": with_dense,
-            "publish_ms": round(seconds * 1000, 2),
-            "gate": decision.reason,
-        }
+
+        def commit() -> None:
+            # the served copy now equals what every replica will hold at this version
+            rows = {k: v.astype(np.float32) if k == "table.rows" else v for k, v in tensors.items()}
+            apply_tensors(self.served, rows)
+
+        record = {"rows": int(touched.size), "parts": len(parts), "bytes": nbytes, "with_dense": with_dense,
+                  "gate": decision.reason}  # fmt: skip
+        return self._publish(version, parts, commit, record)
 
     def publish_snapshot(self, *, event_time_ms: int, metrics: dict[str, float], new_version: bool) -> dict:
         """Write the whole model as a snapshot file and announce it on the topic.
 
         ``new_version=True`` makes it a new version (used at start-up and after a restore, so
         replicas holding newer-numbered versions from before a crash re-sync); otherwise it
-        snapshots the current version, which must equal the last published state."""
+        snapshots the current version, which must equal the last published (acknowledged)
+        state."""
         t0 = time.perf_counter()
         if new_version:
+            waiting = self._waiting()
+            if waiting is not None:
+                return waiting
             self.learner.take_touched()  # the snapshot carries every row
-            self.version += 1
-        elif self.learner.touched.peek().size:
-            raise RuntimeError("snapshot of an unpublished state: publish the delta first")
+            version = self.version + 1
+        elif self.learner.touched.peek().size or not self.settled:
+            raise RuntimeError("snapshot of an unpublished state: publish the delta (and settle it) first")
+        else:
+            version = self.version
         extra = {
             "event_time_ms": event_time_ms,
             "metrics": _finite(metrics),
             "examples_seen": self.learner.examples_seen,
             "model_config": self.learner.config.to_dict(),
         }
-        data = encode_update(self._header("snapshot", self.version, extra), snapshot_tensors(self.learner.model))
-        path = self.snapshot_dir / f"snapshot-{self.version:012d}.ctru"
+        header = UpdateHeader(kind="snapshot", model_id=self.model_id, version=version, base_version=version, **extra)
+        data = encode_update(header, snapshot_tensors(self.learner.model))
+        path = self.snapshot_dir / f"snapshot-{version:012d}.ctru"
         atomic_write(path, data)
-        announce = encode_update(
-            self._header("snapshot", self.version, {**extra, "snapshot_uri": str(path.resolve())}), {}
-        )
-        produce(self.producer, self.topic, announce, None, self.tracker)
-        flush(self.producer, self.tracker)
         PUBLISH_BYTES.labels("snapshot").inc(len(data))
-        if new_version:
-            self.served.load_state_dict(self.learner.model.state_dict())
         self._prune()
-        VERSION.set(self.version)
-        return {
-            "snapshot": str(path),
-            "version": self.version,
-            "bytes": len(data),
-            "publish_ms": round((time.perf_counter() - t0) * 1000, 2),
-        }
+        announce = encode_update(msgspec.structs.replace(header, snapshot_uri=str(path.resolve())), {})
+        state = copy.deepcopy(self.learner.model.state_dict()) if new_version else None
+
+        def commit() -> None:
+            if state is not None:
+                self.served.load_state_dict(state)
+
+        record = {"snapshot": str(path), "bytes": len(data)}
+        out = self._publish(version, [announce], commit, record)
+        out.setdefault("publish_ms", round((time.perf_counter() - t0) * 1000, 2))
+        return out
 
     def _prune(self) -> None:
         files = sorted(self.snapshot_dir.glob("snapshot-*.ctru"))

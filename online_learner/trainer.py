@@ -97,6 +97,8 @@ class TrainerConfig:
     batch_size: int = 2048
     max_latency_s: float = 0.1
     publish_interval_s: float = 1.0
+    #: at stop, how long the last version may wait for the broker's acknowledgement
+    final_ack_wait_s: float = 30.0
     checkpoint_interval_s: float = 10.0
     snapshot_interval_s: float = 60.0
     gate_margin: float = 0.02
@@ -252,8 +254,9 @@ class Trainer:
         header = UpdateHeader(
             kind="snapshot",
             model_id=self.model_id,
-            version=self.publisher.version,
-            base_version=self.publisher.version,
+            # the newest number possibly on the topic: the restored learner's snapshot goes above
+            version=self.publisher.issued,
+            base_version=self.publisher.issued,
             examples_seen=self.learner.examples_seen,
         )
         n = save_state(self.checkpoint_path, header, state)
@@ -462,6 +465,11 @@ class Trainer:
                         if idle_exit_s is not None and now - last_data > idle_exit_s:
                             break
                         continue
+                if not self.publisher.settled:  # a version waits for the broker (an outage)
+                    waiting = self.publisher.pending
+                    if self.publisher.settle(0.0) and waiting is not None:
+                        self._record({"published": True, "version": waiting.version, "acknowledged_late": True,
+                                      "waited_s": round(time.perf_counter() - waiting.t0, 2)})  # fmt: skip
                 if now >= next_publish:
                     next_publish = now + cfg.publish_interval_s
                     rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
@@ -475,7 +483,8 @@ class Trainer:
                         )
                         if rec is not None:
                             self._record(rec)
-                    if self.learner.touched.peek().size == 0:  # else the gate withheld it: try later
+                    # else the gate withheld it, or the broker has not acknowledged it: try later
+                    if self.learner.touched.peek().size == 0 and self.publisher.settled:
                         next_snapshot = now + cfg.snapshot_interval_s
                         self.snapshot_requested.clear()
                         self._record(
@@ -497,6 +506,10 @@ class Trainer:
                 rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
                 if rec is not None:
                     self._record(rec)
+                if not self.publisher.settle(cfg.final_ack_wait_s):
+                    log.error("stopping with version %d unacknowledged after %.0fs: the checkpoint keeps its "
+                              "rows, and a restart publishes a snapshot above it", self.publisher.issued,
+                              cfg.final_ack_wait_s)  # fmt: skip
             self.checkpoint()
         finally:
             self._consumer.close()

@@ -27,7 +27,7 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
     model = ModelConfig(CATEGORICAL + ("user_id", "item_id"), NUMERIC, table_bits=14)
     cfg = TrainerConfig(bootstrap=bs, state_dir=state_dir, batch_size=256, publish_interval_s=0.2,
                         checkpoint_interval_s=60, snapshot_interval_s=3600, model=model, frozen_after_examples=500,
-                        gate_margin=1.0, gate_min_positives=5)  # the gate decides while served scores join
+                        gate_margin=1.0, gate_min_positives=20)  # the gate decides while served scores join
     trainer = Trainer(cfg)
     stop, result = threading.Event(), {}
     thread = threading.Thread(target=lambda: result.update(trainer.run(stop)), daemon=True)
