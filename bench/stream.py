@@ -9,8 +9,6 @@ replay, since the broker's CPU grows with what it holds):
   topics (new consumer group): events/s through the join (decode, join, changelog record per
   micro-batch, examples + deltas out), measured from its Prometheus counter between the first
   and the last event, so worker start-up is excluded; ``ratio`` is to the raw consume;
-* ``agents: label join, exactly_once`` -- the same with Faust's transactions (one commit per
-  round, before the round's outputs leave): the cost of ``exactly_once``;
 * ``agents: join + features`` -- the same with the windowed-feature agent and its Feast writer
   (the Feast repository applied beforehand, as a deployment does);
 * ``agents: join + features, --changelog inline`` -- the same with changelog records that
@@ -362,7 +360,6 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
 
     variants = (
         ("agents: label join", ("--no-features",)),
-        ("agents: label join, exactly_once", ("--no-features", "--guarantee", "exactly_once")),
         # the Feast writer process imports feast (~6 s of a core) at start: waiting for it keeps
         # that one-off cost out of the steady-state rate (without: 12-15k events/s here)
         ("agents: join + features", ("--wait-for-store",)),

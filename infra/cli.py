@@ -259,7 +259,6 @@ def worker_cmd(
     emit_on_click: Annotated[
         bool, typer.Option(help="Send a positive example at its click (fresh); else at window close.")
     ] = True,
-    guarantee: Annotated[str, typer.Option(help="at_least_once or exactly_once.")] = "at_least_once",
     features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
     online: OnlineOpt = "sqlite",
     redis_url: RedisUrl = None,
@@ -287,7 +286,6 @@ def worker_cmd(
             window_ms=window_ms,
             allowed_lateness_ms=lateness_ms,
             emit_on_click=emit_on_click,
-            processing_guarantee=guarantee,
             features=features,
             online=check_online(online),
             redis_url=redis_url,
@@ -593,6 +591,24 @@ def bench_reliability(
     from bench.reliability import main
 
     main(json_path=json_path, seconds=seconds, events=events)
+
+
+@bench_app.command("chaos")
+def bench_chaos(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/chaos.json"
+    ),
+    seeds: Annotated[int, typer.Option(help="Seeds (runs), each with its own fault schedule.")] = 5,
+    events: Annotated[int, typer.Option(help="Events per seed (impressions + clicks).")] = 200_000,
+    rate: Annotated[float, typer.Option(help="Replay rate, events/s (the demo's).")] = 2_000.0,
+    out: Annotated[Path | None, typer.Option(help="Run folders (default: a temporary one).")] = None,
+) -> None:
+    """The whole pipeline with one core busy, the broker restarted twice and worker, learner and
+    serving kill -9'd at seeded moments; labels, Feast counts, training counts and the served
+    version checked against the generator (target: zero discrepancies)."""
+    from bench.chaos import main
+
+    main(json_path, seeds, events, rate, out)
 
 
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}

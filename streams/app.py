@@ -274,7 +274,6 @@ def create_app(
     bootstrap: str,
     *,
     app_id: str = DEFAULT_APP_ID,
-    processing_guarantee: str = "at_least_once",
     datadir: str | None = None,
     web_port: int | None = None,
     commit_interval_s: float = 1.0,
@@ -292,13 +291,13 @@ def create_app(
     * ``table_standby_replicas=0`` -- standbys cost a second changelog read per worker and buy
       nothing with the memory store: ``faust/stores/memory.py: Store.on_recovery_completed``
       drops every key of a partition that is not *active* after each recovery;
+    * ``processing_guarantee="at_least_once"`` -- always: the agents' versioned effects make it
+      exactly-once in effect (:mod:`streams.agents.label_join`);
     * session timeout 10 s / heartbeat 1 s -- quick rebalances after a kill -9;
     * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch.
     """
     install_fetch_backoff()
     codec = kafka_compression()
-    if processing_guarantee not in ("at_least_once", "exactly_once"):
-        raise ValueError(f"processing_guarantee must be at_least_once or exactly_once, not {processing_guarantee!r}")
     datadir = datadir or tempfile.mkdtemp(prefix=f"{app_id}-faust-")
     return CtrApp(
         app_id,
@@ -308,7 +307,7 @@ def create_app(
         # the changelog topics Faust creates itself: as many replicas as infra/broker.py gives ours
         topic_replication_factor=int(os.environ.get("CTR_REPLICATION_FACTOR", "1")),
         table_standby_replicas=0,
-        processing_guarantee=processing_guarantee,
+        processing_guarantee="at_least_once",
         datadir=datadir,
         web_enabled=web_port is not None,
         web_port=web_port or 6066,

@@ -67,7 +67,6 @@ def build(
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
     emit_on_click: bool = True,
-    processing_guarantee: str = "at_least_once",
     features: bool = True,
     online: str = "sqlite",
     redis_url: str | None = None,
@@ -82,9 +81,7 @@ def build(
     from streams.agents.label_join import LabelJoinAgent
     from streams.agents.windowed_features import ProcessFeastSink, WindowedFeatureAgent
 
-    app = create_app(
-        bootstrap, app_id=app_id, processing_guarantee=processing_guarantee, web_port=web_port, instance_id=instance_id
-    )
+    app = create_app(bootstrap, app_id=app_id, web_port=web_port, instance_id=instance_id)
     output = OutputProducer(bootstrap)
     deltas_name = deltas_topic_name(app_id)
     source = app.topic(IMPRESSIONS_TOPIC, CLICKS_TOPIC, key_serializer="raw", value_serializer="raw")
@@ -169,7 +166,6 @@ def run_worker(
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
     emit_on_click: bool = True,
-    processing_guarantee: str = "at_least_once",
     features: bool = True,
     online: str = "sqlite",
     redis_url: str | None = None,
@@ -214,7 +210,6 @@ def run_worker(
         window_ms=window_ms,
         allowed_lateness_ms=allowed_lateness_ms,
         emit_on_click=emit_on_click,
-        processing_guarantee=processing_guarantee,
         features=features,
         online=online,
         redis_url=redis_url,
@@ -261,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app-id", default="ctr-stream")
     ap.add_argument("--window-ms", type=int, default=30_000, help="attribution window (event time)")
     ap.add_argument("--lateness-ms", type=int, default=0, help="allowed out-of-orderness of each topic")
-    ap.add_argument("--guarantee", choices=("at_least_once", "exactly_once"), default="at_least_once")
     ap.add_argument("--online", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--no-features", action="store_true", help="run the label join only")
@@ -287,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
         app_id=a.app_id,
         window_ms=a.window_ms,
         allowed_lateness_ms=a.lateness_ms,
-        processing_guarantee=a.guarantee,
         features=not a.no_features,
         online=a.online,
         redis_url=a.redis_url,

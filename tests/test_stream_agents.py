@@ -15,16 +15,15 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from confluent_kafka import TopicPartition
 
-from features.spec import SPEC, field_value_key
+from bench.ground_truth import brute_force_buckets, feast_mismatches, late_ids, truth_labels
 from infra.procs import die_with_parent, stop_process
-from streams.agents.label_join import DEFAULT_WINDOW_MS, LATE_REASON_HEADER, send_watermark
-from streams.agents.windowed_features import WindowPlan
+from streams.agents.label_join import LATE_REASON_HEADER, send_watermark
 from streams.app import CHANGELOG_TOPIC_CONFIGS
 from streams.datasets import open_source
 from streams.datasets.base import interleave_clicks
@@ -132,59 +131,6 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list:
         idle = 0 if got else idle + 1
     c.close()
     return out
-
-
-def truth_labels(records) -> dict[str, int]:
-    return {r.impression.event_id: int(r.clicked and r.click_delay_ms <= DEFAULT_WINDOW_MS) for r in records}
-
-
-def late_ids(records) -> Counter:
-    return Counter(r.impression.event_id for r in records if r.clicked and r.click_delay_ms > DEFAULT_WINDOW_MS)
-
-
-def brute_force_buckets(records) -> dict[tuple[str, str], dict[int, list[int]]]:
-    """entity -> hop bucket -> [impressions, attributed clicks], recounted from the generator."""
-    b = WindowPlan.of(SPEC).bucket_ms
-    out: dict = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for r in records:
-        imp = r.impression
-        ents = [("user", imp.user_id), ("item", imp.item_id)]
-        ents += [("field_value", field_value_key(f, imp.categorical[f])) for f in SPEC.stat_fields
-                 if f in imp.categorical]  # fmt: skip
-        clicked = r.clicked and r.click_delay_ms <= DEFAULT_WINDOW_MS
-        for e in ents:
-            out[e][imp.event_time_ms // b][0] += 1
-            if clicked:
-                out[e][(imp.event_time_ms + r.click_delay_ms) // b][1] += 1
-    return out
-
-
-def feast_mismatches(store, expected: dict, limit: int = 5) -> tuple[int, list]:
-    """Compare every entity's Feast row with the brute-force window sums *as of the row's own
-    event time* (``<entity>_event_time_us``). Returns (mismatch count, a few examples)."""
-    from tests.feast_helpers import stats_rows
-
-    plan = WindowPlan.of(SPEC)
-    bad, examples = 0, []
-    for entity, key, row in stats_rows(store, list(expected)):
-        us = row["event_time_us"]
-        if us is None:
-            bad += 1
-            if len(examples) < limit:
-                examples.append((entity, key, "missing"))
-            continue
-        buckets = expected[(entity, key)]
-        for name, lo, hi in plan.ranges(us // 1000):
-            imps = sum(v[0] for bk, v in buckets.items() if lo <= bk < hi)
-            clicks = sum(v[1] for bk, v in buckets.items() if lo <= bk < hi)
-            got = (row[f"{entity}_impressions_{name}"], row[f"{entity}_clicks_{name}"],
-                   row[f"{entity}_ctr_{name}"])  # fmt: skip
-            want = (imps, clicks, SPEC.smoothed_ctr(clicks, imps))
-            if got[:2] != want[:2] or abs(got[2] - want[2]) > 1e-9:
-                bad += 1
-                if len(examples) < limit:
-                    examples.append((entity, key, name, got, want))
-    return bad, examples
 
 
 def wait_feast_exact(feast_dir: Path, expected: dict, timeout_s: float) -> None:

@@ -1,0 +1,225 @@
+"""``ctr bench chaos``: the whole pipeline under load and faults, checked against the generator's
+ground truth.
+
+Per seed: the demo's stages (worker, reweighter, learner, serving) under the demo's
+supervisor, the synthetic stream replayed at the demo's rate (2,000 events/s) while another
+process keeps one core busy; at seeded random moments the broker is restarted twice and the
+worker, the learner and serving are each ``kill -9``'d (the supervisor restarts them). At the
+end, against the generator (:mod:`bench.ground_truth`):
+
+* **examples**: every impression has an example; every copy carries the true label (late
+  clicks count as late: their impressions are negatives, and each late click is on
+  ``late-events``);
+* **features**: every Feast row equals the brute-force recount of its windows;
+* **learner**: every example trained once (the model that survived the kills counts each
+  impression exactly once);
+* **serving**: at the learner's last version.
+
+Target: zero discrepancies on every seed. ``ctr bench chaos --seeds 5 --json
+bench/results/chaos.json``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.common import report
+from bench.ground_truth import brute_force_buckets, feast_mismatches, late_ids, truth_labels
+from infra.broker import EmbeddedBroker
+from infra.demo import ready, start_stages
+from infra.supervisor import Supervisor
+
+#: what is hit, once each per seed (the broker twice)
+TARGETS: tuple[str, ...] = ("broker", "broker", "worker", "learner", "serve")
+
+
+@dataclass(frozen=True)
+class Fault:
+    at_s: float  # seconds after the replay started
+    target: str
+
+
+def schedule(seed: int, duration_s: float) -> list[Fault]:
+    """Seeded fault times, spread over 10-85 % of the replay (the end is left to settle)."""
+    rng = random.Random(seed)
+    targets = list(TARGETS)
+    rng.shuffle(targets)
+    times = sorted(rng.uniform(0.10, 0.85) * duration_s for _ in targets)
+    return [Fault(round(t, 1), x) for t, x in zip(times, targets, strict=True)]
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list:
+    """Every record of ``topic`` from the beginning of each partition (no group offsets)."""
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+    from streams.kafka_io import make_consumer
+
+    c = make_consumer(bootstrap, f"chaos-{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out, eof, deadline = [], set(), time.monotonic() + timeout_s
+    try:
+        while len(eof) < len(parts):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: not read to its end in {timeout_s}s")
+            for m in c.consume(10_000, 0.5):
+                if m.error() is None:
+                    out.append(m)
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    eof.add(m.partition())
+    finally:
+        c.close()
+    return out
+
+
+def _last_row(path: Path) -> dict:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _served_version(port: int) -> int | None:
+    import httpx
+
+    try:
+        return int(httpx.get(f"http://127.0.0.1:{port}/model", timeout=2.0).json()["version"])
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+
+
+def run_seed(seed: int, events: int, rate: float, out: Path, console: Console) -> dict:
+    from online_learner.encoding import discover_fields
+    from streams.datasets import open_source
+    from streams.datasets.base import interleave_clicks
+    from streams.replay import replay_events
+    from streams.schema import decode_training_example
+
+    out.mkdir(parents=True, exist_ok=True)
+    records = list(open_source("synthetic", seed=seed, events=events))
+    truth, late = truth_labels(records), late_ids(records)
+    stream = list(interleave_clicks(records))
+    duration = len(stream) / rate
+    faults = schedule(seed, duration)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core kept busy
+    broker = EmbeddedBroker(kind="noida", data_dir=out / "broker").start()
+    bs = broker.bootstrap
+    sup = Supervisor(out / "logs")
+    done: list[BaseException | None] = []
+    injected: list[str] = []
+    t_start = time.monotonic()
+    try:
+        fields = discover_fields([r.impression for r in records[:1000]])
+        port = start_stages(sup, bs, out, fields=fields)
+        for svc in sup.services.values():
+            svc.max_restarts = 5  # a kill -9 is one restart; a broker restart may cost another
+        sup.wait_for(lambda: ready(port), timeout_s=300, what="serving to be ready")
+
+        def do_replay() -> None:
+            try:
+                replay_events(stream, bs, rate=rate)
+                done.append(None)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                done.append(err)
+
+        replayer = threading.Thread(target=do_replay, daemon=True)
+        t0 = time.monotonic()
+        replayer.start()
+        pending = list(faults)
+        while replayer.is_alive() or pending:
+            sup.check()
+            now = time.monotonic() - t0
+            if pending and now >= pending[0].at_s:
+                f = pending.pop(0)
+                if f.target == "broker":
+                    broker.restart()
+                else:
+                    os.kill(sup.services[f.target].proc.pid, signal.SIGKILL)  # type: ignore[union-attr]
+                    sup.services[f.target].proc.wait(10)  # type: ignore[union-attr]
+                    sup.check()
+                injected.append(f"{f.target}@{now:.0f}s")
+                console.print(f"  seed {seed}: {f.target} {'restarted' if f.target == 'broker' else 'kill -9'} "
+                              f"at {now:.0f} s of the replay")  # fmt: skip
+            time.sleep(0.2)
+        replayer.join()
+        if done and done[0] is not None:
+            raise done[0]
+        replay_s = time.monotonic() - t0
+        metrics = out / "learner" / "learner_metrics.jsonl"
+        sup.wait_for(lambda: _last_row(metrics).get("examples", 0) >= len(truth), timeout_s=600,
+                     what="the learner to train every example", poll_s=1.0)  # fmt: skip
+        time.sleep(3.0)  # a publish or two: serving follows
+        # -- the checks ---------------------------------------------------------------------
+        got: dict[str, set[int]] = {}
+        for m in read_to_end(bs, "training-examples"):
+            ex = decode_training_example(m.value())
+            got.setdefault(ex.example_id, set()).add(ex.label)
+        missing = sum(1 for e in truth if e not in got)
+        wrong = sum(1 for e, labels in got.items() if e in truth and labels != {truth[e]})
+        unexpected = sum(1 for e in got if e not in truth)
+        late_got = Counter(m.key().decode() for m in read_to_end(bs, "late-events"))
+        late_diff = sum((late_got - late).values()) + sum((late - late_got).values())
+        from features.store import open_store
+
+        store, expected = open_store(out / "feast"), brute_force_buckets(records)
+        deadline, feast_bad, feast_eg = time.monotonic() + 180, -1, []
+        while time.monotonic() < deadline:
+            feast_bad, feast_eg = feast_mismatches(store, expected)
+            if feast_bad == 0:
+                break
+            time.sleep(3.0)
+        codes = sup.stop_all(["learner"])  # SIGTERM: the last version, then a checkpoint
+        final = _last_row(metrics)
+        trained, learner_version = int(final.get("examples", 0)), int(final.get("version", 0))
+        deadline, served = time.monotonic() + 90, None
+        while time.monotonic() < deadline:
+            served = _served_version(port)
+            if served == learner_version:
+                break
+            time.sleep(0.5)
+        row = {
+            "seed": seed, "impressions": len(truth), "events": len(stream), "replay_s": round(replay_s, 1),
+            "faults": " ".join(injected), "missing_examples": missing, "wrong_labels": wrong,
+            "unexpected_examples": unexpected, "late_click_mismatches": late_diff,
+            "feast_mismatches": feast_bad, "trained": trained, "trained_minus_impressions": trained - len(truth),
+            "learner_version": learner_version, "served_version": served,
+            "restarts": {n: s.restarts for n, s in sup.services.items()}, "learner_exit": codes.get("learner"),
+        }  # fmt: skip
+        row["discrepancies"] = (missing + wrong + unexpected + late_diff + max(feast_bad, 0)
+                                + abs(trained - len(truth)) + int(served != learner_version))  # fmt: skip
+        if feast_bad:
+            row["feast_examples"] = repr(feast_eg[:2])
+        return row
+    finally:
+        sup.stop_all()
+        broker.stop(keep_data=True)
+        busy.kill()
+        busy.wait()
+        console.print(f"  seed {seed} done in {time.monotonic() - t_start:.0f} s; logs in {out / 'logs'}")
+
+
+def main(json_path: Path, seeds: int, events: int, rate: float, out: Path | None = None) -> dict:
+    import tempfile
+
+    console = Console()
+    root = Path(out) if out else Path(tempfile.mkdtemp(prefix="ctr-chaos-"))
+    rows = []
+    for seed in range(1, seeds + 1):
+        console.print(f"[bold]seed {seed}[/]: {events:,} events at {rate:,.0f}/s, one core kept busy")
+        rows.append(run_seed(seed, events, rate, root / f"seed-{seed}", console))
+    met = all(r["discrepancies"] == 0 for r in rows)
+    extra = {"target": "zero discrepancies on every seed", "met": met, "events": events, "rate": rate,
+             "busy_cores": 1}  # fmt: skip
+    return report("Chaos: broker restarted twice, worker/learner/serving kill -9, one core busy", rows, json_path,
+                  extra)  # fmt: skip
