@@ -148,6 +148,7 @@ def build(
             parts.append(
                 f"p{p}: wm={jp.wm} pending={len(jp.pending)} examples={jp.counters['examples']} "
                 f"late={jp.counters['late_clicks']}"
+                + (f" out_of_order={ooo}" if (ooo := jp.counters["out_of_order_clicks"]) else "")
             )
         if features:
             w = app.ctr_features.writer  # type: ignore[attr-defined]
