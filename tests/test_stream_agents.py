@@ -360,20 +360,30 @@ def test_two_workers_share_the_partitions_and_still_emit_each_example_once(broke
     gets exactly its example (the join is partition-local)."""
     records = list(open_source("synthetic", seed=31, events=20_000, **SMALL))
     truth = truth_labels(records)
-    replay(records, broker.bootstrap)
-    send_watermark(broker.bootstrap, END_MARKER)
     a = Worker(broker.bootstrap, tmp_path, "ctr-ttwo", "--no-features", name="wa").start()
     b = Worker(broker.bootstrap, tmp_path, "ctr-ttwo", "--no-features", name="wb").start()
+
+    def owned() -> list[str]:
+        last = []
+        for w in (a, b):
+            lines = [ln for ln in w.text().splitlines() if "owns partitions" in ln]
+            last.append(lines[-1].split("owns partitions ")[1].split(" (")[0] if lines else "[]")
+        return last
+
     try:
+        # Both in the group before the stream starts: on a busy machine the second worker took
+        # longer to start than the first took to process a pre-written stream alone.
+        deadline = time.monotonic() + 120
+        while not all(o != "[]" for o in owned()):
+            assert a.alive() and b.alive()
+            assert time.monotonic() < deadline, f"both workers should own partitions, got {owned()}"
+            time.sleep(0.2)
+        replay(records, broker.bootstrap)
+        send_watermark(broker.bootstrap, END_MARKER)
         examples = read_examples(broker.bootstrap, set(truth), timeout_s=120, worker=a)
         ids = check_examples(examples, truth)
         assert max(ids.values()) <= 2  # a rebalance mid-batch may re-send one batch, keyed
-        owned = []
-        for w in (a, b):
-            lines = [ln for ln in w.text().splitlines() if "owns partitions" in ln]
-            assert lines, f"{w.log} never owned anything"
-            owned.append(lines[-1].split("owns partitions ")[1].split(" (")[0])
-        assert all(o != "[]" for o in owned), f"both workers should own partitions, got {owned}"
+        assert all(o != "[]" for o in owned()), f"both workers should own partitions, got {owned()}"
         assert a.alive() and b.alive()
     finally:
         a.stop()
