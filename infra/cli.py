@@ -599,7 +599,7 @@ def bench_chaos(
         "bench/results/chaos.json"
     ),
     seeds: Annotated[int, typer.Option(help="Seeds (runs), each with its own fault schedule.")] = 5,
-    events: Annotated[int, typer.Option(help="Events per seed (impressions + clicks).")] = 200_000,
+    events: Annotated[int, typer.Option(help="Impressions per seed (their clicks come on top).")] = 200_000,
     rate: Annotated[float, typer.Option(help="Replay rate, events/s (the demo's).")] = 2_000.0,
     out: Annotated[Path | None, typer.Option(help="Run folders (default: a temporary one).")] = None,
 ) -> None:
