@@ -159,37 +159,41 @@ def run_seed(seed: int, events: int, rate: float, out: Path, console: Console) -
         metrics = out / "learner" / "learner_metrics.jsonl"
         sup.wait_for(lambda: _last_row(metrics).get("examples", 0) >= len(truth), timeout_s=600,
                      what="the learner to train every example", poll_s=1.0)  # fmt: skip
-        time.sleep(3.0)  # a publish or two: serving follows
-        # -- the checks ---------------------------------------------------------------------
-        got: dict[str, set[int]] = {}
-        for m in read_to_end(bs, "training-examples"):
-            ex = decode_training_example(m.value())
-            got.setdefault(ex.example_id, set()).add(ex.label)
-        missing = sum(1 for e in truth if e not in got)
-        wrong = sum(1 for e, labels in got.items() if e in truth and labels != {truth[e]})
-        unexpected = sum(1 for e in got if e not in truth)
-        late_got = Counter(m.key().decode() for m in read_to_end(bs, "late-events"))
-        late_diff = sum((late_got - late).values()) + sum((late - late_got).values())
-        from features.store import open_store
-
-        store, expected = open_store(out / "feast"), brute_force_buckets(records)
-        deadline, feast_bad, feast_eg = time.monotonic() + 180, -1, []
-        while time.monotonic() < deadline:
-            feast_bad, feast_eg = feast_mismatches(store, expected)
-            if feast_bad == 0:
-                break
-            time.sleep(3.0)
-        codes = sup.stop_all(["learner"])  # SIGTERM: the last version, then a checkpoint
+        # -- quiesce, then check: the learner stops first (SIGTERM: its last version), serving
+        # must reach that version, then everything but the worker stops, so the reads below do
+        # not compete with a broker rewriting its whole data file for every new message
+        codes = sup.stop_all(["learner"])
         final = _last_row(metrics)
         trained, learner_version = int(final.get("examples", 0)), int(final.get("version", 0))
-        deadline, served = time.monotonic() + 90, None
+        deadline, served = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             served = _served_version(port)
             if served == learner_version:
                 break
             time.sleep(0.5)
+        codes |= sup.stop_all(["serve", "reweighter"])
+        # -- the checks ---------------------------------------------------------------------
+        got: dict[str, set[int]] = {}
+        for m in read_to_end(bs, "training-examples", timeout_s=900):
+            ex = decode_training_example(m.value())
+            got.setdefault(ex.example_id, set()).add(ex.label)
+        missing = sum(1 for e in truth if e not in got)
+        wrong = sum(1 for e, labels in got.items() if e in truth and labels != {truth[e]})
+        unexpected = sum(1 for e in got if e not in truth)
+        late_got = Counter(m.key().decode() for m in read_to_end(bs, "late-events", timeout_s=300))
+        late_diff = sum((late_got - late).values()) + sum((late - late_got).values())
+        from features.store import open_store
+
+        store, expected = open_store(out / "feast"), brute_force_buckets(records)
+        deadline, feast_bad, feast_eg = time.monotonic() + 300, -1, []
+        while time.monotonic() < deadline:
+            feast_bad, feast_eg = feast_mismatches(store, expected)
+            if feast_bad == 0:
+                break
+            time.sleep(3.0)
         row = {
             "seed": seed, "impressions": len(truth), "events": len(stream), "replay_s": round(replay_s, 1),
+            "check_s": round(time.monotonic() - t0 - replay_s, 1),
             "faults": " ".join(injected), "missing_examples": missing, "wrong_labels": wrong,
             "unexpected_examples": unexpected, "late_click_mismatches": late_diff,
             "feast_mismatches": feast_bad, "trained": trained, "trained_minus_impressions": trained - len(truth),
@@ -216,10 +220,32 @@ def main(json_path: Path, seeds: int, events: int, rate: float, out: Path | None
     root = Path(out) if out else Path(tempfile.mkdtemp(prefix="ctr-chaos-"))
     rows = []
     for seed in range(1, seeds + 1):
-        console.print(f"[bold]seed {seed}[/]: {events:,} events at {rate:,.0f}/s, one core kept busy")
+        console.print(f"[bold]seed {seed}[/]: {events:,} impressions and their clicks at {rate:,.0f} events/s, "
+                      "one core kept busy")
         rows.append(run_seed(seed, events, rate, root / f"seed-{seed}", console))
     met = all(r["discrepancies"] == 0 for r in rows)
     extra = {"target": "zero discrepancies on every seed", "met": met, "events": events, "rate": rate,
              "busy_cores": 1}  # fmt: skip
     return report("Chaos: broker restarted twice, worker/learner/serving kill -9, one core busy", rows, json_path,
                   extra)  # fmt: skip
+
+
+CHECKS: tuple[tuple[str, str], ...] = (
+    ("missing_examples", "missing examples"),
+    ("wrong_labels", "wrong labels"),
+    ("late_click_mismatches", "late clicks off"),
+    ("feast_mismatches", "Feast counts off"),
+    ("trained_minus_impressions", "trained - impressions"),
+)
+
+
+def markdown_table(doc: dict) -> str:
+    """The README's table from a result: each check per seed (0 everywhere is the target)."""
+    head = ["seed", "events", "faults (s into the replay)", *(label for _, label in CHECKS), "served = learner version"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in doc["rows"]:
+        same = "yes" if r["served_version"] == r["learner_version"] else "no"
+        cells = [str(r["seed"]), f"{r['events']:,}", r["faults"].replace(" ", ", "),
+                 *(str(r[key]) for key, _ in CHECKS), f"{same} (v{r['learner_version']})"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
