@@ -106,6 +106,10 @@ def run_seed(seed: int, events: int, rate: float, out: Path, console: Console) -
     from streams.replay import replay_events
     from streams.schema import decode_training_example
 
+    if out.exists() and any(out.iterdir()):
+        # a broker data dir, learner state or Feast store left from an earlier run would mix
+        # two runs' data (found the hard way: offsets of the old run, restores that fail)
+        raise FileExistsError(f"{out} is not empty: give --out a new folder")
     out.mkdir(parents=True, exist_ok=True)
     records = list(open_source("synthetic", seed=seed, events=events))
     truth, late = truth_labels(records), late_ids(records)
