@@ -900,11 +900,17 @@ class LabelJoinAgent:
             imp_hwm = click_hwm = None
             imp_first = imp_last = -1
             skipped = dl = size = 0
+            # offsets accepted so far this round, per topic: a partition's chunks can overlap
+            # (a chunk fetched before a rebalance is still queued when the re-fetch from the
+            # committed offset arrives; noida-db restarts generation ids at 1 after a broker
+            # restart, so the stale chunk passes the generation check), and an overlap must not
+            # be applied twice -- that put clicks out of order in a chaos run
+            seen = {IMPRESSIONS_TOPIC: jp.imp_hwm, CLICKS_TOPIC: jp.click_hwm}
             for cur in cursors:
                 c, i = cur
                 recs = c.records
                 is_imp = c.topic == IMPRESSIONS_TOPIC
-                hwm = jp.imp_hwm if is_imp else jp.click_hwm
+                hwm = seen[c.topic]
                 n = len(recs)
                 start = i
                 while i < n and size <= self.max_record_bytes:
@@ -932,6 +938,7 @@ class LabelJoinAgent:
                         self.dlq.send(str(err), r.value, source_topic=c.topic, partition=p, offset=r.offset, key=r.key)
                 if i > start:
                     last = recs[i - 1].offset
+                    seen[c.topic] = max(hwm, last)
                     acks.append((c.tp, c.ack_from if start == 0 else recs[start - 1].offset + 1, last))
                     if is_imp:
                         imp_hwm = last if imp_hwm is None else max(imp_hwm, last)
