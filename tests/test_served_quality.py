@@ -69,7 +69,10 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
     rows = [json.loads(line) for line in (state_dir / "learner_metrics.jsonl").read_text().splitlines()]
     decided = [re.search(r"live AUC ([-\d.]+) vs served ([-\d.]+)", r.get("gate") or "") for r in rows]
     aucs = [(float(m[1]), float(m[2])) for m in decided if m]
-    assert len(aucs) >= 2 and all(0.4 < a <= 1 and 0.4 < b <= 1 for a, b in aucs), aucs
+    # valid AUCs on both sides of every decision; the first ones, on a barely trained model and a
+    # window of ~20 clicks, can sit anywhere (0.39 was seen under load); the last shows learning
+    assert len(aucs) >= 2 and all(0 <= a <= 1 and 0 <= b <= 1 for a, b in aucs), aucs
+    assert aucs[-1][0] > 0.55, aucs
     assert abs(result["served_auc"] - roc_auc(y, p)) < 1e-4
     assert abs(result["served_log_loss"] - log_loss(y, p)) < 1e-4
     # the frozen copy scored the same impressions
