@@ -14,30 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import report
+from bench.common import read_to_end, report
 from infra.broker import EmbeddedBroker, stop_broker
 from streams.kafka_io import DeliveryTracker, make_producer, produce
-
-
-def _readable(bootstrap: str, topic: str) -> set[bytes]:
-    from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-    from streams.kafka_io import make_consumer
-
-    c = make_consumer(bootstrap, "stop-check", **{"enable.partition.eof": True})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    values, eof, deadline = set(), set(), time.monotonic() + 30
-    while len(eof) < len(parts) and time.monotonic() < deadline:
-        for m in c.consume(5000, 0.2):
-            if m.error() is None:
-                values.add(m.value())
-            elif m.error().code() == -191:  # partition EOF
-                eof.add(m.partition())
-    c.close()
-    if len(eof) < len(parts):
-        raise TimeoutError(f"{topic}: not read to the end in 30 s")
-    return values
 
 
 def one_stop(way: str, rate: float = 5000.0) -> tuple[int, int, float]:
@@ -78,7 +57,7 @@ def one_stop(way: str, rate: float = 5000.0) -> tuple[int, int, float]:
         time.sleep(2.0)
         stop.set()
         th.join(150)
-        kept = _readable(b.bootstrap, "impressions")
+        kept = {m.value() for m in read_to_end(b.bootstrap, "impressions", timeout_s=30)}
         lost = [(t - t_stop) for t, v in acked if v not in kept]
         return len(acked), len(lost), max(lost, default=0.0)
     finally:

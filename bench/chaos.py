@@ -29,14 +29,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from bench.common import report
+from bench.common import read_to_end, report
 from bench.ground_truth import brute_force_buckets, feast_mismatches, late_ids, truth_labels
 from infra.broker import EmbeddedBroker
 from infra.demo import ready, start_stages
@@ -59,36 +58,6 @@ def schedule(seed: int, duration_s: float) -> list[Fault]:
     rng.shuffle(targets)
     times = sorted(rng.uniform(0.10, 0.85) * duration_s for _ in targets)
     return [Fault(round(t, 1), x) for t, x in zip(times, targets, strict=True)]
-
-
-def read_to_end(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list:
-    """Every record of ``topic`` from the beginning of each partition (no group offsets)."""
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-
-    from streams.kafka_io import make_consumer
-
-    c = make_consumer(bootstrap, f"chaos-{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True})
-    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-    # the end is the high watermark taken now: after broker restarts noida-db reported an end
-    # past the last record on some partition, and waiting for a partition-EOF event never ended
-    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
-    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
-    out, done, deadline = [], {p for p, end in ends.items() if end == 0}, time.monotonic() + timeout_s
-    try:
-        while len(done) < len(parts):
-            if time.monotonic() > deadline:
-                left = sorted(set(parts) - done)
-                raise TimeoutError(f"{topic}: partitions {left} not read to {ends} in {timeout_s}s")
-            for m in c.consume(10_000, 0.5):
-                if m.error() is None:
-                    out.append(m)
-                    if m.offset() >= ends[m.partition()] - 1:
-                        done.add(m.partition())
-                elif m.error().code() == KafkaError._PARTITION_EOF:
-                    done.add(m.partition())
-    finally:
-        c.close()
-    return out
 
 
 def _last_row(path: Path) -> dict:

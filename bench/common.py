@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -92,3 +93,33 @@ def _fmt(v: object) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return "" if v is None else str(v)
+
+
+def read_to_end(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list:
+    """Every record of ``topic`` from the beginning of each partition (no group offsets)."""
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+    from streams.kafka_io import make_consumer
+
+    c = make_consumer(bootstrap, f"read-{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    # the end is the high watermark taken now: after broker restarts noida-db reported an end
+    # past the last record on some partition, and waiting for a partition-EOF event never ended
+    ends = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+    c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+    out, done, deadline = [], {p for p, end in ends.items() if end == 0}, time.monotonic() + timeout_s
+    try:
+        while len(done) < len(parts):
+            if time.monotonic() > deadline:
+                left = sorted(set(parts) - done)
+                raise TimeoutError(f"{topic}: partitions {left} not read to {ends} in {timeout_s}s")
+            for m in c.consume(10_000, 0.5):
+                if m.error() is None:
+                    out.append(m)
+                    if m.offset() >= ends[m.partition()] - 1:
+                        done.add(m.partition())
+                elif m.error().code() == KafkaError._PARTITION_EOF:
+                    done.add(m.partition())
+    finally:
+        c.close()
+    return out

@@ -168,7 +168,6 @@ class Publisher:
     def _live_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.learner.model.parameters())
 
-    # -- versions ---------------------------------------------------------------------------------
     # -- delivery: a version counts once the broker acknowledged all of it ------------------------
     @property
     def settled(self) -> bool:
