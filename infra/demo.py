@@ -30,6 +30,7 @@ from infra.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from infra.procs import free_port
 from infra.supervisor import Service, Supervisor, ctr_argv
 from infra.traffic import ServedImpressions, SteadyClient, TrafficLog
+from streams.agents.label_join import DEFAULT_WINDOW_MS
 from streams.datasets import open_source
 from streams.replay import ReplaySummary, replay
 
@@ -43,12 +44,23 @@ class _DriftProbe:
         self.drift_event_ms: int | None = None
         self.count = 0
         self.scorer: ServedImpressions | None = None
+        self.event_times: list[int] = []
+
+    def open_at_end(self, window_ms: int = DEFAULT_WINDOW_MS) -> int:
+        """Impressions whose click window was still open when the stream ended: the replay's
+        final watermark marker closes them all at once (their negatives reach the learner in
+        one burst after the live stream)."""
+        if not self.event_times:
+            return 0
+        end = max(self.event_times)
+        return sum(1 for t in self.event_times if t > end - window_ms)
 
     def __iter__(self) -> Iterator:
         for rec in self.records:
             if self.count == self.drift_at:
                 self.drift_event_ms = rec.impression.event_time_ms
             self.count += 1
+            self.event_times.append(rec.impression.event_time_ms)
             if self.scorer is not None:
                 self.scorer.offer(rec.impression)
             yield rec
@@ -140,12 +152,9 @@ def run_demo(
         progress = ReplaySummary()
         replay_error: list[BaseException] = []
 
-        replay_end_ms: list[int] = []
-
         def do_replay() -> None:
             try:
                 replay(records, bs, rate=rate, on_progress=lambda s: progress.__dict__.update(s.__dict__))
-                replay_end_ms.append(int(time.time() * 1000))
             except BaseException as err:  # noqa: BLE001 - reported by the main thread
                 replay_error.append(err)
 
@@ -200,8 +209,10 @@ def run_demo(
         scorer.join(10)
         codes = sup.stop_all(["serve", "learner", "reweighter", "worker"])
         rows = _read_jsonl(metrics_path)
+        # the examples the learner had before the final marker flushed the open windows
+        live_examples = progress.impressions + prober.probe.impressions_sent - records.open_at_end()
         result = summarise(rows, progress, records.drift_event_ms, time.monotonic() - started, codes,
-                           live_until_ms=replay_end_ms[0] if replay_end_ms else None)  # fmt: skip
+                           live_examples=live_examples)  # fmt: skip
         # the probes' events went through the same pipeline: count them, say which they were
         result["probe_impressions"] = prober.probe.impressions_sent
         result["impressions"] += prober.probe.impressions_sent
@@ -328,21 +339,22 @@ def summarise(
     drift_event_ms: int | None,
     seconds: float,
     exit_codes: dict,
-    live_until_ms: int | None = None,
+    live_examples: int | None = None,
 ) -> dict:
     """The demo's numbers, all read from what the stages recorded (nothing assumed).
 
     Cumulative metrics come from the last row. The *window* metrics come from the last row
-    written while the stream was live (``wall_ms <= live_until_ms``, the end of the replay):
-    positives leave the join at their click, negatives when their window closes, so the final
-    watermark flushes the last window's negatives (30 s of event time) in one go, and a
-    sliding window over them holds one class only -- an artefact of the stream's end, not of
-    the model."""
+    the learner wrote while the stream was live (``examples <= live_examples``): positives
+    leave the join at their click, negatives when their window closes, so the final watermark
+    flushes the last window's negatives (30 s of event time) in one go, and a sliding window
+    over them holds one class only -- an artefact of the stream's end, not of the model. The
+    cut is a count of examples, not a wall time: a learner lagging behind a busy machine's
+    replay has not yet reached the drift's consequences when the replay ends."""
     trained = [r for r in rows if r.get("examples")]
     last = trained[-1] if trained else {}
     from infra.report import live_window_rows
 
-    live = live_window_rows(trained, live_until_ms)
+    live = live_window_rows(trained, live_examples)
     end = live[-1] if live else {}
     versions = sorted({r["version"] for r in rows if r.get("published") or r.get("snapshot")})
     after = [r for r in trained if drift_event_ms is not None and r["event_time_ms"] >= drift_event_ms]
@@ -383,7 +395,7 @@ def summarise(
             else None
         ),
         "drift_event_time_ms": drift_event_ms,
-        "replay_end_wall_ms": live_until_ms,
+        "live_examples": live_examples,
         "model_versions_published": len(versions),
         "gate_withheld": sum(1 for r in rows if r.get("published") is False),
         "publish_p50_ms": publish_ms[len(publish_ms) // 2] if publish_ms else None,

@@ -34,24 +34,27 @@ def _png(fig) -> str:
 _MODELS = (("", "live model", "-"), ("frozen_", "frozen copy", "--"), ("oracle_", "best achievable", ":"))
 
 
-def live_window_rows(rows: list[dict], live_until_ms: int | None) -> list[dict]:
-    """Learner rows with window metrics written while the stream was live (``wall_ms <=
-    live_until_ms``): after its end the final watermark flushes the last window's negatives at
+def live_window_rows(rows: list[dict], live_examples: int | None) -> list[dict]:
+    """Learner rows with window metrics written while the stream was live (``examples <=
+    live_examples``): after its end the final watermark flushes the last window's negatives at
     once, so a sliding window over them holds one class only (see ``infra.demo.summarise``)."""
     return [r for r in rows if r.get("examples") and r.get("window_auc") is not None
-            and (live_until_ms is None or r.get("wall_ms", 0) <= live_until_ms)]  # fmt: skip
+            and (live_examples is None or r["examples"] <= live_examples)]  # fmt: skip
 
 
-def quality_figure(rows: list[dict], drift_event_ms: int | None, live_until_ms: int | None = None) -> str:
+def quality_figure(rows: list[dict], drift_event_ms: int | None, live_examples: int | None = None) -> str:
     """Window metrics while the stream was live (:func:`live_window_rows`)."""
-    rows = live_window_rows(rows, live_until_ms)
+    rows = live_window_rows(rows, live_examples)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, metric, title in zip(axes, ("window_auc", "window_log_loss"), ("AUC", "log loss"), strict=True):
         if rows:
             t0 = rows[0]["event_time_ms"]
             for prefix, label, style in _MODELS:
-                pts = [((r["event_time_ms"] - t0) / 1000, r[prefix + metric]) for r in rows
-                       if r.get(prefix + metric) is not None]
+                pts = [
+                    ((r["event_time_ms"] - t0) / 1000, r[prefix + metric])
+                    for r in rows
+                    if r.get(prefix + metric) is not None
+                ]
                 if pts:
                     ax.plot(*zip(*pts, strict=True), style, label=label)
             if drift_event_ms is not None:
@@ -68,15 +71,20 @@ def weights_figure(weights: list[dict], drift_event_ms: int | None, t0: int | No
         x = [(w["event_time_ms"] - t0) / 1000 for w in weights]
         fields = sorted({f for w in weights for f in w["weights"]})
         # the fields that moved most, so the picture stays readable
-        spread = {f: max(w["weights"].get(f, 1.0) for w in weights) - min(w["weights"].get(f, 1.0) for w in weights)
-                  for f in fields}
+        spread = {
+            f: max(w["weights"].get(f, 1.0) for w in weights) - min(w["weights"].get(f, 1.0) for w in weights)
+            for f in fields
+        }
         for f in sorted(fields, key=spread.get, reverse=True)[:8]:
             ax.plot(x, [w["weights"].get(f, 1.0) for w in weights], label=f)
         if drift_event_ms is not None:
             ax.axvline((drift_event_ms - t0) / 1000, color="red", alpha=0.6, label="drift")
         ax.legend(fontsize=8, ncol=3)
-    ax.set(title="Field weights published by the reweighting stage (8 that moved most)", xlabel="event time (s)",
-           ylabel="weight (mean 1)")
+    ax.set(
+        title="Field weights published by the reweighting stage (8 that moved most)",
+        xlabel="event time (s)",
+        ylabel="weight (mean 1)",
+    )
     return _png(fig)
 
 
@@ -102,8 +110,12 @@ def versions_figure(rows: list[dict], tl: Timeline) -> str:
     t0 = tl.start(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 3.5))
     if pub:
-        ax1.step([r["wall_ms"] / 1000 - t0 for r in pub], [r["version"] for r in pub], where="post",
-                 label="published (learner)")
+        ax1.step(
+            [r["wall_ms"] / 1000 - t0 for r in pub],
+            [r["version"] for r in pub],
+            where="post",
+            label="published (learner)",
+        )
     if tl.served:
         ax1.plot([t - t0 for t, _ in tl.served], [v for _, v in tl.served], ".", ms=3, label="served (responses)")
     ax1.legend(fontsize=8)
@@ -116,8 +128,9 @@ def versions_figure(rows: list[dict], tl: Timeline) -> str:
         ax2.plot(missed, [0] * len(missed), "rx", label="never moved (timeout)")
     ax2.legend(fontsize=8)
     ax1.set(title="Model version over time", xlabel="wall time (s)", ylabel="version")
-    ax2.set(title="Freshness: click entering Kafka -> served score reflects it", xlabel="wall time (s)",
-            ylabel="seconds")
+    ax2.set(
+        title="Freshness: click entering Kafka -> served score reflects it", xlabel="wall time (s)", ylabel="seconds"
+    )
     return _png(fig)
 
 
@@ -153,7 +166,7 @@ def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict
     tl = tl or Timeline()
     drift = summary.get("drift_event_time_ms")
     t0 = next((r["event_time_ms"] for r in rows if r.get("examples")), None)
-    quality = quality_figure(rows, drift, summary.get("replay_end_wall_ms"))
+    quality = quality_figure(rows, drift, summary.get("live_examples"))
     figures = [
         ("Model quality over event time", quality, "quality"),
         ("Dynamic feature reweighting", weights_figure(weights, drift, t0), "weights"),
@@ -162,8 +175,9 @@ def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict
     ]
     for _, img, name in figures:  # also as files, for READMEs and slides
         (path.parent / f"{name}.png").write_bytes(base64.b64decode(img))
-    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>"
-                    for k, v in summary.items())
+    table = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in summary.items()
+    )
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{img}'/>" for t, img, _ in figures)
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ctr demo report</title>"
