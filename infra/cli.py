@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from infra.config import CHANGELOG_MODES
+from infra.config import CHANGELOG_MODES, EMISSIONS
 
 
 def _one_of(choices: tuple[str, ...]):
@@ -256,9 +256,18 @@ def worker_cmd(
     ] = None,
     window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = 30_000,
     lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness before the watermark.")] = 0,
-    emit_on_click: Annotated[
-        bool, typer.Option(help="Send a positive example at its click (fresh); else at window close.")
-    ] = True,
+    emission: Annotated[
+        str,
+        typer.Option(
+            callback=_one_of(EMISSIONS),
+            help="provisional: every impression leaves at once (a provisional negative unless clicked), a "
+            "later click sends a correction; click: positives at their click, negatives at window close; "
+            "window: all at window close.",
+        ),
+    ] = "provisional",
+    negative_after_ms: Annotated[
+        int, typer.Option(help="provisional: how long after its impression (event time) a first example leaves.")
+    ] = 5_000,
     features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
     online: OnlineOpt = "sqlite",
     redis_url: RedisUrl = None,
@@ -285,7 +294,8 @@ def worker_cmd(
             app_id=app_id,
             window_ms=window_ms,
             allowed_lateness_ms=lateness_ms,
-            emit_on_click=emit_on_click,
+            emission=emission,
+            negative_after_ms=negative_after_ms,
             features=features,
             online=check_online(online),
             redis_url=redis_url,
@@ -398,6 +408,9 @@ def learn_cmd(
     frozen_after: Annotated[
         int | None, typer.Option(help="Also score with a frozen copy taken after N examples.")
     ] = None,
+    window_ms: Annotated[
+        int, typer.Option(help="The worker's attribution window: labels are final this long after an impression.")
+    ] = 30_000,
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")
     ] = None,
@@ -423,6 +436,7 @@ def learn_cmd(
         numeric=names(numeric),
         model_options={"table_bits": table_bits, "prior_strength": prior_strength},
         frozen_after_examples=frozen_after,
+        window_ms=window_ms,
     )
     result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
     typer.echo(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))

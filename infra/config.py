@@ -16,6 +16,8 @@ from pathlib import Path
 #: topic as a changelog) or ``inline`` (a copy). The join's impressions, the feature agent's
 #: delta batches.
 CHANGELOG_MODES: tuple[str, ...] = ("offsets", "inline")
+#: When the label join sends an example (``streams.agents.label_join``); the first is the default.
+EMISSIONS: tuple[str, ...] = ("provisional", "click", "window")
 
 
 @dataclass(frozen=True)

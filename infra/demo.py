@@ -384,9 +384,12 @@ def summarise(
         "served_logloss": last.get("served_log_loss"),
         "frozen_served_auc": last.get("frozen_served_auc"),
         "frozen_served_logloss": last.get("frozen_served_log_loss"),
+        # on the same impressions: those served once the frozen copy existed
+        "paired_served_auc": last.get("paired_served_auc"),
+        "paired_served_logloss": last.get("paired_served_log_loss"),
         "live_minus_frozen_served_auc": (
-            round(last["served_auc"] - last["frozen_served_auc"], 4)
-            if last.get("served_auc") is not None and last.get("frozen_served_auc") is not None
+            round(last["paired_served_auc"] - last["frozen_served_auc"], 4)
+            if last.get("paired_served_auc") is not None and last.get("frozen_served_auc") is not None
             else None
         ),
         "live_minus_frozen_after_drift": (

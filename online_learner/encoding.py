@@ -58,6 +58,10 @@ class EncodedBatch:
     def __len__(self) -> int:
         return self.keys.shape[0]
 
+    def take(self, rows: np.ndarray) -> EncodedBatch:
+        """The batch of ``rows`` (an index array)."""
+        return EncodedBatch(self.keys[rows], None if self.numeric is None else self.numeric[rows])
+
 
 def _to_float(v: Any) -> float:
     if v is None:

@@ -179,6 +179,41 @@ class OnlineCTR:
         before their window's non-clicks needs. Without it every label counts on arrival."""
         return self._step(self.encode(batch), labels, event_time_ms)[0]
 
+    def predict_learn_scored(
+        self, batch: Sequence[Any] | EncodedBatch, labels: Sequence[int] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Progressive step that leaves the outcomes to the caller: the pre-update
+        probabilities ``[B]`` and the network's raw scores ``[B]``. The base rate learns only
+        what :meth:`count_arrivals` counts, the calibration what :meth:`observe_outcomes`
+        gets back with *final* labels (for a stream whose first labels may still be
+        corrected: :class:`~online_learner.outcomes.HeldLabels`)."""
+        scores: list[np.ndarray] = []
+        p = self._step(self.encode(batch), labels, None, scores)[0]
+        return p, np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+
+    def count_arrivals(self, event_time_ms: np.ndarray, labels: np.ndarray, corrections: int = 0) -> None:
+        """Count the base rate as labels arrive: first examples (impression times ``[B]``,
+        labels ``[B]``) and ``corrections`` (clicks of impressions counted earlier as
+        provisional negatives). Waiting for final labels would leave a fresh model at the
+        prior's 0.5 for a whole attribution window; counting on arrival, a click -- which
+        leaves the join before its impression's cohort of non-clicks -- waits in
+        :class:`~online_learner.prior.CompleteCohorts` until a negative as new as it arrived."""
+        t = np.asarray(event_time_ms, dtype=np.int64)
+        y = np.asarray(labels, dtype=np.float32)
+        now = self.cohorts.admit(t, y, np.zeros(len(y)))
+        _, k = self.cohorts.release()
+        self.model.base_rate.count(float(y[now].sum()) + k + corrections, int(now.sum()) + k)
+
+    @torch.no_grad()
+    def observe_outcomes(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        """Fit the calibration on raw scores ``[B]`` (from :meth:`predict_learn_scored`) and
+        their final labels ``[B]``."""
+        if len(labels) == 0 or not self.calibrate:
+            return
+        score = torch.as_tensor(np.asarray(scores, dtype=np.float32)).to(self.device)
+        y = torch.as_tensor(np.asarray(labels, dtype=np.float32)).to(self.device)
+        self.model.calibration.observe(score, self.model.base_rate.log_odds(), y)
+
     def step_size(self) -> int:
         """Examples in the next update: ``examples_seen / step_ratio``, between 1 and ``max_step``.
 
@@ -189,8 +224,13 @@ class OnlineCTR:
         return max(1, min(self.max_step, self.examples_seen // self.step_ratio))
 
     def _step(
-        self, enc: EncodedBatch, labels: Sequence[int] | np.ndarray, event_time_ms: np.ndarray | None = None
+        self,
+        enc: EncodedBatch,
+        labels: Sequence[int] | np.ndarray,
+        event_time_ms: np.ndarray | None = None,
+        scores: list[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, float]:
+        """``scores`` given: the raw scores are appended to it and no outcome is observed."""
         n = len(enc)
         y = torch.as_tensor(np.asarray(labels, dtype=np.float32)).to(self.device)
         if y.shape != (n,):
@@ -199,18 +239,20 @@ class OnlineCTR:
             return np.zeros(0, dtype=np.float32), float("nan")
         t = None if event_time_ms is None else np.asarray(event_time_ms, dtype=np.int64).reshape(n)
         if n <= self.step_size():
-            return self._one_step(enc, y, t)
+            return self._one_step(enc, y, t, scores)
         ps, total, i = [], 0.0, 0
         while i < n:
             j = min(n, i + self.step_size())
             part = EncodedBatch(enc.keys[i:j], None if enc.numeric is None else enc.numeric[i:j])
-            p, loss = self._one_step(part, y[i:j], None if t is None else t[i:j])
+            p, loss = self._one_step(part, y[i:j], None if t is None else t[i:j], scores)
             ps.append(p)
             total += loss * (j - i)
             i = j
         return np.concatenate(ps), total / n
 
-    def _one_step(self, enc: EncodedBatch, y: torch.Tensor, t: np.ndarray | None) -> tuple[np.ndarray, float]:
+    def _one_step(
+        self, enc: EncodedBatch, y: torch.Tensor, t: np.ndarray | None, scores: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, float]:
         n = len(enc)
         model = self.model
         model.train()
@@ -230,7 +272,10 @@ class OnlineCTR:
         score = score.detach()
         with torch.no_grad():
             p = torch.sigmoid(model.calibration(score, offset))
-            self._observe_outcomes(score, offset, y, t)
+            if scores is None:
+                self._observe_outcomes(score, offset, y, t)
+            else:
+                scores.append(score.cpu().numpy())
         self.examples_seen += n
         mean_loss = float(F.binary_cross_entropy(p, y))
         return p.cpu().numpy(), mean_loss

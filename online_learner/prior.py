@@ -62,6 +62,15 @@ class ClickRatePrior(nn.Module):
         clicks = float(labels.sum())
         self.counts.mul_(keep).add_(torch.tensor([clicks, float(n)], device=self.counts.device))
 
+    @torch.no_grad()
+    def count(self, clicks: float, impressions: int) -> None:
+        """Count ``impressions`` and ``clicks`` that arrived separately (an impression's click
+        may come after it: a stream of provisional negatives and corrections)."""
+        if impressions == 0 and clicks == 0:
+            return
+        keep = math.exp(-impressions / self.horizon)
+        self.counts.mul_(keep).add_(torch.tensor([float(clicks), float(impressions)], device=self.counts.device))
+
     def rate(self) -> float:
         clicks, seen = self.counts.tolist()
         return (clicks + self.pseudo[0]) / (seen + self.pseudo[1])

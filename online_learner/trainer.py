@@ -41,6 +41,7 @@ from online_learner.encoding import discover_fields
 from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics
 from online_learner.model import ModelConfig
+from online_learner.outcomes import HeldLabels
 from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
 from online_learner.served import SERVED_SCORES_TOPIC, ServedQuality
 from online_learner.state_io import load_state, save_state
@@ -58,6 +59,10 @@ TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from"
 DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
 PROGRESSIVE = Gauge("ctr_learner_progressive", "Progressive (predict-then-learn) metrics", ["metric"])
 FIELD_WEIGHTS_VERSION = Gauge("ctr_learner_field_weights_version", "Version of the applied field weights")
+
+#: appended to a correction's example id for deduplication (an id never contains it)
+_CORRECTION = "\x1fclick"
+
 
 class RecentIds:
     """The last ``capacity`` example ids (as 64-bit hashes), oldest evicted first."""
@@ -112,6 +117,9 @@ class TrainerConfig:
     dense_every: int = 1
     dedupe_capacity: int = 1_000_000
     metrics_window: int = 20_000
+    #: the label join's attribution window: a first example's final label is known (no
+    #: correction can follow) once the stream is this far past its impression
+    window_ms: int = 30_000
     #: Score every batch with a frozen copy of the model taken after this many examples too
     #: (the demo's "what if we never refreshed" baseline); None = off.
     frozen_after_examples: int | None = None
@@ -173,7 +181,16 @@ class Trainer:
         self.served = ServedQuality()
         self.served_metrics = ProgressiveMetrics(window=config.metrics_window)
         self.frozen_served_metrics = ProgressiveMetrics(window=config.metrics_window)
+        # what serving served for those same impressions (the pair to compare: the frozen copy
+        # exists only from its moment on)
+        self.paired_served_metrics = ProgressiveMetrics(window=config.metrics_window)
         self.frozen = None
+        # each impression's first example until its label is final (online_learner/outcomes.py)
+        self.held = HeldLabels(config.window_ms)
+        #: corrections learned (clicks of provisional negatives): ``examples`` counts impressions
+        self.corrections = 0
+        #: the stream's clock: the newest impression or click time in the examples
+        self.clock_ms = 0
         self.seen = RecentIds(config.dedupe_capacity)
         self.offsets: dict[int, int] = {}
         self.field_weights_offset = 0
@@ -227,6 +244,7 @@ class Trainer:
         self.field_weights_version = int(t["field_weights_version"])
         self.event_time_ms = int(t["event_time_ms"])
         self.duplicates = int(t["duplicates"])
+        self.corrections = int(t.get("corrections", 0))
         self.model_id = header.model_id
         self.seen.load(state["seen"])
         self._start_model(model, state["learner"])
@@ -248,6 +266,7 @@ class Trainer:
                 "field_weights_version": self.field_weights_version,
                 "event_time_ms": self.event_time_ms,
                 "duplicates": self.duplicates,
+                "corrections": self.corrections,
             },
             "seen": self.seen.to_array(),
         }
@@ -317,7 +336,8 @@ class Trainer:
                 FIELD_WEIGHTS_VERSION.set(fw.version)
 
     def _train(self, examples) -> None:
-        fresh = [e for e in examples if self.seen.add_new(e.example_id)]
+        # a correction is the second example of its impression: deduplicated on its own
+        fresh = [e for e in examples if self.seen.add_new(e.example_id + _CORRECTION if e.correction else e.example_id)]
         dup = len(examples) - len(fresh)
         if dup:
             self.duplicates += dup
@@ -336,37 +356,71 @@ class Trainer:
             self._publish_first_snapshot()
         if not fresh:
             return
-        y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=len(fresh))
         assert self.learner is not None and self.publisher is not None
+        n = len(fresh)
+        y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=n)
         enc = self.learner.encode([e.impression for e in fresh])
+        first = np.fromiter((not e.correction for e in fresh), dtype=bool, count=n)
+        fi = np.flatnonzero(first)
+        firsts = [fresh[i] for i in fi]
+        enc_first = enc if fi.size == n else enc.take(fi)
+        # scored before learning the batch: what the served and the frozen model say
         gate = self.publisher.gate
-        served_p = self.publisher.served_proba(enc) if gate.wants_batch() else None
-        frozen_p = None
-        if self.frozen is not None:
-            frozen_p = self.frozen.predict_proba_many(enc)
-            self.frozen_metrics.update(y, frozen_p)
-        idx, logged_p = self.served.take([e.example_id for e in fresh])
-        if idx.size:
-            self.served_metrics.update(y[idx], logged_p)
-            if frozen_p is not None:
-                self.frozen_served_metrics.update(y[idx], frozen_p[idx])
-        event_ms = np.fromiter((e.impression.event_time_ms for e in fresh), dtype=np.int64, count=len(fresh))
-        p = self.learner.predict_learn_many(enc, y, event_ms)
-        self.metrics.update(y, p)
-        oracle = [e.impression.oracle_ctr for e in fresh]
-        known = [i for i, o in enumerate(oracle) if o is not None]
-        if known:  # events without a ground truth (e.g. freshness probes) are skipped, not the batch
-            self.oracle_metrics.update(y[known], np.asarray([oracle[i] for i in known], dtype=np.float64))
-        if served_p is not None:
-            gate.observe(y, p, served_p)
-        TRAINED.inc(len(fresh))
-        self.event_time_ms = max(self.event_time_ms, max(e.impression.event_time_ms for e in fresh))
-        if (
+        gate_p = self.publisher.served_proba(enc_first) if fi.size and gate.wants_batch() else None
+        frozen_p = self.frozen.predict_proba_many(enc_first) if self.frozen is not None and fi.size else None
+        idx, logged_p = self.served.take([e.example_id for e in firsts])
+        # the network learns every example as it arrives, corrections included
+        p, scores = self.learner.predict_learn_scored(enc, y)
+        TRAINED.inc(n)
+        event_ms = np.fromiter((e.impression.event_time_ms for e in firsts), dtype=np.int64, count=len(firsts))
+        self.learner.count_arrivals(event_ms, y[fi], corrections=n - len(firsts))
+        served = np.full(len(firsts), np.nan)
+        served[idx] = logged_p
+        oracle = np.array([np.nan if e.impression.oracle_ctr is None else e.impression.oracle_ctr for e in firsts])
+        nan = np.full(len(firsts), np.nan)
+        self.held.admit(
+            [e.example_id for e in firsts], event_ms, y[fi], final=np.array([not e.provisional for e in firsts]),
+            p=p[fi], score=scores[fi], served=served,
+            frozen=nan if frozen_p is None else frozen_p, gate=nan if gate_p is None else gate_p, oracle=oracle,
+        )  # fmt: skip
+        corrections = [e.example_id for e in fresh if e.correction]
+        if corrections:
+            self.corrections += len(corrections)
+            self.held.correct(corrections)
+        newest = max(e.impression.event_time_ms if e.click_time_ms is None else e.click_time_ms for e in fresh)
+        self.clock_ms = max(self.clock_ms, newest)
+        if firsts:
+            self.event_time_ms = max(self.event_time_ms, int(event_ms.max()))
+        self._outcomes(self.held.release(self.clock_ms))
+        if (  # after that many *final* labels: the calibration has learned from them too
             self.frozen is None
             and self.cfg.frozen_after_examples is not None
-            and self.learner.examples_seen >= self.cfg.frozen_after_examples
+            and self.metrics.count >= self.cfg.frozen_after_examples
         ):
             self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
+
+    def _outcomes(self, done: dict[str, np.ndarray] | None, learn: bool = True) -> None:
+        """First examples whose label is final: the base rate and the calibration learn them
+        (``learn``), the metrics and the gate judge the scores they were given."""
+        if done is None:
+            return
+        assert self.learner is not None and self.publisher is not None
+        y = done["label"]
+        if learn:
+            self.learner.observe_outcomes(done["score"], y)
+        self.metrics.update(y, done["p"])
+        for metrics, col in ((self.frozen_metrics, "frozen"), (self.served_metrics, "served"),
+                             (self.oracle_metrics, "oracle")):  # fmt: skip
+            m = ~np.isnan(done[col])
+            if m.any():
+                metrics.update(y[m], done[col][m])
+        m = ~np.isnan(done["served"]) & ~np.isnan(done["frozen"])
+        if m.any():
+            self.frozen_served_metrics.update(y[m], done["frozen"][m])
+            self.paired_served_metrics.update(y[m], done["served"][m])
+        m = ~np.isnan(done["gate"])
+        if m.any():
+            self.publisher.gate.observe(y[m].astype(np.float32), done["p"][m], done["gate"][m])
 
     def _served_summary(self) -> dict:
         m, f = self.served_metrics, self.frozen_served_metrics
@@ -378,7 +432,10 @@ class Trainer:
             "served_window_log_loss": _round(m.window_log_loss()),
         }
         if f.count:
-            out.update(frozen_served_auc=_round(f.auc()), frozen_served_log_loss=_round(f.log_loss()))
+            live = self.paired_served_metrics
+            out.update(frozen_served_auc=_round(f.auc()), frozen_served_log_loss=_round(f.log_loss()),
+                       paired_served_auc=_round(live.auc()), paired_served_log_loss=_round(live.log_loss()),
+                       paired_served_examples=live.count)  # fmt: skip
         return out
 
     def _apply_served_scores(self, msgs) -> None:
@@ -392,7 +449,8 @@ class Trainer:
 
     @property
     def examples_seen(self) -> int:
-        return self.learner.examples_seen if self.learner is not None else 0
+        """Impressions learned (their first examples; corrections not counted)."""
+        return self.learner.examples_seen - self.corrections if self.learner is not None else 0
 
     def _publish_first_snapshot(self) -> None:
         assert self.publisher is not None
@@ -410,6 +468,8 @@ class Trainer:
             "wall_ms": int(time.time() * 1000),
             "event_time_ms": self.event_time_ms,
             "examples": self.examples_seen,
+            "corrections": self.corrections,
+            "held": len(self.held),
             "duplicates": self.duplicates,
             "field_weights_version": self.field_weights_version,
             **event,
@@ -495,7 +555,7 @@ class Trainer:
                 if now >= next_ckpt:
                     next_ckpt = now + cfg.checkpoint_interval_s
                     self.checkpoint()
-                if max_examples is not None and self.learner.examples_seen >= max_examples:
+                if max_examples is not None and self.examples_seen >= max_examples:
                     break
                 if idle_exit_s is not None and now - last_data > idle_exit_s:
                     break
@@ -503,6 +563,9 @@ class Trainer:
                 self._first_at = -math.inf
                 self._train([])
             if self.publisher is not None:
+                # the labels still held count in the metrics; the model does not learn them (if the
+                # stream goes on, a correction may still come for them)
+                self._outcomes(self.held.release(None), learn=False)
                 rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
                 if rec is not None:
                     self._record(rec)
@@ -517,6 +580,7 @@ class Trainer:
         return {
             **self.metrics.summary(),
             "examples": self.examples_seen,
+            "corrections": self.corrections,
             "duplicates": self.duplicates,
             "version": self.publisher.version if self.publisher is not None else 0,
             "withheld": self.publisher.withheld if self.publisher is not None else 0,

@@ -17,6 +17,7 @@ streams.schema.SchemaError: Object missing required field `event_time_ms`
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -64,13 +65,24 @@ class Click(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 
 
 class TrainingExample(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An impression with its label, emitted once its attribution window has closed.
-    ``example_id`` equals the impression's ``event_id``: a replayed duplicate has the same key."""
+    """An impression with its label. ``example_id`` equals the impression's ``event_id``: a
+    replayed duplicate has the same key.
+
+    With the join's default emission (``provisional``) an impression leaves at once, as a
+    *provisional* negative unless already clicked; a click inside the attribution window then
+    sends a *correction*: the same impression again with label 1 (same key, so it follows its
+    first example on the same partition). Per impression: exactly one first example, plus
+    one correction iff the click came after the first left. Its final label is 1 iff it was
+    emitted positive or corrected."""
 
     example_id: Id
     label: Annotated[int, msgspec.Meta(ge=0, le=1)]
     impression: Impression
     click_time_ms: EventTimeMs | None = None
+    #: a negative sent before the window closed: a correction may still follow
+    provisional: bool = False
+    #: the click of an impression sent earlier as a provisional negative (label 1)
+    correction: bool = False
 
 
 class FieldWeights(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -153,3 +165,30 @@ decode_click = _decoder(Click)
 decode_training_example = _decoder(TrainingExample)
 decode_field_weights = _decoder(FieldWeights)
 decode_served_score = _decoder(ServedScore)
+
+
+def final_labels(examples: Iterable[TrainingExample]) -> dict[str, int]:
+    """Each impression's final label from the examples the join sent, in any emission mode and
+    any order, re-delivered duplicates included: 1 iff it was sent positive or corrected.
+    Raises :class:`ValueError` where the examples contradict each other (two different first
+    examples, or a correction of an impression whose first example is missing or was final).
+
+    >>> imp = Impression(event_id="e1", event_time_ms=0, user_id="u", item_id="i")
+    >>> first = TrainingExample(example_id="e1", label=0, impression=imp, provisional=True)
+    >>> fix = TrainingExample(example_id="e1", label=1, impression=imp, correction=True)
+    >>> final_labels([first, fix, first])
+    {'e1': 1}
+    """
+    firsts: dict[str, tuple[int, bool]] = {}
+    corrected: set[str] = set()
+    for e in examples:
+        if e.correction:
+            corrected.add(e.example_id)
+            continue
+        seen = firsts.setdefault(e.example_id, (e.label, e.provisional))
+        if seen != (e.label, e.provisional):
+            raise ValueError(f"{e.example_id}: two different first examples {seen} and {(e.label, e.provisional)}")
+    for eid in corrected:
+        if firsts.get(eid, (1, False)) != (0, True):
+            raise ValueError(f"{eid}: a correction without a provisional negative before it")
+    return {eid: 1 if eid in corrected else label for eid, (label, _) in firsts.items()}

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.config import CHANGELOG_MODES, TOPICS, TopicSpec
+from infra.config import CHANGELOG_MODES, EMISSIONS, TOPICS, TopicSpec
 from streams.agents.label_join import CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
 from streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 
@@ -66,7 +66,8 @@ def build(
     app_id: str = "ctr-stream",
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
-    emit_on_click: bool = True,
+    emission: str = "provisional",
+    negative_after_ms: int = 5_000,
     features: bool = True,
     online: str = "sqlite",
     redis_url: str | None = None,
@@ -99,8 +100,8 @@ def build(
         output,
         deltas_name,
         JoinConfig(
-            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emit_on_click=emit_on_click, spec=SPEC,
-            changelog_impressions=changelog,
+            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emission=emission,
+            negative_after_ms=negative_after_ms, spec=SPEC, changelog_impressions=changelog,
         ),
         bootstrap=bootstrap,
     )  # fmt: skip
@@ -166,7 +167,8 @@ def run_worker(
     app_id: str = "ctr-stream",
     window_ms: int = 30_000,
     allowed_lateness_ms: int = 0,
-    emit_on_click: bool = True,
+    emission: str = "provisional",
+    negative_after_ms: int = 5_000,
     features: bool = True,
     online: str = "sqlite",
     redis_url: str | None = None,
@@ -210,7 +212,8 @@ def run_worker(
         app_id=app_id,
         window_ms=window_ms,
         allowed_lateness_ms=allowed_lateness_ms,
-        emit_on_click=emit_on_click,
+        emission=emission,
+        negative_after_ms=negative_after_ms,
         features=features,
         online=online,
         redis_url=redis_url,
@@ -257,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--app-id", default="ctr-stream")
     ap.add_argument("--window-ms", type=int, default=30_000, help="attribution window (event time)")
     ap.add_argument("--lateness-ms", type=int, default=0, help="allowed out-of-orderness of each topic")
+    ap.add_argument("--emission", choices=EMISSIONS, default="provisional",
+                    help="when examples leave the join (streams/agents/label_join.py)")
+    ap.add_argument("--negative-after-ms", type=int, default=5_000,
+                    help="provisional: how long after its impression a first example leaves")  # fmt: skip
     ap.add_argument("--online", choices=("sqlite", "redis"), default="sqlite")
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--no-features", action="store_true", help="run the label join only")
@@ -282,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         app_id=a.app_id,
         window_ms=a.window_ms,
         allowed_lateness_ms=a.lateness_ms,
+        emission=a.emission,
+        negative_after_ms=a.negative_after_ms,
         features=not a.no_features,
         online=a.online,
         redis_url=a.redis_url,

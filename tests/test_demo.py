@@ -1,4 +1,4 @@
-"""The main job, short: ``ctr demo --minutes 1`` end to end with real processes."""
+"""The main job as ``make demo`` runs it (``ctr demo``, 3 minutes) end to end with real processes."""
 
 from __future__ import annotations
 
@@ -14,16 +14,19 @@ import pytest
 def test_short_demo_writes_real_numbers(tmp_path) -> None:
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "infra.cli", "demo", "--minutes", "1", "--out", str(out)],
+        # 3 minutes, not 1: labels are final one attribution window (30 s) after their impression,
+        # so the calibration -- and a fair frozen copy, taken once it has learned from final
+        # labels -- start 30 s into the stream, and a 1-minute run ends barely past the drift
+        [sys.executable, "-m", "infra.cli", "demo", "--minutes", "3", "--out", str(out)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1200,
         env={**os.environ, "COLUMNS": "120"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     # every impression became exactly one trained example (duplicates were recognised)
-    assert s["impressions"] > 50_000 and s["examples"] == s["impressions"]
+    assert s["impressions"] > 150_000 and s["examples"] == s["impressions"]
     assert s["clicks"] > 0 and s["dead_letters"] == 0
     assert s["model_versions_published"] > 1
     # a steady client got answers from the live serving tier while the model moved on
@@ -36,13 +39,12 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     assert s["drift_event_time_ms"] is not None
     assert s["live_minus_frozen_after_drift"] > 0.02, s
     # what serving actually scored for impressions as they were shown, joined to their labels;
-    # nobody beats the ground truth there (predict-then-learn AUC may: positives reach the
-    # learner at their click, negatives 30 s later, so a negative is scored by a model that
-    # has learned from later clicks). The live-vs-frozen difference on served scores is
-    # reported, not asserted: with clicks emitted at their click the live model learns from a
-    # window of clicks before their non-clicks and serves biased scores (README, Online learner)
-    assert s["served_examples"] > 500, s
+    # nobody beats the ground truth there. The live-vs-frozen difference on the same served
+    # impressions is reported (bench/results/demo_summary.json), not asserted: on ~5,000
+    # impressions it is within noise of one run
+    assert s["served_examples"] > 2_000, s
     assert 0.5 < s["served_auc"] < s["best_auc"], s
+    assert 0.5 < s["paired_served_auc"] < s["best_auc"], s
     assert s["frozen_served_auc"] is not None and s["live_minus_frozen_served_auc"] is not None, s
     # the learner must stop cleanly (final publish + checkpoint); see the README for the worker
     assert s["exit_codes"]["learner"] == 0, s["exit_codes"]

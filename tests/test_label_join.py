@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from features.spec import SPEC, FeatureSpec, Window
+from infra.config import EMISSIONS
 from streams.agents.label_join import (
     NEG_INF,
     DeltaBatch,
@@ -31,7 +32,15 @@ from streams.agents.windowed_features import FeatureRecord, FeatureShard, Window
 from streams.agents.windowed_features import decode_record as decode_feature_record
 from streams.agents.windowed_features import encode_record as encode_feature_record
 from streams.datasets.base import interleave_clicks
-from streams.schema import WATERMARK_HEADER, Click, Impression, TrainingExample, decode_training_example, encode
+from streams.schema import (
+    WATERMARK_HEADER,
+    Click,
+    Impression,
+    TrainingExample,
+    decode_training_example,
+    encode,
+    final_labels,
+)
 from tests.kafka_helpers import make_records
 
 T0 = 1_700_000_000_000
@@ -60,10 +69,10 @@ def end(jp: JoinPartition, t: int):
 
 
 # ----------------------------------------------------------------------------- join rules
-# The window rules are shown with ``emit_on_click=False`` (every example at window close); the
+# The window rules are shown with ``emission="window"`` (every example at window close); the
 # default, positives at their click, is tested on its own below and by every replay test.
 def test_click_inside_window_labels_1_and_no_click_labels_0():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="window"))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 10)], [click(1, T0 + 400)])
     assert out.examples == []  # windows still open
     out, _ = end(jp, T0 + 10_000)
@@ -74,7 +83,7 @@ def test_click_inside_window_labels_1_and_no_click_labels_0():
 
 
 def test_positives_leave_at_their_click_negatives_at_window_close_each_exactly_once():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="click"))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 10)], [click(1, T0 + 400)])
     assert labels(out) == {"e1": 1}  # the window is open, but e1's label cannot change any more
     out, _ = feed(jp, clicks=[click(1, T0 + 500)])  # a second click: counted, nothing re-emitted
@@ -85,14 +94,44 @@ def test_positives_leave_at_their_click_negatives_at_window_close_each_exactly_o
     assert labels(out) == {"e2": 0, "e3": 0}
     assert jp.counters["examples"] == 3 and jp.counters["positives"] == 1 and not jp.pending
     # an early click (consumed before its impression) makes the impression leave on arrival
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="click"))
     feed(jp, [imp(0, T0)], [click(1, T0 + 300)])
     out, _ = feed(jp, [imp(1, T0 + 100)])
     assert labels(out) == {"e1": 1}
 
 
+def test_provisional_negatives_leave_at_once_and_a_later_click_sends_one_correction():
+    jp = JoinPartition(0, JoinConfig(window_ms=W, negative_after_ms=0))  # the default emission, no wait
+    out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 10)], [click(1, T0), click(3, T0 + 5)])
+    # W = T0 (the click side): e1's click at T0 is joined, so e1 leaves positive and final
+    assert [(k, lbl, f) for k, lbl, f in flagged(out)] == [("e1", 1, "")]
+    out, _ = feed(jp, [imp(3, T0 + 20)], [click(2, T0 + 600)])
+    # e2's click came after the watermark passed e2: e2 left provisionally, then corrected
+    assert flagged(out) == [("e2", 0, "provisional"), ("e2", 1, "correction"), ("e3", 0, "provisional")]
+    out, _ = feed(jp, clicks=[click(2, T0 + 700)])  # a second click corrects nothing again
+    assert out.examples == [] and jp.counters["duplicate_clicks"] == 1
+    out, _ = end(jp, T0 + 10_000)
+    assert out.examples == [] and not jp.pending  # everything left already
+    c = jp.counters
+    assert (c["examples"], c["positives"], c["provisional"], c["corrections"]) == (3, 2, 2, 1)
+    # with a wait, clicks inside it make the first example positive (no correction)
+    jp = JoinPartition(0, JoinConfig(window_ms=W, negative_after_ms=300))
+    out, _ = feed(jp, [imp(1, T0), imp(2, T0)], [click(1, T0 + 250), click(9, T0 + 400)])
+    assert flagged(out) == [("e1", 1, "")]  # W = T0: e2 waits until W passes T0 + 300
+    out, _ = feed(jp, [imp(3, T0 + 350)], [click(3, T0 + 360)])
+    assert sorted(flagged(out)) == [("e2", 0, "provisional"), ("e3", 1, "")]
+    with pytest.raises(ValueError, match="negative_after_ms"):
+        JoinConfig(window_ms=W, negative_after_ms=-1)
+
+
+def flagged(out) -> list[tuple[str, int, str]]:
+    exs = [decode_training_example(v) for _, v, _ in out.examples]
+    return [(e.example_id, e.label, "provisional" if e.provisional else "correction" if e.correction else "")
+            for e in exs]  # fmt: skip
+
+
 def test_window_bounds_are_inclusive_and_late_clicks_are_reported():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="window"))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0), imp(3, T0 + 500)],
                   [click(1, T0 + W), click(2, T0 + W + 1), click(3, T0 + 499)])  # fmt: skip
     assert [(lc.click.impression_id, lc.reason) for lc in out.late] == [
@@ -105,7 +144,7 @@ def test_window_bounds_are_inclusive_and_late_clicks_are_reported():
 
 
 def test_watermark_is_min_of_both_topics_so_a_lagging_click_topic_closes_nothing():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="window"))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + 50_000)])  # impressions far ahead
     assert out.examples == [] and jp.wm == NEG_INF  # no click seen: click side holds W
     out, _ = feed(jp, clicks=[click(1, T0 + 900)])  # the lagging click still counts
@@ -116,7 +155,7 @@ def test_watermark_is_min_of_both_topics_so_a_lagging_click_topic_closes_nothing
 
 
 def test_markers_only_advance_their_own_topic():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="click"))
     feed(jp, [imp(1, T0)])
     out, _ = feed(jp, click_markers=[T0 + 10**9])  # clicks topic says "done"
     assert out.examples == [] and jp.wm == T0  # impressions side still at T0
@@ -125,7 +164,7 @@ def test_markers_only_advance_their_own_topic():
 
 
 def test_allowed_lateness_delays_the_watermark():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, allowed_lateness_ms=300, emit_on_click=False))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, allowed_lateness_ms=300, emission="window"))
     out, _ = feed(jp, [imp(1, T0), imp(2, T0 + W + 200)], [click(2, T0 + W + 250)])
     assert jp.wm == T0 + W - 100 and out.examples == []
     out, _ = feed(jp, [imp(3, T0 + W + 400)], [click(3, T0 + W + 500)])
@@ -133,7 +172,7 @@ def test_allowed_lateness_delays_the_watermark():
 
 
 def test_early_click_is_buffered_until_its_impression_arrives():
-    jp = JoinPartition(0, JoinConfig(window_ms=W, emit_on_click=False))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="window"))
     feed(jp, [imp(0, T0)], [click(1, T0 + 300)])  # click consumed before impression e1
     assert jp.orphans == {"e1": [T0 + 300]}
     out, _ = feed(jp, [imp(1, T0 + 100)])
@@ -143,7 +182,7 @@ def test_early_click_is_buffered_until_its_impression_arrives():
 
 
 def test_click_without_impression_goes_late_once_the_watermark_passes_it():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="click"))
     out, _ = feed(jp, [imp(0, T0)], [click(9, T0 + 200)])
     assert out.late == [] and jp.orphans
     out, _ = end(jp, T0 + 2 * W)
@@ -156,7 +195,7 @@ def test_click_without_impression_goes_late_once_the_watermark_passes_it():
 
 
 def test_late_impression_is_emitted_at_once_and_duplicates_are_counted():
-    jp = JoinPartition(0, JoinConfig(window_ms=W))
+    jp = JoinPartition(0, JoinConfig(window_ms=W, emission="click"))
     end(jp, T0 + 5 * W)
     out, _ = feed(jp, [imp(1, T0)])
     assert labels(out) == {"e1": 0} and jp.counters["late_impressions"] == 1
@@ -240,11 +279,19 @@ def _stream(seed: int, n: int = 300):
     return imps, clicks, truth
 
 
-def _run(imps, clicks, rng: random.Random, jp: JoinPartition | None = None, records: list | None = None):
+#: (emission, negative_after_ms) the property tests run
+ORDERS = [(e, 0) for e in EMISSIONS] + [("provisional", 300)]
+
+
+def _run(
+    imps, clicks, rng: random.Random, jp: JoinPartition | None = None, records: list | None = None,
+    order: tuple[str, int] = ("provisional", 0),
+):  # fmt: skip
     """Consume the two topics in a random interleaving and random batch sizes."""
-    jp = jp or JoinPartition(0, JoinConfig(window_ms=W, spec=FeatureSpec(stat_fields=("C1",))))
+    jp = jp or JoinPartition(0, JoinConfig(window_ms=W, spec=FeatureSpec(stat_fields=("C1",)), emission=order[0],
+                                           negative_after_ms=order[1]))  # fmt: skip
     i = c = 0
-    examples: list[tuple[str, int]] = []
+    examples: list[TrainingExample] = []
     late: list[tuple[str, str]] = []
     deltas: Counter = Counter()
     while i < len(imps) or c < len(clicks):
@@ -254,7 +301,7 @@ def _run(imps, clicks, rng: random.Random, jp: JoinPartition | None = None, reco
         i, c = i + bi, c + bc
         if records is not None:
             records.append(rec)
-        examples += [(k.decode(), lbl) for k, _, lbl in out.examples]
+        examples += [decode_training_example(v) for _, v, _ in out.examples]
         late += [(lc.click.impression_id, lc.reason) for lc in out.late]
         for k, (di, dc) in out.deltas.items():
             deltas[k + ("i",)] += di
@@ -262,18 +309,28 @@ def _run(imps, clicks, rng: random.Random, jp: JoinPartition | None = None, reco
     out, rec = end(jp, T0 + 10**8)
     if records is not None:
         records.append(rec)
-    examples += [(k.decode(), lbl) for k, _, lbl in out.examples]
+    examples += [decode_training_example(v) for _, v, _ in out.examples]
     late += [(lc.click.impression_id, lc.reason) for lc in out.late]
     return jp, examples, late, +deltas
 
 
+def _shape(examples: list[TrainingExample]) -> list[tuple[str, int, bool, bool]]:
+    return sorted((e.example_id, e.label, e.provisional, e.correction) for e in examples)
+
+
 @settings(max_examples=30, deadline=None)
-@given(st.integers(0, 10_000), st.integers(0, 10_000))
-def test_interleaving_and_batching_do_not_change_examples_labels_or_counts(data_seed, consume_seed):
+@given(st.integers(0, 10_000), st.integers(0, 10_000), st.sampled_from(ORDERS))
+def test_interleaving_and_batching_do_not_change_examples_labels_or_counts(data_seed, consume_seed, order):
     imps, clicks, truth = _stream(data_seed)
-    _, ex1, late1, d1 = _run(imps, clicks, random.Random(consume_seed))
-    _, ex2, late2, d2 = _run(imps, clicks, random.Random(consume_seed + 1))
-    assert sorted(ex1) == sorted(ex2) == sorted(truth.items())  # one example each, true label
+    _, ex1, late1, d1 = _run(imps, clicks, random.Random(consume_seed), order=order)
+    _, ex2, late2, d2 = _run(imps, clicks, random.Random(consume_seed + 1), order=order)
+    assert _shape(ex1) == _shape(ex2)  # the same examples, flags included, whatever the timing
+    assert final_labels(ex1) == truth  # every impression, its true label
+    firsts = [e.example_id for e in ex1 if not e.correction]
+    assert sorted(firsts) == sorted(truth)  # one first example each
+    corrections = [e for e in ex1 if e.correction]
+    assert len(corrections) == len({e.example_id for e in corrections})  # at most one correction each
+    assert order[0] == "provisional" or not corrections
     # which late clicks there are is deterministic; the reason is not always: an after-window
     # click that arrives after its impression was emitted cannot tell, it is "no_impression"
     assert sorted(i for i, _ in late1) == sorted(i for i, _ in late2)
@@ -312,17 +369,17 @@ class TopicLog:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10**6), st.booleans())
-def test_restore_from_live_records_reproduces_state_and_resends_unconfirmed_outputs(seed, by_offsets):
+@given(st.integers(0, 10**6), st.booleans(), st.sampled_from(ORDERS))
+def test_restore_from_live_records_reproduces_state_and_resends_unconfirmed_outputs(seed, by_offsets, order):
     """Also with records that reference their impressions by offset (read back from the topic
     before the restore) instead of copying them."""
     imps, clicks, truth = _stream(seed, n=400)
     rng = random.Random(seed)
-    cfg = JoinConfig(window_ms=W, spec=FeatureSpec(stat_fields=("C1",)))
+    cfg = JoinConfig(window_ms=W, spec=FeatureSpec(stat_fields=("C1",)), emission=order[0], negative_after_ms=order[1])
     jp = JoinPartition(0, cfg)
     topic = TopicLog(seed)
     live: dict[int, bytes] = {}
-    emitted: list[tuple[str, int]] = []
+    emitted: list[TrainingExample] = []
     i = c = 0
     cut = rng.randrange(40, 120)  # the "kill -9" happens after this many batches
     for _ in range(cut):
@@ -336,7 +393,7 @@ def test_restore_from_live_records_reproduces_state_and_resends_unconfirmed_outp
         for s in jp.dead_records():
             del live[s]  # tombstone
         live[rec.seq] = encode_record(rec)
-        emitted += [(k.decode(), lbl) for k, _, lbl in out.examples]
+        emitted += [decode_training_example(v) for _, v, _ in out.examples]
     assert len(live) < cut  # tombstones really drop records
     recs = [decode_record(b) for b in live.values()]
     if by_offsets and any(r.by_offsets for r in recs):
@@ -353,7 +410,7 @@ def test_restore_from_live_records_reproduces_state_and_resends_unconfirmed_outp
     # continue the stream on the restored state: together with what was emitted before the
     # "crash", every impression gets exactly its true label (re-sent ones are duplicates)
     for _, out in resend:
-        emitted += [(k.decode(), lbl) for k, _, lbl in out.examples]
+        emitted += [decode_training_example(v) for _, v, _ in out.examples]
     state = rng.getstate()
     orig, rest_o, late_o, deltas_o = _run(imps[i:], clicks[c:], rng, jp=jp)
     rng.setstate(state)
@@ -361,9 +418,9 @@ def test_restore_from_live_records_reproduces_state_and_resends_unconfirmed_outp
     assert (rest, late_r, deltas_r) == (rest_o, late_o, deltas_o)  # same future as without the crash
     assert restored.counters == orig.counters
     emitted += rest
-    assert dict(emitted) == truth
-    assert {k for k, _ in emitted} == set(truth)
-    dupes = Counter(k for k, _ in emitted)
+    assert final_labels(emitted) == truth
+    # re-sent outputs are duplicates of one batch: an example at most twice
+    dupes = Counter((e.example_id, e.correction) for e in emitted)
     assert all(n <= 2 for n in dupes.values())
 
 

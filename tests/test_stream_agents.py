@@ -30,7 +30,7 @@ from streams.datasets.base import interleave_clicks
 from streams.deadletter import read_dead_letter
 from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 from streams.replay import replay, replay_events
-from streams.schema import decode_training_example, encode
+from streams.schema import decode_training_example, encode, final_labels
 from tests.kafka_helpers import make_records
 
 pytestmark = pytest.mark.integration
@@ -94,8 +94,8 @@ def partitions_of(bootstrap: str, topic: str) -> int:
 
 
 def read_examples(bootstrap: str, want: set[str], timeout_s: float, worker: Worker | None = None) -> list:
-    """``(example_id, label, partition)`` of every message on ``training-examples``, reading
-    until every id in ``want`` was seen (then 1 s more, to catch extra duplicates)."""
+    """``(example, partition)`` of every message on ``training-examples``, reading until every
+    id in ``want`` was seen (then 1 s more, to catch extra duplicates and late corrections)."""
     c = make_consumer(bootstrap, f"check-{uuid.uuid4().hex[:6]}")
     c.subscribe(["training-examples"])
     out: list = []
@@ -107,7 +107,7 @@ def read_examples(bootstrap: str, want: set[str], timeout_s: float, worker: Work
             if m.error() is None:
                 ex = decode_training_example(m.value())
                 assert m.key() == ex.example_id.encode()
-                out.append((ex.example_id, ex.label, m.partition()))
+                out.append((ex, m.partition()))
                 seen.add(ex.example_id)
         if quiet_until is None and want <= seen:
             quiet_until = time.monotonic() + 1.0
@@ -148,9 +148,13 @@ def wait_feast_exact(feast_dir: Path, expected: dict, timeout_s: float) -> None:
 
 
 def check_examples(examples: list, truth: dict[str, int]) -> Counter:
-    ids = Counter(e for e, _, _ in examples)
+    """One first example per impression (more only as re-sent duplicates) and, with the
+    corrections, every impression's final label equal to the generator's; returns the first
+    examples' id counts."""
+    ids = Counter(ex.example_id for ex, _ in examples if not ex.correction)
     assert set(ids) == set(truth), f"missing {len(set(truth) - set(ids))}, unexpected {len(set(ids) - set(truth))}"
-    wrong = [(e, lbl, truth[e]) for e, lbl, _ in examples if lbl != truth[e]]
+    final = final_labels(ex for ex, _ in examples)
+    wrong = [(e, lbl, truth[e]) for e, lbl in final.items() if lbl != truth[e]]
     assert not wrong, f"{len(wrong)} labels differ from the generator's ground truth, e.g. {wrong[:5]}"
     return ids
 
@@ -235,7 +239,7 @@ def test_examples_are_co_partitioned_with_their_impressions(broker, tmp_path):
                 imp_part[m.key().decode()] = m.partition()
         c.close()
         check_examples(examples, truth_labels(records))
-        assert all(imp_part[e] == p for e, _, p in examples)
+        assert all(imp_part[ex.example_id] == p for ex, p in examples)
     finally:
         worker.stop()
 
@@ -332,7 +336,7 @@ def test_malformed_messages_go_to_dead_letter_and_the_join_keeps_running(broker,
         replay(extra, broker.bootstrap)
         send_watermark(broker.bootstrap, END_MARKER + 1)
         more = read_examples(broker.bootstrap, set(truth_labels(extra)), timeout_s=60, worker=worker)
-        assert set(truth_labels(extra)) <= {e for e, _, _ in more}
+        assert set(truth_labels(extra)) <= {ex.example_id for ex, _ in more}
         assert worker.alive()
     finally:
         worker.stop()

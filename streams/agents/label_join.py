@@ -20,16 +20,27 @@ The rules (pure logic in :class:`JoinPartition`, no Faust needed to test it):
   partition when a stream ends or pauses (:func:`send_watermark`), because an idle topic
   carries no event time, and a watermark taken from the wall clock would make results depend
   on timing.
-* **Emission**: a *positive* example is emitted as soon as its first attributed click is
-  joined (``emit_on_click``, the default), because the label can no longer change: this is what
-  makes a click reach the model within a second instead of after the attribution window. A
-  *negative* example is emitted when ``W >= impression_time + window_ms`` (no click can be
-  attributed any more); with ``emit_on_click=False`` positives wait for the window too. Either
-  way the impression stays pending until then, so a second click is still a
-  ``duplicate_click``, and each impression yields exactly one example. An impression that
-  arrives when the window is already closed (out of order by more than the allowed lateness)
-  is emitted at once with whatever clicks were buffered for it, and counted as
-  ``late_impressions``.
+* **Emission** (``JoinConfig.emission``), three orders of the same labels:
+
+  - ``provisional`` (the default): an impression leaves once ``W >= impression_time +
+    negative_after_ms`` (default 5 s) -- positive if its click is already joined,
+    else as a *provisional negative*. A click attributed after that sends a *correction*
+    (the impression again, label 1, ``correction: true``). Every impression reaches the
+    learner at its own time and every click at its click: nothing is ordered by label, so the
+    model serves what it would with labels known at once (fake negatives, Ktena et al. 2019;
+    ``negative_after_ms`` > 0 is ES-DFM's elapsed-time wait, Yang et al. 2021). Per impression:
+    one first example, plus one correction iff it was clicked after the first left.
+  - ``click``: a positive leaves at its click, a negative when ``W >= impression_time +
+    window_ms``. Fresh clicks, but for a window the learner sees a value's clicks without its
+    non-clicks: the served model over-rates whatever was shown recently
+    (``bench/served_bias.py``).
+  - ``window``: every example when its window closes: unbiased, but a click reaches the model
+    a window late.
+
+  In every mode the impression stays pending until its window closes, so a second click is
+  still a ``duplicate_click``. An impression that arrives when the window is already closed
+  (out of order by more than the allowed lateness) is emitted at once, final, with whatever
+  clicks were buffered for it, and counted as ``late_impressions``.
 * **Early clicks** (consumed before their impression -- the two topics are fetched
   independently) are buffered until ``W >= click_time``; by then their impression must have
   arrived if it exists.
@@ -113,7 +124,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from features.spec import SPEC, FeatureSpec, field_value_key
-from infra.config import CHANGELOG_MODES
+from infra.config import CHANGELOG_MODES, EMISSIONS
 from streams.kafka_io import DeliveryTracker
 from streams.schema import (
     WATERMARK_HEADER,
@@ -133,7 +144,7 @@ LATE_REASON_HEADER = "ctr.late.reason"
 #: Entity kinds, indexed as in :data:`DeltaRow` (0 user, 1 item, 2 field_value).
 ENTITY_KINDS: tuple[str, ...] = ("user", "item", "field_value")
 COUNTERS: tuple[str, ...] = (
-    "impressions", "clicks", "examples", "positives", "attributed_clicks", "late_clicks",
+    "impressions", "clicks", "examples", "positives", "provisional", "corrections", "attributed_clicks", "late_clicks",
     "late_after_window", "late_before_impression", "late_no_impression", "late_impressions",
     "duplicate_impressions", "duplicate_clicks", "dead_letters", "markers", "skipped_replayed",
     "out_of_order_impressions", "out_of_order_clicks",
@@ -149,8 +160,14 @@ class JoinConfig:
 
     window_ms: int = DEFAULT_WINDOW_MS
     allowed_lateness_ms: int = 0
-    #: emit a positive example at its first attributed click instead of at window close
-    emit_on_click: bool = True
+    #: when examples leave: ``provisional`` | ``click`` | ``window`` (module docstring)
+    emission: str = "provisional"
+    #: ``provisional``: how long after its impression (event time) an unclicked first example
+    #: leaves. 0 sends every impression at once; a few seconds lets most clicks make the first
+    #: example positive: in ``bench/served_bias.py`` waiting 0 left the calibration trusting
+    #: the network too little (its first scores are learned from negatives alone). At or
+    #: above ``window_ms`` this is the ``click`` order.
+    negative_after_ms: int = 5_000
     spec: FeatureSpec = SPEC
     feature_partitions: int = 4
     #: how a changelog record holds its impressions: ``offsets`` (the range it consumed from the
@@ -160,6 +177,10 @@ class JoinConfig:
     def __post_init__(self) -> None:
         if self.window_ms <= 0 or self.allowed_lateness_ms < 0:
             raise ValueError("window_ms must be > 0 and allowed_lateness_ms >= 0")
+        if self.emission not in EMISSIONS:
+            raise ValueError(f"emission must be one of {EMISSIONS}, not {self.emission!r}")
+        if self.negative_after_ms < 0:
+            raise ValueError("negative_after_ms must be >= 0")
         if self.changelog_impressions not in CHANGELOG_MODES:
             raise ValueError(f"changelog_impressions must be one of {CHANGELOG_MODES}")
 
@@ -313,21 +334,27 @@ class StepOutput:
 
 
 class _Pending:
-    __slots__ = ("imp", "raw", "click_ms", "seq", "emitted")
+    __slots__ = ("imp", "raw", "click_ms", "seq", "emitted", "provisional")
 
     def __init__(self, imp: Impression, raw: bytes, seq: int) -> None:
         self.imp = imp
         self.raw = raw
         self.seq = seq  # the record it arrived in
         self.click_ms: int | None = None
-        self.emitted = False  # a positive already sent at its click (``emit_on_click``)
+        self.emitted = False  # its first example left (at its click, or provisionally)
+        self.provisional = False  # ... as a provisional negative: its click sends a correction
 
 
-def example_bytes(event_id: str, label: int, raw_impression: bytes, click_ms: int | None) -> bytes:
+def example_bytes(
+    event_id: str, label: int, raw_impression: bytes, click_ms: int | None, flag: bytes | None = None
+) -> bytes:
     """A :class:`~streams.schema.TrainingExample` as JSON, splicing the impression's validated
-    bytes instead of re-encoding it (same JSON a ``encode(TrainingExample(...))`` decodes to)."""
-    tail = b"}" if click_ms is None else b',"click_time_ms":%d}' % click_ms
-    return b'{"example_id":%s,"label":%d,"impression":%s%s' % (_json.encode(event_id), label, raw_impression, tail)
+    bytes instead of re-encoding it (same JSON a ``encode(TrainingExample(...))`` decodes to).
+    ``flag``: ``b"provisional"`` or ``b"correction"``."""
+    tail = b"" if click_ms is None else b',"click_time_ms":%d' % click_ms
+    if flag is not None:
+        tail += b',"%s":true' % flag
+    return b'{"example_id":%s,"label":%d,"impression":%s%s}' % (_json.encode(event_id), label, raw_impression, tail)
 
 
 class JoinPartition:
@@ -356,6 +383,11 @@ class JoinPartition:
         self._bucket = self.cfg.bucket_ms
         self.pending: dict[str, _Pending] = {}
         self._deadlines: list[tuple[int, str]] = []
+        #: ``provisional`` emission: (impression time, id) of impressions whose first example
+        #: has not left yet
+        self._firsts: list[tuple[int, str]] = []
+        self._on_click = self.cfg.emission != "window"
+        self._first_after = self.cfg.negative_after_ms if self.cfg.emission == "provisional" else None
         self.orphans: dict[str, list[int]] = {}
         self._orphan_heap: list[tuple[int, str]] = []
         self.imp_max = NEG_INF
@@ -415,18 +447,39 @@ class JoinPartition:
             p.click_ms = click.event_time_ms
             self.counters["attributed_clicks"] += 1
             self._count(out.click_keys, p.imp, click.event_time_ms)
-            if self.cfg.emit_on_click:
+            if self._first_after is not None and not p.emitted and d > self._first_after:
+                # fetched before the watermark reached the impression's first-example time: the
+                # first example is what it would have been then, so timing changes nothing
+                p.click_ms = None
+                self._emit(p, out, provisional=True)
+                p.click_ms = click.event_time_ms
+            if p.provisional:
+                self._correct(p, out)
+            elif self._on_click:
                 self._emit(p, out)
 
-    def _emit(self, p: _Pending, out: StepOutput) -> None:
+    def _emit(self, p: _Pending, out: StepOutput, provisional: bool = False) -> None:
+        """The impression's first example: final, or (``provisional``, unclicked) a provisional
+        negative."""
         if p.emitted:
             return
         p.emitted = True
         label = 0 if p.click_ms is None else 1
+        p.provisional = provisional and not label
         eid = p.imp.event_id
-        out.examples.append((eid.encode(), example_bytes(eid, label, p.raw, p.click_ms), label))
-        self.counters["examples"] += 1
-        self.counters["positives"] += label
+        flag = b"provisional" if p.provisional else None
+        out.examples.append((eid.encode(), example_bytes(eid, label, p.raw, p.click_ms, flag), label))
+        c = self.counters
+        c["examples"] += 1
+        c["positives"] += label
+        c["provisional"] += p.provisional
+
+    def _correct(self, p: _Pending, out: StepOutput) -> None:
+        """The click of a provisional negative: the impression again, label 1."""
+        eid = p.imp.event_id
+        out.examples.append((eid.encode(), example_bytes(eid, 1, p.raw, p.click_ms, b"correction"), 1))
+        self.counters["corrections"] += 1
+        self.counters["positives"] += 1
 
     def computed_watermark(self) -> int:
         lateness = self.cfg.allowed_lateness_ms
@@ -473,6 +526,8 @@ class JoinPartition:
             else:
                 pending[eid] = p
                 heapq.heappush(self._deadlines, (ti, eid))
+                if self._first_after is not None and not p.emitted:
+                    heapq.heappush(self._firsts, (ti, eid))
         for click in clicks:
             tc = click.event_time_ms
             if tc > self.click_max:
@@ -500,6 +555,15 @@ class JoinPartition:
                 self.click_marker = m
         self.wm = self.computed_watermark() if wm_after is None else wm_after
         wm = self.wm
+        if self._first_after is not None:
+            # every click at or before ti + negative_after_ms is consumed by now (the watermark's
+            # contract), so whether the first example is positive does not depend on timing
+            firsts, after = self._firsts, self._first_after
+            while firsts and firsts[0][0] + after <= wm:
+                _, eid = heapq.heappop(firsts)
+                p = pending.get(eid)
+                if p is not None:
+                    self._emit(p, out, provisional=True)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] + window <= wm:
             _, eid = heapq.heappop(deadlines)
