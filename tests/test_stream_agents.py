@@ -252,12 +252,19 @@ def topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
     return {k: v.value for k, v in next(iter(res.values())).result(10).items()}
 
 
+def _size_or_zero(bootstrap: str, topic: str) -> int:
+    try:
+        return topic_size(bootstrap, topic)
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
 def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path):
     """A worker is kill -9'd while a live replay is running, then restarted: the tables come
     back from their changelogs; examples (duplicates allowed, recognisable by key, same label),
     late clicks and every Feast value equal what an uninterrupted run produces (the ground
     truth and the brute-force recount)."""
-    # 60 s of event time: examples start once event time passes the 30 s window
+    # 60 s of event time: first examples leave 5 s (of event time) after their impression
     records = list(open_source("synthetic", seed=23, events=60_000, **SMALL))
     truth = truth_labels(records)
     worker = Worker(broker.bootstrap, tmp_path, "ctr-tkill").start()
@@ -271,7 +278,10 @@ def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path
         t = threading.Thread(target=produce_live, daemon=True)
         t.start()
         deadline = time.monotonic() + 120
-        while topic_size(broker.bootstrap, "training-examples") < 5_000:
+        # mid-stream, with both tables' changelogs written (examples leave within seconds of
+        # their impression, before the feature agent may have written its first record)
+        while (topic_size(broker.bootstrap, "training-examples") < 5_000
+               or not _size_or_zero(broker.bootstrap, "ctr-tkill-feature-state-changelog")):  # fmt: skip
             assert time.monotonic() < deadline and worker.alive(), "worker made no progress"
             time.sleep(0.2)
         assert not done.is_set(), "the replay finished before the kill: not mid-stream"
