@@ -8,8 +8,10 @@ publish delay) -- then joins those scores to the labels:
 * ``window``: every example leaves the join when its 30 s attribution window closes;
 * ``emit-on-click``: a positive leaves at its click, a negative when the window closes
   (``--emission click``);
-* ``provisional``: every impression leaves at once as a provisional negative, its click as a
-  correction (``--emission provisional``, the worker's default); the learner holds each first
+* ``provisional``: every impression leaves as a provisional negative (at once, or after the
+  worker's default 5 s wait if not clicked by then: a click inside the wait makes it a
+  positive), a later click as a correction (``--emission provisional``, the worker's default);
+  the learner holds each first
   example's scores until its window has passed and learns the base rate and the calibration
   from the final labels, as ``ctr learn`` does (``online_learner/outcomes.py``).
 
@@ -144,8 +146,12 @@ def _run_provisional(rows, shown, label, delay, poll: int, serve_every: int, wai
 
 
 def main(json_path: Path, events: int = 120_000) -> dict:
-    rows = [run(mode, events, data=data) for data in ("synthetic", "synthetic:low-ctr")
-            for mode in ("window", "emit-on-click", "provisional")]  # fmt: skip
+    from streams.agents.label_join import JoinConfig
+
+    default_wait = JoinConfig().negative_after_ms  # what the worker runs
+    orders = [("window", 0), ("emit-on-click", 0), ("provisional", 0), ("provisional", default_wait)]
+    rows = [run(mode, events, data=data, wait_ms=wait) for data in ("synthetic", "synthetic:low-ctr")
+            for mode, wait in orders]  # fmt: skip
     return report("served vs predict-then-learn quality by label-emission mode (synthetic, simulated join)",
                   rows, json_path)  # fmt: skip
 
