@@ -387,6 +387,7 @@ def summarise(
         # on the same impressions: those served once the frozen copy existed
         "paired_served_auc": last.get("paired_served_auc"),
         "paired_served_logloss": last.get("paired_served_log_loss"),
+        "paired_served_examples": last.get("paired_served_examples"),
         "live_minus_frozen_served_auc": (
             round(last["paired_served_auc"] - last["frozen_served_auc"], 4)
             if last.get("paired_served_auc") is not None and last.get("frozen_served_auc") is not None
