@@ -32,6 +32,7 @@ import numpy as np
 from bench.common import report
 from bench.peers import run_river, run_vw
 from online_learner.metrics import roc_auc
+from online_learner.outcomes import ArrivalLearner
 from online_learner.trainer import TrainerConfig
 from streams.schema import TrainingExample
 
@@ -99,29 +100,35 @@ def run_ctr_stream(
     publish_every: int = 5_000,
     config: TrainerConfig | None = None,
 ) -> tuple[np.ndarray, float]:
-    """The learner as ``ctr learn`` runs it (``config``: default ``TrainerConfig()``), fed in
-    polls of ``poll`` examples, with the stream's field weights applied as they are published."""
+    """The learner as ``ctr learn`` runs it (``config``: default ``TrainerConfig()``; its
+    :class:`~online_learner.outcomes.ArrivalLearner`), fed in polls of ``poll`` examples, with
+    the stream's field weights applied as they are published. Each example's progressive
+    probability is the one it was given on arrival."""
     from streams.agents.reweighting import FieldImportance, ReweightConfig
 
     cfg = config or TrainerConfig(bootstrap="", state_dir=Path("."))
     poll = poll or cfg.batch_size
     examples = stream.examples
     learner = cfg.make_learner(cfg.model_for([e.impression for e in examples[:poll]]))
+    arrivals = ArrivalLearner(learner, cfg.window_ms)
     importance = FieldImportance(ReweightConfig()) if field_weights else None
     pending = 0
-    p = np.empty(len(examples), dtype=np.float64)
+    p = np.full(len(examples), np.nan)
     t = time.perf_counter()
     for i in range(0, len(examples), poll):
         chunk = examples[i : i + poll]
-        event_ms = np.array([e.impression.event_time_ms for e in chunk], dtype=np.int64)
-        y = stream.y[i : i + len(chunk)]
-        p[i : i + len(chunk)] = learner.predict_learn_many(learner.encode(chunk), y, event_ms)
+        for done in (arrivals.learn(chunk, row=np.arange(i, i + len(chunk))),):
+            if done is not None:
+                p[done["row"]] = done["p"]
         if importance is not None:
             importance.add(chunk)
             pending += len(chunk)
             if pending >= publish_every:
                 pending = 0
                 learner.set_field_weights(importance.compute().weights)
+    done = arrivals.drain()
+    if done is not None:
+        p[done["row"]] = done["p"]
     return p, time.perf_counter() - t
 
 

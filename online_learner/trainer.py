@@ -41,7 +41,7 @@ from online_learner.encoding import discover_fields
 from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics
 from online_learner.model import ModelConfig
-from online_learner.outcomes import HeldLabels
+from online_learner.outcomes import ArrivalLearner
 from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
 from online_learner.served import SERVED_SCORES_TOPIC, ServedQuality
 from online_learner.state_io import load_state, save_state
@@ -185,12 +185,10 @@ class Trainer:
         # exists only from its moment on)
         self.paired_served_metrics = ProgressiveMetrics(window=config.metrics_window)
         self.frozen = None
-        # each impression's first example until its label is final (online_learner/outcomes.py)
-        self.held = HeldLabels(config.window_ms)
-        #: corrections learned (clicks of provisional negatives): ``examples`` counts impressions
-        self.corrections = 0
-        #: the stream's clock: the newest impression or click time in the examples
-        self.clock_ms = 0
+        # learns first examples and corrections as they arrive, and holds each first example
+        # until its label is final (online_learner/outcomes.py); made with the model
+        self.arrivals: ArrivalLearner | None = None
+        self._corrections = 0  # restored from the checkpoint, handed to ``arrivals``
         self.seen = RecentIds(config.dedupe_capacity)
         self.offsets: dict[int, int] = {}
         self.field_weights_offset = 0
@@ -209,6 +207,8 @@ class Trainer:
 
     def _start_model(self, model: ModelConfig, state: dict | None = None) -> None:
         self.learner = self.cfg.make_learner(model)
+        self.arrivals = ArrivalLearner(self.learner, self.cfg.window_ms)
+        self.arrivals.corrections = self._corrections
         if state is not None:
             self.learner.load_state_dict(state)
         elif self.field_weights is not None:
@@ -244,7 +244,7 @@ class Trainer:
         self.field_weights_version = int(t["field_weights_version"])
         self.event_time_ms = int(t["event_time_ms"])
         self.duplicates = int(t["duplicates"])
-        self.corrections = int(t.get("corrections", 0))
+        self._corrections = int(t.get("corrections", 0))
         self.model_id = header.model_id
         self.seen.load(state["seen"])
         self._start_model(model, state["learner"])
@@ -358,7 +358,6 @@ class Trainer:
             return
         assert self.learner is not None and self.publisher is not None
         n = len(fresh)
-        y = np.fromiter((e.label for e in fresh), dtype=np.float32, count=n)
         enc = self.learner.encode([e.impression for e in fresh])
         first = np.fromiter((not e.correction for e in fresh), dtype=bool, count=n)
         fi = np.flatnonzero(first)
@@ -369,29 +368,17 @@ class Trainer:
         gate_p = self.publisher.served_proba(enc_first) if fi.size and gate.wants_batch() else None
         frozen_p = self.frozen.predict_proba_many(enc_first) if self.frozen is not None and fi.size else None
         idx, logged_p = self.served.take([e.example_id for e in firsts])
-        # the network learns every example as it arrives, corrections included
-        p, scores = self.learner.predict_learn_scored(enc, y)
-        TRAINED.inc(n)
-        event_ms = np.fromiter((e.impression.event_time_ms for e in firsts), dtype=np.int64, count=len(firsts))
-        self.learner.count_arrivals(event_ms, y[fi], corrections=n - len(firsts))
         served = np.full(len(firsts), np.nan)
         served[idx] = logged_p
         oracle = np.array([np.nan if e.impression.oracle_ctr is None else e.impression.oracle_ctr for e in firsts])
         nan = np.full(len(firsts), np.nan)
-        self.held.admit(
-            [e.example_id for e in firsts], event_ms, y[fi], final=np.array([not e.provisional for e in firsts]),
-            p=p[fi], score=scores[fi], served=served,
-            frozen=nan if frozen_p is None else frozen_p, gate=nan if gate_p is None else gate_p, oracle=oracle,
-        )  # fmt: skip
-        corrections = [e.example_id for e in fresh if e.correction]
-        if corrections:
-            self.corrections += len(corrections)
-            self.held.correct(corrections)
-        newest = max(e.impression.event_time_ms if e.click_time_ms is None else e.click_time_ms for e in fresh)
-        self.clock_ms = max(self.clock_ms, newest)
+        assert self.arrivals is not None
+        done = self.arrivals.learn(fresh, enc, served=served, frozen=nan if frozen_p is None else frozen_p,
+                                   gate=nan if gate_p is None else gate_p, oracle=oracle)  # fmt: skip
+        TRAINED.inc(n)
         if firsts:
-            self.event_time_ms = max(self.event_time_ms, int(event_ms.max()))
-        self._outcomes(self.held.release(self.clock_ms))
+            self.event_time_ms = max(self.event_time_ms, max(e.impression.event_time_ms for e in firsts))
+        self._judge(done)
         if (  # after that many *final* labels: the calibration has learned from them too
             self.frozen is None
             and self.cfg.frozen_after_examples is not None
@@ -399,15 +386,13 @@ class Trainer:
         ):
             self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
 
-    def _outcomes(self, done: dict[str, np.ndarray] | None, learn: bool = True) -> None:
-        """First examples whose label is final: the base rate and the calibration learn them
-        (``learn``), the metrics and the gate judge the scores they were given."""
+    def _judge(self, done: dict[str, np.ndarray] | None) -> None:
+        """First examples with their final labels: the metrics and the gate judge the scores
+        they were given (the calibration has learned them already, in ``arrivals``)."""
         if done is None:
             return
-        assert self.learner is not None and self.publisher is not None
+        assert self.publisher is not None
         y = done["label"]
-        if learn:
-            self.learner.observe_outcomes(done["score"], y)
         self.metrics.update(y, done["p"])
         for metrics, col in ((self.frozen_metrics, "frozen"), (self.served_metrics, "served"),
                              (self.oracle_metrics, "oracle")):  # fmt: skip
@@ -448,6 +433,10 @@ class Trainer:
             self.served.add(s.impression_id, s.p_click)
 
     @property
+    def corrections(self) -> int:
+        return self.arrivals.corrections if self.arrivals is not None else self._corrections
+
+    @property
     def examples_seen(self) -> int:
         """Impressions learned (their first examples; corrections not counted)."""
         return self.learner.examples_seen - self.corrections if self.learner is not None else 0
@@ -469,7 +458,7 @@ class Trainer:
             "event_time_ms": self.event_time_ms,
             "examples": self.examples_seen,
             "corrections": self.corrections,
-            "held": len(self.held),
+            "held": len(self.arrivals.held) if self.arrivals is not None else 0,
             "duplicates": self.duplicates,
             "field_weights_version": self.field_weights_version,
             **event,
@@ -565,7 +554,7 @@ class Trainer:
             if self.publisher is not None:
                 # the labels still held count in the metrics; the model does not learn them (if the
                 # stream goes on, a correction may still come for them)
-                self._outcomes(self.held.release(None), learn=False)
+                self._judge(self.arrivals.drain() if self.arrivals is not None else None)
                 rec = self.publisher.publish_delta(event_time_ms=self.event_time_ms, metrics=self.metrics.summary())
                 if rec is not None:
                     self._record(rec)

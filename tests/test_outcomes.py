@@ -1,0 +1,88 @@
+"""Final labels for the learner: held first examples, corrections, and the arrival learner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from online_learner.learner import OnlineCTR
+from online_learner.metrics import log_loss
+from online_learner.outcomes import ArrivalLearner, HeldLabels
+from streams.datasets import open_source
+from streams.schema import TrainingExample
+
+
+def test_held_labels_release_rows_once_final_and_apply_corrections() -> None:
+    held = HeldLabels(window_ms=1_000)
+    held.admit(["a", "b", "c"], np.array([0, 500, 900]), np.zeros(3), final=np.zeros(3, dtype=bool),
+               p=np.array([0.1, 0.2, 0.3]))  # fmt: skip
+    assert held.correct(["c", "zz"]) == 1 and held.late_corrections == 1  # zz was never held
+    out = held.release(now_ms=1_600)  # a and b are a window old, c is not: the batch is split
+    assert out["p"].tolist() == [0.1, 0.2] and out["label"].tolist() == [0.0, 0.0] and len(held) == 1
+    assert held.correct(["a"]) == 1  # released already: too late to change
+    out = held.release(now_ms=1_900)
+    assert out["p"].tolist() == [0.3] and out["label"].tolist() == [1.0] and len(held) == 0
+    assert held.release(now_ms=10**9) is None
+
+
+def test_a_final_negative_completes_its_cohort_and_capacity_bounds_memory() -> None:
+    held = HeldLabels(window_ms=30_000, capacity=4)
+    # a click (final, label 1) waits until a non-click as new as it has come
+    held.admit(["a"], np.array([100]), np.ones(1), final=np.ones(1, dtype=bool), p=np.array([0.5]))
+    assert held.release(now_ms=100) is None
+    held.admit(["b"], np.array([100]), np.zeros(1), final=np.ones(1, dtype=bool), p=np.array([0.4]))
+    assert held.release(now_ms=100)["p"].tolist() == [0.5, 0.4]
+    # provisional negatives past the capacity are released early
+    held.admit([f"x{i}" for i in range(6)], np.arange(6) + 200, np.zeros(6), final=np.zeros(6, dtype=bool),
+               p=np.zeros(6))  # fmt: skip
+    assert len(held.release(now_ms=300)["p"]) == 6 and len(held) == 0
+
+
+def _examples(n: int, seed: int = 0, **options) -> list[TrainingExample]:
+    return [r.example() for r in open_source("synthetic", seed=seed, events=n, **options)]
+
+
+@pytest.mark.parametrize("profile", ["default", "low-ctr"])
+def test_one_poll_is_learned_update_by_update_from_the_first_event(profile: str) -> None:
+    """A fresh learner given its first 2,048 examples in one poll (as ``ctr learn`` gets them)
+    predicts near the running click rate within the poll, not the prior's 0.5 for all of it."""
+    exs = _examples(2_048, seed=3, profile=profile)
+    arrivals = ArrivalLearner(OnlineCTR(categorical_fields=("user_id", "item_id", "C1"), table_bits=14, seed=0))
+    done = arrivals.learn(exs, row=np.arange(len(exs)))
+    rest = arrivals.drain()
+    p = np.empty(len(exs))
+    for d in (done, rest):
+        if d is not None:
+            p[d["row"]] = d["p"]
+    y = np.array([e.label for e in exs], dtype=np.float64)
+    rate = y.mean()
+    assert 0.5 * rate < p[1_024:].mean() < 2 * rate, (p[1_024:].mean(), rate)
+    running = (np.cumsum(y) - y + 0.5) / (np.arange(len(y)) + 1.0)
+    assert log_loss(y, p) < 1.1 * log_loss(y, running)
+
+
+def test_provisional_negatives_and_corrections_give_final_labels_to_the_calibration() -> None:
+    """The join's default order: unclicked impressions leave as provisional negatives, clicks
+    as corrections. What is released carries the final labels, each impression once."""
+    exs = _examples(3_000, seed=5)
+    timed: list[tuple[int, TrainingExample]] = []
+    for e in exs:  # each impression provisional at once, its click 500 ms later (inside the window)
+        t = e.impression.event_time_ms
+        timed.append((t, TrainingExample(example_id=e.example_id, label=0, impression=e.impression, provisional=True)))
+        if e.label:
+            timed.append((t + 500, TrainingExample(example_id=e.example_id, label=1, impression=e.impression,
+                                                   correction=True, click_time_ms=t + 500)))  # fmt: skip
+    stream = [e for _, e in sorted(timed, key=lambda x: (x[0], x[1].correction))]
+    arrivals = ArrivalLearner(OnlineCTR(categorical_fields=("user_id", "item_id"), table_bits=12, seed=0),
+                              window_ms=1_000)  # fmt: skip
+    got: dict[str, float] = {}
+    for i in range(0, len(stream), 500):
+        done = arrivals.learn(stream[i : i + 500], eid=np.array([e.example_id for e in stream[i : i + 500]
+                                                                  if not e.correction], dtype=object))  # fmt: skip
+        if done is not None:
+            got.update(zip(done["eid"], done["label"], strict=True))
+    rest = arrivals.drain()
+    if rest is not None:
+        got.update(zip(rest["eid"], rest["label"], strict=True))
+    assert got == {e.example_id: float(e.label) for e in exs}
+    assert arrivals.corrections == sum(e.label for e in exs) and arrivals.held.late_corrections == 0
