@@ -61,8 +61,15 @@ def schedule(seed: int, duration_s: float) -> list[Fault]:
 
 
 def _last_row(path: Path) -> dict:
+    """The newest complete row: the learner may be appending one as it is read, or have been
+    killed in the middle of one (seed 5 of the first committed run died on a torn line)."""
     lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue
+    return {}
 
 
 def _served_version(port: int) -> int | None:
