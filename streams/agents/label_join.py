@@ -1,4 +1,5 @@
-"""Label join: every impression becomes exactly one labelled training example.
+"""Label join: every impression becomes one first training example (plus a correction iff it
+was clicked after that one left), together carrying its true label.
 
 The rules (pure logic in :class:`JoinPartition`, no Faust needed to test it):
 
@@ -101,10 +102,11 @@ are re-sent with the same version and applied once. Records are deleted (tombsto
 everything in them is emitted and confirmed.
 
 There is one mode: at-least-once input with idempotent, versioned effects, which gives
-exactly-once *effects* (one example key per impression with its true label, each count applied
-once, each example learned once). Faust transactions were offered as ``--guarantee exactly_once``
-until they were measured to add no guarantee (the outputs leave through confluent-kafka, outside
-the transaction) and to cost ~25 % throughput, so the option was removed.
+exactly-once *effects* (one first example per impression, one correction per late-joined
+click, the true final label; each count applied once, each example learned once). Faust
+transactions were offered as ``--guarantee exactly_once`` until they were measured to add no
+guarantee (the outputs leave through confluent-kafka, outside the transaction) and to cost
+~25 % throughput, so the option was removed.
 """
 
 from __future__ import annotations
