@@ -108,14 +108,9 @@ def test_ctr_learn_with_no_flags_learns_every_field_of_the_data(broker, tmp_path
 def test_readme_quality_table_is_the_committed_result() -> None:
     """The README's table is generated from ``bench/results/quality.json`` (``markdown_table``),
     and that result was measured on committed code."""
-    import json
-
     from bench.quality import markdown_table
+    from tests.readme_helpers import ROOT, readme_block_and_result
 
-    root = Path(__file__).resolve().parents[1]
-    doc = json.loads((root / "bench/results/quality.json").read_text())
-    readme = (root / "README.md").read_text()
-    table = readme.split("<!-- quality-table:begin -->\n", 1)[1].split("\n<!-- quality-table:end -->", 1)[0]
+    table, doc = readme_block_and_result("quality-table", "bench/results/quality.json")
     assert table == markdown_table(doc)
-    assert doc["commit"] and doc["dirty"] is False, "quote only results measured on committed code"
-    assert (root / "bench/results/quality.png").exists()
+    assert (ROOT / "bench/results/quality.png").exists()
