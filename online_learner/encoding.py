@@ -58,8 +58,8 @@ class EncodedBatch:
     def __len__(self) -> int:
         return self.keys.shape[0]
 
-    def take(self, rows: np.ndarray) -> EncodedBatch:
-        """The batch of ``rows`` (an index array)."""
+    def take(self, rows: np.ndarray | slice) -> EncodedBatch:
+        """The batch of ``rows`` (an index array, or a slice: a view)."""
         return EncodedBatch(self.keys[rows], None if self.numeric is None else self.numeric[rows])
 
 

@@ -243,7 +243,7 @@ class OnlineCTR:
         ps, total, i = [], 0.0, 0
         while i < n:
             j = min(n, i + self.step_size())
-            part = EncodedBatch(enc.keys[i:j], None if enc.numeric is None else enc.numeric[i:j])
+            part = enc.take(slice(i, j))
             p, loss = self._one_step(part, y[i:j], None if t is None else t[i:j], scores)
             ps.append(p)
             total += loss * (j - i)

@@ -187,7 +187,7 @@ class ArrivalLearner:
         while i < n:
             j = min(n, i + self.learner.step_size())
             a, b = first_before[i], first_before[j]
-            done = self._learn(examples[i:j], enc.take(np.arange(i, j)), {k: v[a:b] for k, v in columns.items()})
+            done = self._learn(examples[i:j], enc.take(slice(i, j)), {k: v[a:b] for k, v in columns.items()})
             if done is not None:
                 out.append(done)
             i = j

@@ -55,12 +55,7 @@ class ClickRatePrior(nn.Module):
     @torch.no_grad()
     def observe(self, labels: Tensor) -> None:
         """Count a batch of labels ``[B]`` (after predicting it: progressive)."""
-        n = labels.numel()
-        if n == 0:
-            return
-        keep = math.exp(-n / self.horizon)
-        clicks = float(labels.sum())
-        self.counts.mul_(keep).add_(torch.tensor([clicks, float(n)], device=self.counts.device))
+        self.count(float(labels.sum()), labels.numel())
 
     @torch.no_grad()
     def count(self, clicks: float, impressions: int) -> None:
