@@ -49,7 +49,8 @@ from faust.types import TP
 from mode.utils.futures import notify
 
 from infra.config import fetch_backoff_s, kafka_compression
-from streams.kafka_io import DeliveryTracker, make_producer
+from streams.contiguity import ContiguityGuard
+from streams.kafka_io import DeliveryTracker, first_offset_from, make_producer
 from streams.metrics import changelog_bytes
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,12 @@ class Chunk:
 class BulkConsumer(faust_aiokafka.Consumer):
     """Faust's aiokafka consumer with bulk delivery for the topics in ``app.bulk_queues``."""
 
-    _bulk_last: dict[TP, int]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: tp -> offset of the last record queued (where the next chunk's acks may start)
+        self._bulk_last: dict[TP, int] = {}
+        #: tp -> how many times an agent moved its position (:meth:`bulk_seek`)
+        self._bulk_seeks: dict[TP, int] = {}
 
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by integration tests
         # Mirrors Consumer._drain_messages (faust/transport/consumer.py) for non-bulk topics.
@@ -105,7 +111,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
         fetcher_should_stop = fetcher._stopped.is_set
         read_offset = self._read_offset
         acks_enabled_for = app.topics.acks_enabled_for
-        self._bulk_last = {}
+        self._bulk_last.clear()
         try:
             while not (consumer_should_stop() or fetcher_should_stop()):
                 self.diag.set_flag(CONSUMER_FETCHING)
@@ -160,6 +166,7 @@ class BulkConsumer(faust_aiokafka.Consumer):
 
     async def _deliver_bulk(self, queue: asyncio.Queue, tp: TP, recs: list, generation: int) -> None:
         app = self.app
+        seeks = self.bulk_seeks(tp)
         first = recs[0].offset
         ack_from = first
         committed = self._committed_offset[tp]
@@ -170,8 +177,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
             ack_from = prev + 1
         chunk = Chunk(tp, recs, generation, ack_from, self.highwater(tp))
         while True:
-            if app.consumer_generation_id != generation or self.should_stop:
-                return  # stale: the rebalance seeks back to the committed offset
+            if app.consumer_generation_id != generation or self.should_stop or self.bulk_seeks(tp) != seeks:
+                return  # stale: the rebalance (or the agent's seek) moved the position
             if not app.flow_control.is_active():
                 await asyncio.sleep(0.01)
                 continue
@@ -180,8 +187,24 @@ class BulkConsumer(faust_aiokafka.Consumer):
                 break
             except TimeoutError:
                 continue
+        if self.bulk_seeks(tp) != seeks:
+            # an agent seeked while the chunk was being queued: the chunk is stale (the agent
+            # drops it), and a read offset set from it would make Faust's drain filter out the
+            # re-fetch from the seek target -- the position the agent needs
+            return
         self._read_offset[tp] = recs[-1].offset
         self._bulk_last[tp] = recs[-1].offset
+
+    def bulk_seeks(self, tp: TP) -> int:
+        """How many times an agent moved ``tp``'s position (:meth:`bulk_seek`)."""
+        return self._bulk_seeks.get(tp, 0)
+
+    async def bulk_seek(self, tp: TP, offset: int) -> None:
+        """Move ``tp``'s fetch position to ``offset`` (an agent whose input skipped records its
+        state has not applied). Chunks fetched before it are dropped before they are queued."""
+        self._bulk_seeks[tp] = self._bulk_seeks.get(tp, 0) + 1
+        self._bulk_last.pop(tp, None)
+        await self.seek(tp, offset)
 
     def bulk_ack(self, tp: TP, first: int, last: int) -> int:
         """Ack every offset in ``[first, last]`` (what ``Consumer.ack`` does per message)."""
@@ -452,6 +475,7 @@ class BulkAgentBase:
     stale: bool = field(default=True, init=False)
     #: wall seconds spent waiting for input (the agent was faster than the fetcher)
     waited_s: float = field(default=0.0, init=False)
+    _guard: ContiguityGuard | None = field(default=None, init=False, repr=False)
 
     # ---- subclass hooks
     def owned_topic(self) -> str:
@@ -467,6 +491,11 @@ class BulkAgentBase:
         raise NotImplementedError
 
     async def on_idle(self) -> None:
+        return None
+
+    def next_offset(self, tp: TP) -> int | None:
+        """The input offset the agent's state applies next from ``tp``, or ``None`` when it
+        keeps no offsets (then its input is not checked for skips)."""
         return None
 
     async def quiesce(self) -> None:
@@ -553,7 +582,9 @@ class BulkAgentBase:
                 async with self.lock:
                     if self.stale:
                         continue
-                    await self.process(Batch(live, sum(len(c.records) for c in live)))
+                    live = await self._contiguous(live)
+                    if live:
+                        await self.process(Batch(live, sum(len(c.records) for c in live)))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -562,6 +593,20 @@ class BulkAgentBase:
             log.exception("%s crashed; exiting so the worker restarts from its changelogs", type(self).__name__)
             logging.shutdown()
             os._exit(70)
+
+    async def _contiguous(self, chunks: list[Chunk]) -> list[Chunk]:
+        """The chunks that continue the state's offsets; seeks back where the consumer skipped."""
+        if self._guard is None:
+            self._guard = ContiguityGuard(self._probe, agent=type(self).__name__)
+        admitted = await self._guard.admit(chunks, self.next_offset)
+        consumer: BulkConsumer = self.app.consumer  # type: ignore[assignment]
+        for tp, offset in admitted.seeks.items():
+            await consumer.bulk_seek(tp, offset)
+        return admitted.chunks
+
+    async def _probe(self, tp: TP, offset: int) -> int | None:
+        brokers = ",".join(f"{u.host}:{u.port}" for u in self.app.conf.broker)
+        return await asyncio.to_thread(first_offset_from, brokers, tp.topic, tp.partition, offset)
 
     def ack(self, chunks: Iterable[Chunk], upto: dict[TP, int] | None = None) -> None:
         """Ack the chunks' offsets (all of them, or up to ``upto[tp]`` inclusive)."""

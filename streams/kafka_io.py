@@ -235,3 +235,30 @@ def read_range(
                     return out
     finally:
         c.close()
+
+
+def first_offset_from(bootstrap: str, topic: str, partition: int, offset: int, timeout_s: float = 30.0) -> int | None:
+    """The offset of the first record the partition holds at or after ``offset`` (``None``: none
+    yet), as a ``read_committed`` reader sees it.
+
+    For an agent whose input jumped past the offset its state expects: if the broker's first
+    record from there is the one the consumer delivered, the offsets between hold no records
+    (compaction, retention, transaction markers) and the jump is real; otherwise the consumer's
+    position was wrong. Before the log start it answers the log start (``auto.offset.reset``
+    earliest)."""
+    c = Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": "ctr-gap-probe",
+                  **CONSUMER_DEFAULTS, "enable.partition.eof": True})  # fmt: skip
+    try:
+        c.assign([TopicPartition(topic, partition, offset)])
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for m in c.consume(1, 0.2):
+                err = m.error()
+                if err is None:
+                    return m.offset()
+                if err.code() == KafkaError._PARTITION_EOF:
+                    return None
+                raise KafkaException(err)
+        raise TimeoutError(f"{topic}[{partition}]: no answer from offset {offset} within {timeout_s}s")
+    finally:
+        c.close()

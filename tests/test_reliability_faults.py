@@ -162,7 +162,7 @@ def test_broker_restart_and_serving_kill9_mid_replay_lose_nothing(broker: Embedd
         send_watermark(bs, END_MARKER)
 
         # every impression -> an example (duplicates only with the same key and label)
-        examples = read_examples(bs, set(truth), timeout_s=180, worker=worker)
+        examples = read_examples(bs, truth, timeout_s=180, worker=worker)
         ids = check_examples(examples, truth)
         # the learner trains each example once, whatever the duplicates
         wait_for(lambda: learner.last().get("examples", 0) >= len(truth), 180, "the learner to catch up",

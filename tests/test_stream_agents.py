@@ -93,13 +93,16 @@ def partitions_of(bootstrap: str, topic: str) -> int:
     return n
 
 
-def read_examples(bootstrap: str, want: set[str], timeout_s: float, worker: Worker | None = None) -> list:
+def read_examples(bootstrap: str, truth: dict[str, int], timeout_s: float, worker: Worker | None = None) -> list:
     """``(example, partition)`` of every message on ``training-examples``, reading until every
-    id in ``want`` was seen (then 1 s more, to catch extra duplicates and late corrections)."""
+    impression in ``truth`` has its first example and its true final label (a correction may
+    follow its first example by a while), then 1 s more to catch extra duplicates. Stops at
+    ``timeout_s`` or when ``worker`` dies; the caller checks what came."""
     c = make_consumer(bootstrap, f"check-{uuid.uuid4().hex[:6]}")
     c.subscribe(["training-examples"])
     out: list = []
-    seen: set[str] = set()
+    firsts: dict[str, int] = {}
+    corrected: set[str] = set()
     deadline = time.monotonic() + timeout_s
     quiet_until = None
     while time.monotonic() < deadline:
@@ -108,8 +111,13 @@ def read_examples(bootstrap: str, want: set[str], timeout_s: float, worker: Work
                 ex = decode_training_example(m.value())
                 assert m.key() == ex.example_id.encode()
                 out.append((ex, m.partition()))
-                seen.add(ex.example_id)
-        if quiet_until is None and want <= seen:
+                if ex.correction:
+                    corrected.add(ex.example_id)
+                else:
+                    firsts.setdefault(ex.example_id, ex.label)
+        if quiet_until is None and len(firsts) >= len(truth) and all(
+            e in firsts and int(firsts[e] == 1 or e in corrected) == lbl for e, lbl in truth.items()
+        ):
             quiet_until = time.monotonic() + 1.0
         if quiet_until is not None and time.monotonic() > quiet_until:
             break
@@ -175,7 +183,7 @@ def test_100k_replay_one_example_per_impression_true_labels_and_exact_windowed_c
     worker = Worker(broker.bootstrap, tmp_path, "ctr-t100k").start()
     try:
         t0 = time.monotonic()
-        examples = read_examples(broker.bootstrap, set(truth), timeout_s=180, worker=worker)
+        examples = read_examples(broker.bootstrap, truth, timeout_s=180, worker=worker)
         elapsed = time.monotonic() - t0
         ids = check_examples(examples, truth)
         assert max(ids.values()) == 1, "an uninterrupted run emits no duplicates"
@@ -214,7 +222,7 @@ def test_worker_started_first_then_live_replay_writes_exact_windowed_counts(brok
         summary = replay(records, broker.bootstrap)
         assert summary.failed == 0
         send_watermark(broker.bootstrap, END_MARKER)
-        examples = read_examples(broker.bootstrap, set(truth), timeout_s=90, worker=worker)
+        examples = read_examples(broker.bootstrap, truth, timeout_s=90, worker=worker)
         check_examples(examples, truth)
         wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
         assert worker.alive()
@@ -230,7 +238,7 @@ def test_examples_are_co_partitioned_with_their_impressions(broker, tmp_path):
     send_watermark(broker.bootstrap, END_MARKER)
     worker = Worker(broker.bootstrap, tmp_path, "ctr-tpart", "--no-features").start()
     try:
-        examples = read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=90, worker=worker)
+        examples = read_examples(broker.bootstrap, truth_labels(records), timeout_s=90, worker=worker)
         c = make_consumer(broker.bootstrap, "parts")
         c.subscribe(["impressions"])
         imp_part = {}
@@ -291,7 +299,7 @@ def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path
         t.join(120)
         assert done.is_set()
         send_watermark(broker.bootstrap, END_MARKER)
-        examples = read_examples(broker.bootstrap, set(truth), timeout_s=150, worker=worker)
+        examples = read_examples(broker.bootstrap, truth, timeout_s=150, worker=worker)
         ids = check_examples(examples, truth)
         dupes = sum(n - 1 for n in ids.values())
         lates = Counter(m.key().decode() for m in read_all(broker.bootstrap, "late-events"))
@@ -309,6 +317,48 @@ def test_kill9_mid_stream_recovers_from_changelogs_without_loss(broker, tmp_path
             assert cfg["cleanup.policy"] == "compact", cfg
             assert {k: cfg[k] for k in CHANGELOG_TOPIC_CONFIGS} == CHANGELOG_TOPIC_CONFIGS
         print(f"\nkill -9 after {killed_at} examples; {len(examples)} examples read, {dupes} duplicates")
+    finally:
+        worker.stop()
+
+
+def commit_log_ends(bootstrap: str, group: str, topics: tuple[str, ...]) -> dict[tuple[str, int], int]:
+    """Commit ``group``'s offsets at the end of every partition of ``topics`` (no member joins)."""
+    c = make_consumer(bootstrap, group)
+    ends = {}
+    for t in topics:
+        for p in c.list_topics(t, timeout=10).topics[t].partitions:
+            ends[(t, p)] = c.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
+    c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()], asynchronous=False)
+    c.close()
+    return ends
+
+
+def test_a_group_position_past_the_joins_state_is_repaired_not_skipped(broker, tmp_path):
+    """The consumer group's position runs ahead of what the join's state applied -- what a
+    broker restart did in a chaos run (``ctr bench chaos`` seed 2: after the group re-formed,
+    each partition resumed ~5,000 offsets past its restored state and 16,102 impressions never
+    became examples). Here the group's committed offsets are moved to the log end before the
+    worker first starts, so its state (nothing applied) and its position disagree by the whole
+    first half. The join must notice the skip, seek back, and give every impression one example
+    with its true label; the Feast counts must equal the recount."""
+    records = list(open_source("synthetic", seed=29, events=16_000, **SMALL))
+    truth = truth_labels(records)
+    events = list(interleave_clicks(records))
+    half = len(events) // 2
+    # no closing marker after the first half: more data follows
+    assert replay_events(events[:half], broker.bootstrap, close_after_ms=None).failed == 0
+    ends = commit_log_ends(broker.bootstrap, "ctr-tskip", ("impressions", "clicks"))
+    assert min(o for (t, _), o in ends.items() if t == "impressions") > 1000
+    worker = Worker(broker.bootstrap, tmp_path, "ctr-tskip").start()
+    try:
+        wait_assigned(worker)
+        assert replay_events(events[half:], broker.bootstrap).failed == 0
+        send_watermark(broker.bootstrap, END_MARKER)
+        examples = read_examples(broker.bootstrap, truth, timeout_s=150, worker=worker)
+        check_examples(examples, truth)
+        wait_feast_exact(tmp_path / "feast", brute_force_buckets(records), timeout_s=120)
+        assert worker.alive()
+        assert "seeking back" in worker.text(), "the skip was not detected"
     finally:
         worker.stop()
 
@@ -334,7 +384,7 @@ def test_malformed_messages_go_to_dead_letter_and_the_join_keeps_running(broker,
     send_watermark(broker.bootstrap, END_MARKER)
     worker = Worker(broker.bootstrap, tmp_path, "ctr-tdlq", "--no-features").start()
     try:
-        examples = read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=90, worker=worker)
+        examples = read_examples(broker.bootstrap, truth_labels(records), timeout_s=90, worker=worker)
         check_examples(examples, truth_labels(records))
         dead = read_all(broker.bootstrap, "dead-letter")
         letters = [read_dead_letter(m.value(), m.headers()) for m in dead]
@@ -345,7 +395,7 @@ def test_malformed_messages_go_to_dead_letter_and_the_join_keeps_running(broker,
         extra = make_records(50, seed=99, start_ms=1_800_000_000_000)
         replay(extra, broker.bootstrap)
         send_watermark(broker.bootstrap, END_MARKER + 1)
-        more = read_examples(broker.bootstrap, set(truth_labels(extra)), timeout_s=60, worker=worker)
+        more = read_examples(broker.bootstrap, truth_labels(extra), timeout_s=60, worker=worker)
         assert set(truth_labels(extra)) <= {ex.example_id for ex, _ in more}
         assert worker.alive()
     finally:
@@ -359,7 +409,7 @@ def test_encode_roundtrip_of_replayed_impression_matches_example_payload(broker,
     send_watermark(broker.bootstrap, END_MARKER)
     worker = Worker(broker.bootstrap, tmp_path, "ctr-tpay", "--no-features").start()
     try:
-        read_examples(broker.bootstrap, set(truth_labels(records)), timeout_s=60, worker=worker)
+        read_examples(broker.bootstrap, truth_labels(records), timeout_s=60, worker=worker)
         by_id = {r.impression.event_id: r.impression for r in records}
         for m in read_all(broker.bootstrap, "training-examples"):
             ex = decode_training_example(m.value())
@@ -394,7 +444,7 @@ def test_two_workers_share_the_partitions_and_still_emit_each_example_once(broke
             time.sleep(0.2)
         replay(records, broker.bootstrap)
         send_watermark(broker.bootstrap, END_MARKER)
-        examples = read_examples(broker.bootstrap, set(truth), timeout_s=120, worker=a)
+        examples = read_examples(broker.bootstrap, truth, timeout_s=120, worker=a)
         ids = check_examples(examples, truth)
         assert max(ids.values()) <= 2  # a rebalance mid-batch may re-send one batch, keyed
         assert all(o != "[]" for o in owned()), f"both workers should own partitions, got {owned()}"

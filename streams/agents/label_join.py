@@ -883,6 +883,12 @@ class LabelJoinAgent:
             async def on_idle(self) -> None:
                 await outer.checkpoint(self)
 
+            def next_offset(self, tp: Any) -> int | None:
+                jp = outer.states.get(tp.partition)
+                if jp is None:
+                    return None
+                return (jp.imp_hwm if tp.topic == IMPRESSIONS_TOPIC else jp.click_hwm) + 1
+
             async def quiesce(self) -> None:
                 await outer.quiesce(self)
 
