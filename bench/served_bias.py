@@ -94,6 +94,12 @@ def run(
         progressive[done["row"]] = done["p"]
     ok = ~np.isnan(served)
     y, p = label[served_at][ok], served[ok]
+    # the baseline a served score must beat: the click rate of every impression shown before
+    # this one, with its final label -- clairvoyant (labels still pending count as final), so
+    # the bar is higher than any real running rate; add-half smoothed
+    known = served_at
+    clicks_known = np.concatenate([[0], np.cumsum(label)])[known]
+    running = ((clicks_known + 0.5) / (known + 1.0))[ok]
     a, b = learner.model.calibration.coefficients()
     return {
         "mode": mode if mode != "provisional" or not wait_ms else f"provisional after {wait_ms / 1000:g} s",
@@ -103,6 +109,7 @@ def run(
         "served_auc": round(roc_auc(y, p), 4),
         "served_log_loss": round(log_loss(y, p), 4),
         "served_mean_p_over_rate": round(float(p.mean() / y.mean()), 3),
+        "running_mean_log_loss": round(log_loss(y, running), 4),
         "progressive_auc": round(roc_auc(label, progressive), 4),
         "progressive_log_loss": round(log_loss(label, progressive), 4),
         "oracle_auc": round(roc_auc(label, np.array([r.impression.oracle_ctr for r in rows])), 4),

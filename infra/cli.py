@@ -628,6 +628,24 @@ def bench_chaos(
 _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
 
 
+@bench_app.command("report")
+def bench_report(
+    check: Annotated[bool, typer.Option("--check", help="Fail if a table differs from its result.")] = False,
+) -> None:
+    """Write the README's benchmark tables from the committed results in bench/results/."""
+    from bench import report
+
+    if check:
+        found = report.problems()
+        for p in found:
+            typer.echo(p, err=True)
+        raise typer.Exit(1 if found else 0)
+    changed = report.write()
+    typer.echo(f"rewrote {', '.join(changed)}" if changed else "every table already true to its result")
+    for p in report.problems():
+        typer.echo(p, err=True)
+
+
 @bench_app.command("pacing", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_pacing(ctx: typer.Context) -> None:
     """Idle consumers' CPU and fetches/s with and without fetch pacing, per broker and client

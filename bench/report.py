@@ -1,0 +1,200 @@
+"""The README's benchmark tables, generated from the committed results (``ctr bench report``).
+
+A figure in the README is only as good as the result behind it. Each table here is rendered
+from one JSON file under ``bench/results/`` and written between ``<!-- name:begin -->`` and
+``<!-- name:end -->`` markers, with a source line naming the file, the commit it measured, the
+command and the load. ``ctr bench report --check`` (run by the test suite) fails when a table
+in the docs differs from what its result renders -- a number edited by hand -- or when the
+result was measured on uncommitted code or records no commit.
+
+Add a table: write ``render(doc) -> str`` and a :class:`Table` entry in :data:`TABLES`, put the
+markers in the README, run ``ctr bench report``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Table:
+    """One generated block: ``marker`` in ``doc`` rendered from ``result``."""
+
+    marker: str
+    result: str
+    render: Callable[[dict], str]
+    doc: str = "README.md"
+
+
+def source_line(doc: dict, result: str) -> str:
+    """Where a table's numbers come from: the file, commit, command, load and when."""
+    commit = (doc.get("commit") or "unknown")[:7]
+    load = doc.get("load_avg_start"), doc.get("load_avg_end")
+    load_txt = f", load {load[0][0]:.2f} -> {load[1][0]:.2f}" if all(load) else ""
+    at = f", {doc['at'][:10]}" if doc.get("at") else ""
+    return f"<sub>`{result}` · commit `{commit}` · `{doc.get('command', '?')}`{load_txt}{at}</sub>"
+
+
+def _quality(doc: dict) -> str:
+    from bench.quality import markdown_table
+
+    return markdown_table(doc)
+
+
+def _chaos(doc: dict) -> str:
+    from bench.chaos import markdown_table
+
+    return markdown_table(doc)
+
+
+def _num(v: object, fmt: str = "{:,}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+def _learner(doc: dict) -> str:
+    lines = ["| learner | examples | examples/s | AUC | log loss | AUC / log loss, first 20k | note |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in doc["rows"]:
+        if "auc" not in r:
+            continue
+        ours = r["learner"].startswith("ctr-stream")
+        speed = _num(r.get("examples_per_s"))
+        if r.get("step_examples_per_s"):
+            speed += f" end to end; {r['step_examples_per_s']:,} model step"
+        name, auc, ll = r["learner"], f"{r['auc']:.3f}", f"{r['log_loss']:.3f}"
+        if ours:
+            name, auc, ll = f"**{name}**", f"**{auc}**", f"**{ll}**"
+        cells = [name, f"{r['examples']:,}", speed, auc, ll, f"{r['auc_prefix']:.3f} / {r['log_loss_prefix']:.3f}",
+                 r.get("note", "")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    met = "met" if doc.get("meets_speed_target") else "**not met**"
+    lines.append("")
+    lines.append(f"Speed target {doc.get('target_examples_per_s', 0):,} examples/s end to end: {met}.")
+    pubs = [r for r in doc["rows"] if "publishes" in r]
+    if pubs:
+        lines += ["", "| publishing | publishes | rows per delta p50 | bytes per delta p50 | publish p50 / p99 ms |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in pubs:
+            lines.append(f"| {r['learner']} | {r['publishes']} | {r['rows_per_delta_p50']:,} | "
+                         f"{r['bytes_per_delta_p50']:,} | {r['publish_ms_p50']} / {r['publish_ms_p99']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+#: ``ctr worker --emission`` settings in bench/served_bias.py's rows, as the README names them
+_EMISSIONS = (
+    ("window", "`window`: every example when its window closes"),
+    ("emit-on-click", "`click`: a positive at its click, a negative when its window closes"),
+    ("provisional", "`provisional --negative-after-ms 0`: every impression at once, "
+                    "its click as a correction"),
+    ("provisional after 5 s", "**`provisional` (default, 5 s)**: an unclicked impression after 5 s, "
+                              "its later click as a correction"),
+)  # fmt: skip
+
+
+def _served_bias(doc: dict) -> str:
+    by = {(r["mode"], r["data"]): r for r in doc["rows"]}
+    datas = list(dict.fromkeys(r["data"] for r in doc["rows"]))
+    head = ["`ctr worker --emission`"] + [f"{d}: served AUC / log loss / mean p ÷ click rate" for d in datas]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for mode, label in _EMISSIONS:
+        cells = [label]
+        for d in datas:
+            r = by.get((mode, d))
+            cells.append("" if r is None else f"{r['served_auc']:.4f} / {r['served_log_loss']:.4f} / "
+                                               f"{r['served_mean_p_over_rate']:.3f}")  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    means = {r["data"]: r["running_mean_log_loss"] for r in doc["rows"] if r.get("running_mean_log_loss")}
+    if means:
+        lines += ["", "The running click rate (every earlier impression's final label, known at once: a "
+                  "bar above any real running rate) on the same impressions: log loss " + ", ".join(f"{d} {v:.4f}" for d, v in means.items()) + "."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _demo(doc: dict) -> str:
+    s = doc["summary"]
+    rows = [
+        ("events / impressions / clicks (probe impressions + clicks included)",
+         f"{s['events']:,} / {s['impressions']:,} / {s['clicks']:,}"),
+        ("impressions trained (one first example each; corrections on top)", f"{s['examples']:,}"),
+        (f"**served scores** (scored as shown, joined to the final label): AUC / log loss, live model, all "
+         f"{s['served_examples']:,}", f"**{s['served_auc']:.3f} / {s['served_logloss']:.3f}**"),
+        (f"the same, on the {s['paired_served_examples']:,} impressions served once the frozen copy existed: "
+         "live / frozen copy", f"**{s['paired_served_auc']:.3f} / {s['paired_served_logloss']:.3f}** vs "
+         f"{s['frozen_served_auc']:.3f} / {s['frozen_served_logloss']:.3f}"),
+        ("progressive (predict-then-learn) AUC, cumulative (log loss)",
+         f"{s['progressive_auc']:.3f} ({s['progressive_logloss']:.3f})"),
+        ("window AUC at the end of the live stream: live / frozen / best achievable (progressive)",
+         f"{s['window_auc_end']:.3f} / {s['frozen_window_auc_end']:.3f} / {s['best_window_auc_end']:.3f}"),
+        ("model versions published (1 s interval) and served; withheld by the gate; publish p50",
+         f"{s['model_versions_published']} and {s['model_versions_served']}; {s['gate_withheld']}; "
+         f"{s['publish_p50_ms']:.0f} ms"),
+        ("**freshness, click entering Kafka -> served score moved**",
+         f"p50 {s['freshness_p50_s']:.2f} s, p99 {s['freshness_p99_s']:.2f} s ({s['freshness_trials']} probes, "
+         f"{s['freshness_missed']} missed)"),
+        ("predictions served (20 req/s, 10 candidates), errors", f"{s['predictions']:,}, {s['prediction_errors']}"),
+        ("serving latency p50 / p99, everything on the same 2 cores",
+         f"{s['serving_p50_ms']:.1f} / {s['serving_p99_ms']:.1f} ms"),
+        ("dead letters; exit codes of all stages",
+         f"{s['dead_letters']}; " + ("all 0" if not any(s["exit_codes"].values()) else str(s["exit_codes"]))),
+    ]  # fmt: skip
+    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+TABLES: tuple[Table, ...] = (
+    Table("demo-table", "bench/results/demo_summary.json", _demo),
+    Table("served-bias-table", "bench/results/served_bias.json", _served_bias),
+    Table("chaos-table", "bench/results/chaos.json", _chaos),
+    Table("quality-table", "bench/results/quality.json", _quality),
+    Table("learner-table", "bench/results/learner.json", _learner),
+)
+
+
+def block(table: Table, root: Path = ROOT) -> str:
+    """The text a table's markers must hold: the rendered result and its source line."""
+    doc = json.loads((root / table.result).read_text())
+    return f"{table.render(doc)}\n\n{source_line(doc, table.result)}"
+
+
+def _split(text: str, marker: str) -> tuple[str, str, str]:
+    begin, end = f"<!-- {marker}:begin -->\n", f"\n<!-- {marker}:end -->"
+    if begin not in text or end not in text:
+        raise KeyError(f"no {marker} markers")
+    head, rest = text.split(begin, 1)
+    inner, tail = rest.split(end, 1)
+    return head + begin, inner, end + tail
+
+
+def problems(root: Path = ROOT, tables: tuple[Table, ...] = TABLES) -> list[str]:
+    """What is wrong with the generated tables in the docs (empty: all true to their results)."""
+    out = []
+    for t in tables:
+        doc = json.loads((root / t.result).read_text())
+        if not doc.get("commit") or doc.get("dirty") is not False:
+            out.append(f"{t.result}: measured on uncommitted or unknown code (commit {doc.get('commit')!r}, "
+                       f"dirty {doc.get('dirty')!r}); rerun it on a clean tree")  # fmt: skip
+        try:
+            _, inner, _ = _split((root / t.doc).read_text(), t.marker)
+        except KeyError as err:
+            out.append(f"{t.doc}: {err.args[0]}")
+            continue
+        if inner != block(t, root):
+            out.append(f"{t.doc}: the {t.marker} block differs from {t.result} (run `ctr bench report`)")
+    return out
+
+
+def write(root: Path = ROOT, tables: tuple[Table, ...] = TABLES) -> list[str]:
+    """Rewrite every table block from its result; returns the markers that changed."""
+    changed = []
+    for t in tables:
+        path = root / t.doc
+        head, inner, tail = _split(path.read_text(), t.marker)
+        new = block(t, root)
+        if new != inner:
+            path.write_text(head + new + tail)
+            changed.append(t.marker)
+    return changed
