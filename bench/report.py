@@ -110,8 +110,9 @@ def _served_bias(doc: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     means = {r["data"]: r["running_mean_log_loss"] for r in doc["rows"] if r.get("running_mean_log_loss")}
     if means:
-        lines += ["", "The running click rate (every earlier impression's final label, known at once: a "
-                  "bar above any real running rate) on the same impressions: log loss " + ", ".join(f"{d} {v:.4f}" for d, v in means.items()) + "."]  # fmt: skip
+        said = ", ".join(f"{d} {v:.4f}" for d, v in means.items())
+        lines += ["", "The running click rate (every earlier impression's final label, known at once: a bar "
+                      f"above any real running rate) on the same impressions: log loss {said}."]  # fmt: skip
     return "\n".join(lines)
 
 
