@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from online_learner.encoding import discover_fields
@@ -290,7 +290,7 @@ class Trainer:
         points at the start of the last batch)."""
         c = make_consumer(self.cfg.bootstrap, f"{self.cfg.group_id}-tail")
         try:
-            lo, hi = c.get_watermark_offsets(TopicPartition(MODEL_UPDATES_TOPIC, 0), timeout=10)
+            lo, hi = _watermarks_when_up(c, TopicPartition(MODEL_UPDATES_TOPIC, 0))
             if hi <= lo:
                 return 0
             c.assign([TopicPartition(MODEL_UPDATES_TOPIC, 0, max(lo, hi - 200))])
@@ -581,6 +581,21 @@ class Trainer:
 
 def _round(v: float) -> float | None:
     return None if not np.isfinite(v) else round(float(v), 6)
+
+
+def _watermarks_when_up(consumer: Consumer, tp: TopicPartition, patience_s: float = 120.0) -> tuple[int, int]:
+    """``tp``'s watermark offsets, waiting (with backoff) while the broker is down: a learner
+    restarted during a broker outage resumes when the broker is back instead of exiting."""
+    deadline, wait = time.monotonic() + patience_s, 0.5
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as err:
+            if time.monotonic() + wait > deadline:
+                raise
+            log.warning("broker not answering (%s); retrying in %.1fs", err, wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 8.0)
 
 
 def run_trainer(config: TrainerConfig, *, metrics_port: int | None = None, **run_kwargs) -> dict:

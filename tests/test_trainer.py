@@ -232,3 +232,26 @@ def test_a_broker_outage_consumes_no_version_and_loses_nothing(broker, tmp_path)
             seen.add((h.version, h.part))
             apply_tensors(model, t)
     assert np.array_equal(model.table.detach().numpy(), trainer.learner.model.table.detach().numpy())
+
+
+def test_a_learner_started_during_a_broker_outage_waits_for_the_broker():
+    """Restarted while the broker is down (a chaos run: kill -9 during a broker restart), the
+    learner's first broker call retries with backoff instead of exiting."""
+    from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+    from online_learner.trainer import _watermarks_when_up
+
+    class Down:
+        calls = 0
+
+        def get_watermark_offsets(self, tp, timeout):
+            self.calls += 1
+            if self.calls < 3:
+                raise KafkaException(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+            return 0, 7
+
+    c = Down()
+    assert _watermarks_when_up(c, TopicPartition("model-updates", 0), patience_s=10) == (0, 7)
+    assert c.calls == 3
+    with pytest.raises(KafkaException):
+        _watermarks_when_up(Down(), TopicPartition("model-updates", 0), patience_s=0.1)
