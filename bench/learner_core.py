@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import _fmt, machine
+from bench.common import _fmt, machine, provenance
 from online_learner.embedding import UnifiedEmbedding
 from online_learner.encoding import EncodedBatch, FeatureEncoder
 from online_learner.hashing import ProbeLayout, numeric_keys
@@ -382,7 +382,8 @@ def write_report(title: str, rows: list[dict], path: Path, extra: dict) -> None:
         for r in part:
             table.add_row(*[_fmt(r.get(c)) for c in cols])
         console.print(table)
-    doc = {"bench": title, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(), "rows": rows}
+    doc = {"bench": title, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
+           **provenance(), "rows": rows}  # fmt: skip
     doc.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2, default=float))
