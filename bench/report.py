@@ -146,6 +146,62 @@ def _demo(doc: dict) -> str:
     return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
 
 
+def _verdict(met: object) -> str:
+    return "met" if met else "**not met**"
+
+
+def _replay(doc: dict) -> str:
+    lines = ["| stage | events/s |", "|---|---|"]
+    for r in doc["rows"]:
+        rate = f"{r['events_per_s']:,}"
+        lines.append(f"| {r['stage']} | {'**' + rate + '**' if r['stage'].startswith('replay path') else rate} |")
+    lines += ["", f"Target: the replay path at {doc['target_events_per_s']:,} events/s: {_verdict(doc['meets_target'])}."]
+    return "\n".join(lines)
+
+
+def _hashing(doc: dict) -> str:
+    lines = ["| implementation | M hashes/s best | median |", "|---|---|---|"]
+    for r in doc["rows"]:
+        if "Mhash/s best" in r:
+            lines.append(f"| {r['impl']} | {r['Mhash/s best']:,.1f} | {r['Mhash/s median']:,.1f} |")
+        else:
+            lines.append(f"| {r['impl']} | {r['Mvalues/s']:,.2f} M strings/s | |")
+    lines += ["", f"Target {doc['target_cpu_hashes_per_s'] / 1e6:,.0f} M hashes/s on one core (CPU twin, best of "
+              f"the repeats): {_verdict(doc['cpu_twin_meets_target'])}; twin / torch: "
+              f"{doc['speedup_twin_vs_torch']:.1f}x."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _serving(doc: dict) -> str:
+    lines = ["| features | candidates | req/s offered / achieved | p50 ms | p99 ms | versions applied | errors |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in doc["rows"]:
+        lines.append(f"| {r['features']} | {r['candidates']} | {r['rate_rps']:g} / {r['achieved_rps']:g} | "
+                     f"{r['p50_ms']:,.1f} | {r['p99_ms']:,.1f} | {r['deltas_applied']} | {r['errors']} |")  # fmt: skip
+    t = doc.get("target")
+    if t:
+        lines += ["", f"Target: {t['what']}: {_verdict(t['met'])}."]
+    return "\n".join(lines)
+
+
+def _freshness(doc: dict) -> str:
+    lines = ["| trials | missed | p50 s | p99 s | max s | target |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        met = r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
+        lines.append(f"| {r['trials']} | {r['missed']} | **{r['p50_s']:.2f}** | **{r['p99_s']:.2f}** | "
+                     f"{r['max_s']:.2f} | p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s: "
+                     f"{_verdict(met)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _feast_io(doc: dict) -> str:
+    lines = ["| op | method | rows | rows/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        rate = f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") else ""
+        lines.append(f"| {r['op']} | {r['method']} | {r['rows']:,} | {rate} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    return "\n".join(lines)
+
+
 TABLES: tuple[Table, ...] = (
     Table("demo-table", "bench/results/demo_summary.json", _demo),
     Table("served-bias-table", "bench/results/served_bias.json", _served_bias),
