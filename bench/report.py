@@ -155,7 +155,8 @@ def _replay(doc: dict) -> str:
     for r in doc["rows"]:
         rate = f"{r['events_per_s']:,}"
         lines.append(f"| {r['stage']} | {'**' + rate + '**' if r['stage'].startswith('replay path') else rate} |")
-    lines += ["", f"Target: the replay path at {doc['target_events_per_s']:,} events/s: {_verdict(doc['meets_target'])}."]
+    target = f"{doc['target_events_per_s']:,} events/s"
+    lines += ["", f"Target: the replay path at {target}: {_verdict(doc['meets_target'])}."]
     return "\n".join(lines)
 
 
