@@ -209,6 +209,8 @@ TABLES: tuple[Table, ...] = (
     Table("chaos-table", "bench/results/chaos.json", _chaos),
     Table("quality-table", "bench/results/quality.json", _quality),
     Table("learner-table", "bench/results/learner.json", _learner),
+    Table("replay-table", "bench/results/replay.json", _replay),
+    Table("hashing-table", "bench/results/hashing.json", _hashing),
 )
 
 
@@ -219,12 +221,14 @@ def block(table: Table, root: Path = ROOT) -> str:
 
 
 def _split(text: str, marker: str) -> tuple[str, str, str]:
-    begin, end = f"<!-- {marker}:begin -->\n", f"\n<!-- {marker}:end -->"
-    if begin not in text or end not in text:
+    """``text`` around a marker pair: (through the begin marker's line, the block, from the end
+    marker on). A missing or unbalanced pair raises ``KeyError``."""
+    begin, end = f"<!-- {marker}:begin -->\n", f"<!-- {marker}:end -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
         raise KeyError(f"no {marker} markers")
     head, rest = text.split(begin, 1)
     inner, tail = rest.split(end, 1)
-    return head + begin, inner, end + tail
+    return head + begin, inner.removesuffix("\n"), end + tail
 
 
 def problems(root: Path = ROOT, tables: tuple[Table, ...] = TABLES) -> list[str]:
@@ -253,6 +257,6 @@ def write(root: Path = ROOT, tables: tuple[Table, ...] = TABLES) -> list[str]:
         head, inner, tail = _split(path.read_text(), t.marker)
         new = block(t, root)
         if new != inner:
-            path.write_text(head + new + tail)
+            path.write_text(f"{head}{new}\n{tail}")
             changed.append(t.marker)
     return changed
