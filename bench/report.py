@@ -211,6 +211,7 @@ TABLES: tuple[Table, ...] = (
     Table("learner-table", "bench/results/learner.json", _learner),
     Table("replay-table", "bench/results/replay.json", _replay),
     Table("hashing-table", "bench/results/hashing.json", _hashing),
+    Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
 )
 
 
