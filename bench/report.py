@@ -212,6 +212,7 @@ TABLES: tuple[Table, ...] = (
     Table("replay-table", "bench/results/replay.json", _replay),
     Table("hashing-table", "bench/results/hashing.json", _hashing),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
+    Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
 )
 
 

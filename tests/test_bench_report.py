@@ -19,9 +19,10 @@ def test_every_generated_table_is_true_to_its_committed_result():
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    """A copy of the README and the results the tables read."""
-    shutil.copy(report.ROOT / "README.md", tmp_path / "README.md")
+    """A copy of the docs with tables and the results the tables read."""
     for t in report.TABLES:
+        (tmp_path / t.doc).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(report.ROOT / t.doc, tmp_path / t.doc)
         (tmp_path / t.result).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(report.ROOT / t.result, tmp_path / t.result)
     return tmp_path
