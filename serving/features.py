@@ -6,8 +6,8 @@ column (``SPEC.feature_names("user")`` / ``("item")``, e.g. ``user_ctr_5m``, ``i
 is filled from the store for the request's user / each candidate item (:class:`FeaturePlan`).
 A missing entity reads as the prior (``features.store.default_value``: prior CTR, 0 counts).
 
-Why a cache. Feast's Python read path costs ~6 ms p50 / 10 ms p99 for 100 keys on SQLite
-(``bench/results/feast_io.json``), i.e. the whole latency budget of a 100-candidate request,
+Why a cache. Feast's Python read path for 100 keys on SQLite costs about the whole latency
+budget of a 100-candidate request (``bench/results/feast_io.json``, README "Feast I/O"),
 and every 60 s one read also pays a registry refresh. :class:`FeatureCache` keeps each entity's
 stats in a dict with its fetch time:
 
@@ -111,15 +111,15 @@ class FeastSource:
         self.open_s = time.perf_counter() - t0
         log.info("Feast store open in %.1f s", self.open_s)
 
-    #: Keys per Feast read. Measured here (SQLite, 6 columns): 128 keys of one view cost ~7 ms
-    #: (54 us/key) but 512 cost ~87 ms (170 us/key): Feast's read path is superlinear in the
-    #: batch, so big reads are cut into chunks.
+    #: Keys per Feast read. Feast's read path is superlinear in the batch (per key, a read of
+    #: a few hundred keys cost about three times one of 128 on SQLite), so big reads are cut
+    #: into chunks.
     CHUNK = 128
 
     def stats(self, users: Sequence[str], items: Sequence[str]) -> dict[str, dict[str, dict[str, float]]]:
         """Stats of users and items. One ``get_entity_stats`` per view and chunk: a call with
         both views pads the shorter key list to the longer one (``OnlineFeatures._read``), so
-        1 user + 100 items costs ~17 ms in one call and ~8 ms in two."""
+        1 user + 100 items costs about twice as much in one call as in two."""
         out: dict[str, dict[str, dict[str, float]]] = {}
         with self._lock:
             for entity, keys in (("user", list(users)), ("item", list(items))):
@@ -137,11 +137,11 @@ class FeastSource:
 class FeastProcessSource:
     """The same reads, done by a worker process that owns Feast (the default).
 
-    Feast's read path is pure-Python work (protobuf, DataFrames): 35-80 ms for a few hundred
-    keys on this machine. In the serving process every such read holds the GIL that long, and
-    a request thread that releases the GIL (each torch op, each socket write) then waits for it
-    again: measured here, the p99 of a 100-candidate request went from a few ms to >100 ms while
-    the cache refreshed in a thread. In a worker process the asking thread just blocks on a
+    Feast's read path is pure-Python work (protobuf, DataFrames), tens of milliseconds for a
+    few hundred keys. In the serving process every such read holds the GIL that long, and a
+    request thread that releases the GIL (each torch op, each socket write) then waits for it
+    again: the p99 of a 100-candidate request multiplies while the cache refreshes in a thread
+    (the "cache, Feast refreshed in-process" row of ``ctr bench serving``). In a worker process the asking thread just blocks on a
     pipe with the GIL released.
 
     The worker is ``python -c`` running :func:`feast_worker_main` (it imports Feast, not

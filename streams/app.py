@@ -7,9 +7,9 @@ Faust hands every record to its agents one at a time: ``Consumer._drain_messages
 per record -- two tasks and an ``asyncio.wait`` each -- then the conductor
 (``faust/transport/conductor.py: on_message``) takes a lock, decodes and queues an ``Event``,
 and the stream iterator (``faust/streams.py: _py_aiter``/``_c_aiter``) yields it after an
-``await sleep(0)``. Measured here: an agent doing *nothing* inside ``stream.take_events(5000,
-within=0.05)`` peaks at ~4.8k records/s. ``take()`` only batches what reaches the agent; it
-cannot remove the per-record cost upstream of it.
+``await sleep(0)``. An agent doing *nothing* inside ``stream.take_events`` stays far below
+the join's target rate (``bench/pacing.py`` and streams/README.md measure it). ``take()`` only
+batches what reaches the agent; it cannot remove the per-record cost upstream of it.
 
 :class:`BulkConsumer` keeps everything Faust does for a worker -- group membership, the
 co-partitioned assignment of source topics and table changelogs, changelog recovery, commits,
@@ -23,7 +23,7 @@ unprocessed input.
 
 Outputs with many small messages (training examples, feature deltas, late clicks, dead
 letters) go through confluent-kafka (:class:`OutputProducer`): aiokafka's producer costs tens of
-µs per message in Python, librdkafka ~1-2 µs. Table changelog records -- few and large,
+µs per message in Python, librdkafka a few. Table changelog records -- few and large,
 one per partition per micro-batch -- go through Faust's own producer.
 
 Faust version: written against faust-streaming 0.15.3 (pinned); :class:`BulkConsumer` overrides
@@ -62,9 +62,9 @@ PARTITIONS = 4
 #: only the live records -- but a broker compacts only closed segments. Without a roll, noida-db
 #: never compacted (one segment, ``clean_offset`` 0) and kept every record of the run, rewriting
 #: them all in its JSON state file (and memory); segments that roll let it (and Kafka's log
-#: cleaner) drop them. Not too small: compacting costs the broker CPU -- with 10 s segments,
-#: feature freshness at 2,000 events/s over 30 s got worse (p99 1.9-2.5 s vs 1.5-1.9 s) and over
-#: 60 s no better -- so a minute, which bounds long runs and leaves short ones alone.
+#: cleaner) drop them. Not too small: compacting costs the broker CPU, and with much shorter
+#: segments feature freshness at the demo's rate got worse -- so a minute, which bounds long
+#: runs and leaves short ones alone.
 CHANGELOG_TOPIC_CONFIGS: dict[str, str] = {"segment.bytes": str(64 * 2**20), "segment.ms": "60000"}
 
 
@@ -254,10 +254,10 @@ def install_fetch_backoff(backoff_s: float | None = None) -> float:
 
     Why: a Kafka broker holds an empty fetch for up to ``fetch_max_wait_ms`` (Faust asks for
     1.5 s), so an idle consumer sends a few fetches a second. noida-db ignores the wait (and
-    ``fetch_min_bytes``) and answers at once, so aiokafka re-fetches in a tight loop: ~3,000
-    fetches/s on an empty topic, **a whole core** of the worker spent building and parsing
-    empty fetch responses (measured: an idle worker at 0.95 CPU; Tansu, which honours the
-    wait: 0.7 fetches/s). The fetcher keeps one request in flight per broker and starts the
+    ``fetch_min_bytes``) and answers at once, so aiokafka re-fetches in a tight loop: thousands
+    of fetches a second on an empty topic, nearly **a whole core** of the worker spent building
+    and parsing empty fetch responses (``ctr bench pacing`` measures it; Tansu, which honours
+    the wait, does not spin). The fetcher keeps one request in flight per broker and starts the
     next one when it finishes (``Fetcher._fetch_requests_routine``), so sleeping inside
     ``_proc_fetch_request`` after an empty answer paces it; a fetch that brought records
     returns at once, so a backlog drains at full speed. New data waits at most the backoff.

@@ -10,13 +10,13 @@ Why these settings:
 * ``enable.idempotence`` — per-partition order survives retries (below).
 * ``compression.type`` from :func:`infra.config.kafka_compression` (zstd unless
   ``CTR_KAFKA_COMPRESSION`` says otherwise): a third of the bytes on the wire and in the broker.
-* ``linger.ms=20`` -- at the demo's 2,000 events/s over 4 partitions, 5 ms made batches of ~2-3
-  records (zstd 2.5x), 20 ms ~10 (3.3x) and a quarter of the produce requests; feature
-  freshness over 60 s went p99 1.8-2.6 s -> 1.6 s. A message waits at most 20 ms more.
+* ``linger.ms=20`` -- at the demo's rate a shorter linger sends batches of a few records,
+  which compress poorly and cost the broker a request each; feature freshness improved with
+  the longer linger (streams/README.md). A message waits at most 20 ms more.
 * :class:`PacedConsumer` -- after a fetch that found nothing it pauses its partitions for
-  :func:`infra.config.fetch_backoff_s` (10 ms): noida-db answers empty fetches at once
-  instead of holding them, and librdkafka then re-fetches in a tight loop (~27,000 fetches/s,
-  0.6 CPU per idle consumer; paced: ~300 fetches/s, 0.07 CPU, new data waits <= ~11 ms).
+  :func:`infra.config.fetch_backoff_s`: noida-db answers empty fetches at once instead of
+  holding them, and librdkafka then re-fetches in a tight loop that keeps a core busy per idle
+  consumer (README "Embedded broker" has the measurement); new data waits at most one backoff.
 * session timeout 10 s — some Kafka-protocol brokers make group joins wait for the full
   session timeout; 10 s keeps restarts quick without false rebalances.
 """
@@ -108,8 +108,8 @@ class PacedConsumer(Consumer):
 
     def _wake(self, tp: TopicPartition) -> None:
         """Make librdkafka fetch now: a resumed partition otherwise waits for its broker
-        thread's next wake-up, ~1 s later (measured: 950 ms); any request to that broker (a
-        ListOffsets here, ~1 ms) wakes it and the fetch follows within ~1.5 ms. One broker,
+        thread's next wake-up, about a second later; any request to that broker (a cheap
+        ListOffsets here) wakes it and the fetch follows at once. One broker,
         as on the embedded default; with several, the others' partitions wait up to a second --
         Apache Kafka honours ``fetch.wait.max.ms``, so set ``CTR_FETCH_BACKOFF_MS=0`` there."""
         try:
