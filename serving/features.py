@@ -141,8 +141,8 @@ class FeastProcessSource:
     few hundred keys. In the serving process every such read holds the GIL that long, and a
     request thread that releases the GIL (each torch op, each socket write) then waits for it
     again: the p99 of a 100-candidate request multiplies while the cache refreshes in a thread
-    (the "cache, Feast refreshed in-process" row of ``ctr bench serving``). In a worker process the asking thread just blocks on a
-    pipe with the GIL released.
+    (the "cache, Feast refreshed in-process" row of ``ctr bench serving``). In a worker
+    process the asking thread just blocks on a pipe with the GIL released.
 
     The worker is ``python -c`` running :func:`feast_worker_main` (it imports Feast, not
     torch) and exits when its stdin closes, i.e. when the server exits or is killed (no
