@@ -213,6 +213,7 @@ TABLES: tuple[Table, ...] = (
     Table("hashing-table", "bench/results/hashing.json", _hashing),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
+    Table("serving-table", "bench/results/serving.json", _serving),
 )
 
 
