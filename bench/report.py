@@ -23,12 +23,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Table:
-    """One generated block: ``marker`` in ``doc`` rendered from ``result``."""
+    """One generated block: ``marker`` in ``doc`` rendered from ``result`` -- one file (``render``
+    gets its JSON) or several (``render`` gets ``{file: JSON}``)."""
 
     marker: str
-    result: str
+    result: str | tuple[str, ...]
     render: Callable[[dict], str]
     doc: str = "README.md"
+
+    @property
+    def results(self) -> tuple[str, ...]:
+        return (self.result,) if isinstance(self.result, str) else self.result
 
 
 def source_line(doc: dict, result: str) -> str:
@@ -203,6 +208,46 @@ def _feast_io(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _targets(docs: dict[str, dict]) -> str:
+    """Every target a result states, with the verdict the bench computed (or that follows from
+    its numbers), one row per target -- the status of the project's measurable promises."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def add(result: str, what: str, got: str, met: object) -> None:
+        rows.append((what, got, _verdict(met), f"`{result}`"))
+
+    for name, d in docs.items():
+        if name.endswith("replay.json"):
+            add(name, f"replay path >= {d['target_events_per_s']:,} events/s",
+                f"{d['replay_path_events_per_s']:,}", d["meets_target"])  # fmt: skip
+        elif name.endswith("hashing.json"):
+            best = max(r["Mhash/s best"] for r in d["rows"] if r["impl"].startswith("twin"))
+            add(name, f"CPU hashing >= {d['target_cpu_hashes_per_s'] / 1e6:,.0f} M/s on one core",
+                f"{best:,.0f} M/s", d["cpu_twin_meets_target"])  # fmt: skip
+        elif name.endswith("serving.json") and d.get("target"):
+            bar = next(r for r in d["rows"] if r["candidates"] == 100 and r["rate_rps"] == 100)
+            add(name, d["target"]["what"], f"p99 {bar['p99_ms']:,.1f} ms", d["target"]["met"])
+        elif name.endswith("learner.json"):
+            ours = next(r for r in d["rows"] if r["learner"].startswith("ctr-stream"))
+            add(name, f"learner >= {d['target_examples_per_s']:,} examples/s end to end",
+                f"{ours['examples_per_s']:,}", d["meets_speed_target"])  # fmt: skip
+        elif name.endswith("quality.json"):
+            met = [k for k, v in d["verdicts"].items() if v["met"]]
+            add(name, "learner on every log: below the running mean, level with the best peer, calibrated",
+                f"{len(met)} of {len(d['verdicts'])} logs", d["meets_target"])  # fmt: skip
+        elif name.endswith("chaos.json"):
+            clean = sum(1 for r in d["rows"] if r.get("discrepancies") == 0)
+            add(name, f"chaos: {d['target']}", f"{clean} of {len(d['rows'])} seeds", d["met"])
+        elif name.endswith("freshness.json"):
+            r = d["rows"][0]
+            met = r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
+            add(name, f"click -> served score p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s",
+                f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s", met)  # fmt: skip
+    lines = ["| target | measured | verdict | result |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
+    return "\n".join(lines)
+
+
 TABLES: tuple[Table, ...] = (
     Table("demo-table", "bench/results/demo_summary.json", _demo),
     Table("served-bias-table", "bench/results/served_bias.json", _served_bias),
@@ -214,13 +259,18 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("targets-table", ("bench/results/replay.json", "bench/results/hashing.json", "bench/results/learner.json",
+                            "bench/results/quality.json", "bench/results/serving.json", "bench/results/chaos.json"),
+          _targets),
 )
 
 
 def block(table: Table, root: Path = ROOT) -> str:
-    """The text a table's markers must hold: the rendered result and its source line."""
-    doc = json.loads((root / table.result).read_text())
-    return f"{table.render(doc)}\n\n{source_line(doc, table.result)}"
+    """The text a table's markers must hold: the rendered result and its source line(s)."""
+    docs = {r: json.loads((root / r).read_text()) for r in table.results}
+    if isinstance(table.result, str):
+        return f"{table.render(docs[table.result])}\n\n{source_line(docs[table.result], table.result)}"
+    return table.render(docs) + "\n\n" + "<br>\n".join(source_line(d, r) for r, d in docs.items())
 
 
 def _split(text: str, marker: str) -> tuple[str, str, str]:
@@ -238,10 +288,11 @@ def problems(root: Path = ROOT, tables: tuple[Table, ...] = TABLES) -> list[str]
     """What is wrong with the generated tables in the docs (empty: all true to their results)."""
     out = []
     for t in tables:
-        doc = json.loads((root / t.result).read_text())
-        if not doc.get("commit") or doc.get("dirty") is not False:
-            out.append(f"{t.result}: measured on uncommitted or unknown code (commit {doc.get('commit')!r}, "
-                       f"dirty {doc.get('dirty')!r}); rerun it on a clean tree")  # fmt: skip
+        for result in t.results:
+            doc = json.loads((root / result).read_text())
+            if not doc.get("commit") or doc.get("dirty") is not False:
+                out.append(f"{result}: measured on uncommitted or unknown code (commit {doc.get('commit')!r}, "
+                           f"dirty {doc.get('dirty')!r}); rerun it on a clean tree")  # fmt: skip
         try:
             _, inner, _ = _split((root / t.doc).read_text(), t.marker)
         except KeyError as err:
