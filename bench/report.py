@@ -259,8 +259,10 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("targets-table", ("bench/results/replay.json", "bench/results/hashing.json", "bench/results/learner.json",
-                            "bench/results/quality.json", "bench/results/serving.json", "bench/results/chaos.json"),
+                            "bench/results/quality.json", "bench/results/serving.json", "bench/results/freshness.json",
+                            "bench/results/chaos.json"),
           _targets),
 )
 
