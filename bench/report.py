@@ -104,20 +104,19 @@ _EMISSIONS = (
 def _served_bias(doc: dict) -> str:
     by = {(r["mode"], r["data"]): r for r in doc["rows"]}
     datas = list(dict.fromkeys(r["data"] for r in doc["rows"]))
-    head = ["`ctr worker --emission`"] + [f"{d}: served AUC / log loss / mean p ÷ click rate" for d in datas]
+    head = ["`ctr worker --emission`"] + [f"{d}: served AUC / log loss / mean p ÷ click rate / running rate's log loss"
+                                          for d in datas]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for mode, label in _EMISSIONS:
         cells = [label]
         for d in datas:
             r = by.get((mode, d))
+            running = f" / {r['running_mean_log_loss']:.4f}" if r and r.get("running_mean_log_loss") else ""
             cells.append("" if r is None else f"{r['served_auc']:.4f} / {r['served_log_loss']:.4f} / "
-                                               f"{r['served_mean_p_over_rate']:.3f}")  # fmt: skip
+                                               f"{r['served_mean_p_over_rate']:.3f}{running}")  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    means = {r["data"]: r["running_mean_log_loss"] for r in doc["rows"] if r.get("running_mean_log_loss")}
-    if means:
-        said = ", ".join(f"{d} {v:.4f}" for d, v in means.items())
-        lines += ["", "The running click rate (every earlier impression's final label, known at once: a bar "
-                      f"above any real running rate) on the same impressions: log loss {said}."]  # fmt: skip
+    lines += ["", "Running rate: every earlier impression's final label, known at once -- a bar above any "
+                  "real running rate -- scored on the same served impressions."]  # fmt: skip
     return "\n".join(lines)
 
 
