@@ -207,6 +207,36 @@ def _feast_io(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _stream(doc: dict) -> str:
+    lines = ["| row | result | target |", "|---|---|---|"]
+    for r in doc["rows"]:
+        name = r["name"]
+        if "events_per_s" in r:
+            target = r.get("target_events_per_s")
+            verdict = f"{target:,} events/s: {_verdict(r['events_per_s'] >= target)}" if target else ""
+            per_event = r.get("changelog_bytes_per_event")
+            extra = f" ({per_event} changelog B/event)" if per_event else ""
+            lines.append(f"| {name} | {r['events_per_s']:,.0f} events/s{extra} | {verdict} |")
+        elif "rows_per_s" in r:
+            lines.append(f"| {name} | {r['rows_per_s']:,.0f} rows/s | |")
+        elif "p99_s" in r:
+            met = r["p99_s"] <= r["target_p99_s"] and r["visible"] == r["probes"]
+            lines.append(f"| {name}, {r['probes']:,} probes at {r['rate_events_per_s']:,.0f} events/s | p50 "
+                         f"{r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['visible']:,} seen) | p99 <= "
+                         f"{r['target_p99_s']:g} s: {_verdict(met)} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _reliability(doc: dict) -> str:
+    lines = ["| scenario | injected | lost | lost by design | crashes | notes |", "|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['scenario']} | {r['injected']:,} | {r['lost']} | {r['lost_by_design']} | "
+                     f"{r['crashes']} | {r.get('notes', '')} |")  # fmt: skip
+    lines += ["", f"Target: {doc['target']}: {_verdict(doc['total_lost'] == 0 and doc['total_crashes'] == 0)} "
+                  f"(lost {doc['total_lost']}, crashes {doc['total_crashes']})."]  # fmt: skip
+    return "\n".join(lines)
+
+
 def _targets(docs: dict[str, dict]) -> str:
     """Every target a result states, with the verdict the bench computed (or that follows from
     its numbers), one row per target -- the status of the project's measurable promises."""
@@ -234,6 +264,18 @@ def _targets(docs: dict[str, dict]) -> str:
             met = [k for k, v in d["verdicts"].items() if v["met"]]
             add(name, "learner on every log: below the running mean, level with the best peer, calibrated",
                 f"{len(met)} of {len(d['verdicts'])} logs", d["meets_target"])  # fmt: skip
+        elif name.endswith("stream.json"):
+            for r in d["rows"]:
+                if r.get("target_events_per_s") and "inline" not in r["name"]:  # comparison rows are no target
+                    add(name, f"{r['name']} >= {r['target_events_per_s']:,} events/s",
+                        f"{r['events_per_s']:,.0f}", r["events_per_s"] >= r["target_events_per_s"])  # fmt: skip
+                elif r.get("target_p99_s"):
+                    add(name, f"feature freshness p99 <= {r['target_p99_s']:g} s at {r['rate_events_per_s']:,.0f} "
+                        "events/s", f"p99 {r['p99_s']:.2f} s",
+                        r["p99_s"] <= r["target_p99_s"] and r["visible"] == r["probes"])  # fmt: skip
+        elif name.endswith("reliability.json"):
+            add(name, f"reliability bench: {d['target']}", f"lost {d['total_lost']}, crashes {d['total_crashes']}",
+                d["total_lost"] == 0 and d["total_crashes"] == 0)  # fmt: skip
         elif name.endswith("chaos.json"):
             clean = sum(1 for r in d["rows"] if r.get("discrepancies") == 0)
             add(name, f"chaos: {d['target']}", f"{clean} of {len(d['rows'])} seeds", d["met"])
