@@ -230,8 +230,13 @@ def _stream(doc: dict) -> str:
 def _reliability(doc: dict) -> str:
     lines = ["| scenario | injected | lost | lost by design | crashes | notes |", "|---|---|---|---|---|---|"]
     for r in doc["rows"]:
+        notes = [r["notes"]] if r.get("notes") else []
+        if "p99_ms" in r:
+            notes.append(f"p50 / p99 {r['p50_ms']} / {r['p99_ms']} ms")
+        if "peak_rss_mb" in r:
+            notes.append(f"peak RSS {r['peak_rss_mb']:,.0f} MB")
         lines.append(f"| {r['scenario']} | {r['injected']:,} | {r['lost']} | {r['lost_by_design']} | "
-                     f"{r['crashes']} | {r.get('notes', '')} |")  # fmt: skip
+                     f"{r['crashes']} | {'; '.join(notes)} |")  # fmt: skip
     lines += ["", f"Target: {doc['target']}: {_verdict(doc['total_lost'] == 0 and doc['total_crashes'] == 0)} "
                   f"(lost {doc['total_lost']}, crashes {doc['total_crashes']})."]  # fmt: skip
     return "\n".join(lines)
@@ -301,9 +306,11 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
     Table("freshness-table", "bench/results/freshness.json", _freshness),
+    Table("stream-table", "bench/results/stream.json", _stream),
+    Table("reliability-table", "bench/results/reliability.json", _reliability),
     Table("targets-table", ("bench/results/replay.json", "bench/results/hashing.json", "bench/results/learner.json",
                             "bench/results/quality.json", "bench/results/serving.json", "bench/results/freshness.json",
-                            "bench/results/chaos.json"),
+                            "bench/results/stream.json", "bench/results/reliability.json", "bench/results/chaos.json"),
           _targets),
 )
 
