@@ -189,22 +189,26 @@ def _serving(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(r) + " |" for r in rows)])  # fmt: skip
+
+
 def _freshness(doc: dict) -> str:
-    lines = ["| trials | missed | p50 s | p99 s | max s | target |", "|---|---|---|---|---|---|"]
+    rows = []
     for r in doc["rows"]:
         met = r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
-        lines.append(f"| {r['trials']} | {r['missed']} | **{r['p50_s']:.2f}** | **{r['p99_s']:.2f}** | "
-                     f"{r['max_s']:.2f} | p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s: "
-                     f"{_verdict(met)} |")  # fmt: skip
-    return "\n".join(lines)
+        rows.append([str(r["trials"]), str(r["missed"]), f"**{r['p50_s']:.2f}**", f"**{r['p99_s']:.2f}**",
+                     f"{r['max_s']:.2f}", f"p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s: "
+                     f"{_verdict(met)}"])  # fmt: skip
+    return _md(["trials", "missed", "p50 s", "p99 s", "max s", "target"], rows)
 
 
 def _feast_io(doc: dict) -> str:
-    lines = ["| op | method | rows | rows/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
-    for r in doc["rows"]:
-        rate = f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") else ""
-        lines.append(f"| {r['op']} | {r['method']} | {r['rows']:,} | {rate} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
-    return "\n".join(lines)
+    rows = [[r["op"], r["method"], f"{r['rows']:,}", f"{r['rows_per_s']:,.0f}" if r.get("rows_per_s") else "",
+             f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}"] for r in doc["rows"]]  # fmt: skip
+    return _md(["op", "method", "rows", "rows/s", "p50 ms", "p99 ms"], rows)
 
 
 def _stream(doc: dict) -> str:
