@@ -45,6 +45,26 @@ def source_line(doc: dict, result: str) -> str:
     return f"<sub>`{result}` · commit `{commit}` · `{doc.get('command', '?')}`{load_txt}{at}</sub>"
 
 
+def _md(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                      *("| " + " | ".join(r) + " |" for r in rows)])  # fmt: skip
+
+
+def _verdict(met: object) -> str:
+    return "met" if met else "**not met**"
+
+
+def _click_freshness_met(r: dict) -> bool:
+    """A ``ctr bench freshness`` row against its own targets (every probe moved the score)."""
+    return r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
+
+
+def _feature_freshness_met(r: dict) -> bool:
+    """The freshness row of ``ctr bench stream`` against its target (every probe seen)."""
+    return r["p99_s"] <= r["target_p99_s"] and r["visible"] == r["probes"]
+
+
 def _quality(doc: dict) -> str:
     from bench.quality import markdown_table
 
@@ -62,8 +82,7 @@ def _num(v: object, fmt: str = "{:,}") -> str:
 
 
 def _learner(doc: dict) -> str:
-    lines = ["| learner | examples | examples/s | AUC | log loss | AUC / log loss, first 20k | note |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = []
     for r in doc["rows"]:
         if "auc" not in r:
             continue
@@ -74,19 +93,16 @@ def _learner(doc: dict) -> str:
         name, auc, ll = r["learner"], f"{r['auc']:.3f}", f"{r['log_loss']:.3f}"
         if ours:
             name, auc, ll = f"**{name}**", f"**{auc}**", f"**{ll}**"
-        cells = [name, f"{r['examples']:,}", speed, auc, ll, f"{r['auc_prefix']:.3f} / {r['log_loss_prefix']:.3f}",
-                 r.get("note", "")]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    met = "met" if doc.get("meets_speed_target") else "**not met**"
-    lines.append("")
-    lines.append(f"Speed target {doc.get('target_examples_per_s', 0):,} examples/s end to end: {met}.")
-    pubs = [r for r in doc["rows"] if "publishes" in r]
+        rows.append([name, f"{r['examples']:,}", speed, auc, ll,
+                     f"{r['auc_prefix']:.3f} / {r['log_loss_prefix']:.3f}", r.get("note", "")])  # fmt: skip
+    lines = [_md(["learner", "examples", "examples/s", "AUC", "log loss", "AUC / log loss, first 20k", "note"], rows),
+             "", f"Speed target {doc.get('target_examples_per_s', 0):,} examples/s end to end: "
+             f"{_verdict(doc.get('meets_speed_target'))}."]  # fmt: skip
+    pubs = [[r["learner"], str(r["publishes"]), f"{r['rows_per_delta_p50']:,}", f"{r['bytes_per_delta_p50']:,}",
+             f"{r['publish_ms_p50']} / {r['publish_ms_p99']}"] for r in doc["rows"] if "publishes" in r]  # fmt: skip
     if pubs:
-        lines += ["", "| publishing | publishes | rows per delta p50 | bytes per delta p50 | publish p50 / p99 ms |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for r in pubs:
-            lines.append(f"| {r['learner']} | {r['publishes']} | {r['rows_per_delta_p50']:,} | "
-                         f"{r['bytes_per_delta_p50']:,} | {r['publish_ms_p50']} / {r['publish_ms_p99']} |")  # fmt: skip
+        lines += ["", _md(["publishing", "publishes", "rows per delta p50", "bytes per delta p50",
+                           "publish p50 / p99 ms"], pubs)]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -106,7 +122,7 @@ def _served_bias(doc: dict) -> str:
     datas = list(dict.fromkeys(r["data"] for r in doc["rows"]))
     head = ["`ctr worker --emission`"] + [f"{d}: served AUC / log loss / mean p ÷ click rate / running rate's log loss"
                                           for d in datas]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for mode, label in _EMISSIONS:
         cells = [label]
         for d in datas:
@@ -114,10 +130,10 @@ def _served_bias(doc: dict) -> str:
             running = f" / {r['running_mean_log_loss']:.4f}" if r and r.get("running_mean_log_loss") else ""
             cells.append("" if r is None else f"{r['served_auc']:.4f} / {r['served_log_loss']:.4f} / "
                                                f"{r['served_mean_p_over_rate']:.3f}{running}")  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Running rate: every earlier impression's final label, known at once -- a bar above any "
-                  "real running rate -- scored on the same served impressions."]  # fmt: skip
-    return "\n".join(lines)
+        rows.append(cells)
+    note = ("Running rate: every earlier impression's final label, known at once -- a bar above any real running "
+            "rate -- scored on the same served impressions.")
+    return f"{_md(head, rows)}\n\n{note}"
 
 
 def _demo(doc: dict) -> str:
@@ -147,58 +163,42 @@ def _demo(doc: dict) -> str:
         ("dead letters; exit codes of all stages",
          f"{s['dead_letters']}; " + ("all 0" if not any(s["exit_codes"].values()) else str(s["exit_codes"]))),
     ]  # fmt: skip
-    return "\n".join(["| metric | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-
-
-def _verdict(met: object) -> str:
-    return "met" if met else "**not met**"
+    return _md(["metric", "value"], [list(r) for r in rows])
 
 
 def _replay(doc: dict) -> str:
-    lines = ["| stage | events/s |", "|---|---|"]
+    rows = []
     for r in doc["rows"]:
         rate = f"{r['events_per_s']:,}"
-        lines.append(f"| {r['stage']} | {'**' + rate + '**' if r['stage'].startswith('replay path') else rate} |")
+        rows.append([r["stage"], f"**{rate}**" if r["stage"].startswith("replay path") else rate])
     target = f"{doc['target_events_per_s']:,} events/s"
-    lines += ["", f"Target: the replay path at {target}: {_verdict(doc['meets_target'])}."]
-    return "\n".join(lines)
+    note = f"Target: the replay path at {target}: {_verdict(doc['meets_target'])}."
+    return f"{_md(['stage', 'events/s'], rows)}\n\n{note}"
 
 
 def _hashing(doc: dict) -> str:
-    lines = ["| implementation | M hashes/s best | median |", "|---|---|---|"]
-    for r in doc["rows"]:
-        if "Mhash/s best" in r:
-            lines.append(f"| {r['impl']} | {r['Mhash/s best']:,.1f} | {r['Mhash/s median']:,.1f} |")
-        else:
-            lines.append(f"| {r['impl']} | {r['Mvalues/s']:,.2f} M strings/s | |")
-    lines += ["", f"Target {doc['target_cpu_hashes_per_s'] / 1e6:,.0f} M hashes/s on one core (CPU twin, best of "
-              f"the repeats): {_verdict(doc['cpu_twin_meets_target'])}; twin / torch: "
-              f"{doc['speedup_twin_vs_torch']:.1f}x."]  # fmt: skip
-    return "\n".join(lines)
+    rows = [[r["impl"], f"{r['Mhash/s best']:,.1f}", f"{r['Mhash/s median']:,.1f}"] if "Mhash/s best" in r
+            else [r["impl"], f"{r['Mvalues/s']:,.2f} M strings/s", ""] for r in doc["rows"]]  # fmt: skip
+    note = (f"Target {doc['target_cpu_hashes_per_s'] / 1e6:,.0f} M hashes/s on one core (CPU twin, best of the "
+            f"repeats): {_verdict(doc['cpu_twin_meets_target'])}; twin / torch: {doc['speedup_twin_vs_torch']:.1f}x.")
+    return f"{_md(['implementation', 'M hashes/s best', 'median'], rows)}\n\n{note}"
 
 
 def _serving(doc: dict) -> str:
-    lines = ["| features | candidates | req/s offered / achieved | p50 ms | p99 ms | versions applied | errors |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in doc["rows"]:
-        lines.append(f"| {r['features']} | {r['candidates']} | {r['rate_rps']:g} / {r['achieved_rps']:g} | "
-                     f"{r['p50_ms']:,.1f} | {r['p99_ms']:,.1f} | {r['deltas_applied']} | {r['errors']} |")  # fmt: skip
+    rows = [[r["features"], str(r["candidates"]), f"{r['rate_rps']:g} / {r['achieved_rps']:g}", f"{r['p50_ms']:,.1f}",
+             f"{r['p99_ms']:,.1f}", str(r["deltas_applied"]), str(r["errors"])] for r in doc["rows"]]  # fmt: skip
+    lines = [_md(["features", "candidates", "req/s offered / achieved", "p50 ms", "p99 ms", "versions applied",
+                  "errors"], rows)]  # fmt: skip
     t = doc.get("target")
     if t:
         lines += ["", f"Target: {t['what']}: {_verdict(t['met'])}."]
     return "\n".join(lines)
 
 
-def _md(head: list[str], rows: list[list[str]]) -> str:
-    """A markdown table."""
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                      *("| " + " | ".join(r) + " |" for r in rows)])  # fmt: skip
-
-
 def _freshness(doc: dict) -> str:
     rows = []
     for r in doc["rows"]:
-        met = r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
+        met = _click_freshness_met(r)
         rows.append([str(r["trials"]), str(r["missed"]), f"**{r['p50_s']:.2f}**", f"**{r['p99_s']:.2f}**",
                      f"{r['max_s']:.2f}", f"p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s: "
                      f"{_verdict(met)}"])  # fmt: skip
@@ -212,7 +212,7 @@ def _feast_io(doc: dict) -> str:
 
 
 def _stream(doc: dict) -> str:
-    lines = ["| row | result | target |", "|---|---|---|"]
+    rows = []
     for r in doc["rows"]:
         name = r["name"]
         if "events_per_s" in r:
@@ -220,39 +220,38 @@ def _stream(doc: dict) -> str:
             verdict = f"{target:,} events/s: {_verdict(r['events_per_s'] >= target)}" if target else ""
             per_event = r.get("changelog_bytes_per_event")
             extra = f" ({per_event} changelog B/event)" if per_event else ""
-            lines.append(f"| {name} | {r['events_per_s']:,.0f} events/s{extra} | {verdict} |")
+            rows.append([name, f"{r['events_per_s']:,.0f} events/s{extra}", verdict])
         elif "rows_per_s" in r:
-            lines.append(f"| {name} | {r['rows_per_s']:,.0f} rows/s | |")
+            rows.append([name, f"{r['rows_per_s']:,.0f} rows/s", ""])
         elif "p99_s" in r:
-            met = r["p99_s"] <= r["target_p99_s"] and r["visible"] == r["probes"]
-            lines.append(f"| {name}, {r['probes']:,} probes at {r['rate_events_per_s']:,.0f} events/s | p50 "
-                         f"{r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['visible']:,} seen) | p99 <= "
-                         f"{r['target_p99_s']:g} s: {_verdict(met)} |")  # fmt: skip
-    return "\n".join(lines)
+            rows.append([f"{name}, {r['probes']:,} probes at {r['rate_events_per_s']:,.0f} events/s",
+                         f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s ({r['visible']:,} seen)",
+                         f"p99 <= {r['target_p99_s']:g} s: {_verdict(_feature_freshness_met(r))}"])  # fmt: skip
+    return _md(["row", "result", "target"], rows)
 
 
 def _reliability(doc: dict) -> str:
-    lines = ["| scenario | injected | lost | lost by design | crashes | notes |", "|---|---|---|---|---|---|"]
+    rows = []
     for r in doc["rows"]:
         notes = [r["notes"]] if r.get("notes") else []
         if "p99_ms" in r:
             notes.append(f"p50 / p99 {r['p50_ms']} / {r['p99_ms']} ms")
         if "peak_rss_mb" in r:
             notes.append(f"peak RSS {r['peak_rss_mb']:,.0f} MB")
-        lines.append(f"| {r['scenario']} | {r['injected']:,} | {r['lost']} | {r['lost_by_design']} | "
-                     f"{r['crashes']} | {'; '.join(notes)} |")  # fmt: skip
-    lines += ["", f"Target: {doc['target']}: {_verdict(doc['total_lost'] == 0 and doc['total_crashes'] == 0)} "
-                  f"(lost {doc['total_lost']}, crashes {doc['total_crashes']})."]  # fmt: skip
-    return "\n".join(lines)
+        rows.append([r["scenario"], f"{r['injected']:,}", str(r["lost"]), str(r["lost_by_design"]),
+                     str(r["crashes"]), "; ".join(notes)])  # fmt: skip
+    lost, crashes = doc["total_lost"], doc["total_crashes"]
+    note = f"Target: {doc['target']}: {_verdict(lost == 0 and crashes == 0)} (lost {lost}, crashes {crashes})."
+    return f"{_md(['scenario', 'injected', 'lost', 'lost by design', 'crashes', 'notes'], rows)}\n\n{note}"
 
 
 def _targets(docs: dict[str, dict]) -> str:
     """Every target a result states, with the verdict the bench computed (or that follows from
     its numbers), one row per target -- the status of the project's measurable promises."""
-    rows: list[tuple[str, str, str, str]] = []
+    rows: list[list[str]] = []
 
     def add(result: str, what: str, got: str, met: object) -> None:
-        rows.append((what, got, _verdict(met), f"`{result}`"))
+        rows.append([what, got, _verdict(met), f"`{result}`"])
 
     for name, d in docs.items():
         if name.endswith("replay.json"):
@@ -263,7 +262,9 @@ def _targets(docs: dict[str, dict]) -> str:
             add(name, f"CPU hashing >= {d['target_cpu_hashes_per_s'] / 1e6:,.0f} M/s on one core",
                 f"{best:,.0f} M/s", d["cpu_twin_meets_target"])  # fmt: skip
         elif name.endswith("serving.json") and d.get("target"):
-            bar = next(r for r in d["rows"] if r["candidates"] == 100 and r["rate_rps"] == 100)
+            # the row the bench judged: default features, 100 candidates at 100 req/s
+            bar = next(r for r in d["rows"] if r["features"].endswith("(default)") and r["candidates"] == 100
+                       and r["rate_rps"] == 100)  # fmt: skip
             add(name, d["target"]["what"], f"p99 {bar['p99_ms']:,.1f} ms", d["target"]["met"])
         elif name.endswith("learner.json"):
             ours = next(r for r in d["rows"] if r["learner"].startswith("ctr-stream"))
@@ -280,8 +281,7 @@ def _targets(docs: dict[str, dict]) -> str:
                         f"{r['events_per_s']:,.0f}", r["events_per_s"] >= r["target_events_per_s"])  # fmt: skip
                 elif r.get("target_p99_s"):
                     add(name, f"feature freshness p99 <= {r['target_p99_s']:g} s at {r['rate_events_per_s']:,.0f} "
-                        "events/s", f"p99 {r['p99_s']:.2f} s",
-                        r["p99_s"] <= r["target_p99_s"] and r["visible"] == r["probes"])  # fmt: skip
+                        "events/s", f"p99 {r['p99_s']:.2f} s", _feature_freshness_met(r))  # fmt: skip
         elif name.endswith("reliability.json"):
             add(name, f"reliability bench: {d['target']}", f"lost {d['total_lost']}, crashes {d['total_crashes']}",
                 d["total_lost"] == 0 and d["total_crashes"] == 0)  # fmt: skip
@@ -290,12 +290,9 @@ def _targets(docs: dict[str, dict]) -> str:
             add(name, f"chaos: {d['target']}", f"{clean} of {len(d['rows'])} seeds", d["met"])
         elif name.endswith("freshness.json"):
             r = d["rows"][0]
-            met = r["p50_s"] <= r["target_p50_s"] and r["p99_s"] <= r["target_p99_s"] and not r["missed"]
             add(name, f"click -> served score p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s",
-                f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s", met)  # fmt: skip
-    lines = ["| target | measured | verdict | result |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows]
-    return "\n".join(lines)
+                f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s", _click_freshness_met(r))  # fmt: skip
+    return _md(["target", "measured", "verdict", "result"], rows)
 
 
 TABLES: tuple[Table, ...] = (
