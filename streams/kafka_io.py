@@ -200,6 +200,13 @@ class OffsetsGone(RuntimeError):
     """Records a reader needs are no longer in the partition (retention or compaction took them)."""
 
 
+def _partition_reader(bootstrap: str, group: str) -> Consumer:
+    """A consumer for ``assign``-ed reads of one partition (no group joined, nothing committed)
+    that reports the partition's end as an event."""
+    return Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": group, **CONSUMER_DEFAULTS,
+                     "enable.partition.eof": True})  # fmt: skip
+
+
 def read_range(
     bootstrap: str, topic: str, partition: int, first: int, last: int, timeout_s: float = 60.0
 ) -> list[Message]:
@@ -211,8 +218,7 @@ def read_range(
     :class:`OffsetsGone` when the partition no longer starts at or before ``first``, and
     ``TimeoutError`` when ``last`` is not reached in time.
     """
-    c = Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": "ctr-range-reader",
-                  **CONSUMER_DEFAULTS, "enable.partition.eof": True})  # fmt: skip
+    c = _partition_reader(bootstrap, "ctr-range-reader")
     out: list[Message] = []
     try:
         c.assign([TopicPartition(topic, partition, first)])
@@ -246,8 +252,7 @@ def first_offset_from(bootstrap: str, topic: str, partition: int, offset: int, t
     (compaction, retention, transaction markers) and the jump is real; otherwise the consumer's
     position was wrong. Before the log start it answers the log start (``auto.offset.reset``
     earliest)."""
-    c = Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": "ctr-gap-probe",
-                  **CONSUMER_DEFAULTS, "enable.partition.eof": True})  # fmt: skip
+    c = _partition_reader(bootstrap, "ctr-gap-probe")
     try:
         c.assign([TopicPartition(topic, partition, offset)])
         deadline = time.monotonic() + timeout_s
