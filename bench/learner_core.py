@@ -88,10 +88,12 @@ class CriteoLikeStream:
     def batches(self, cfg: ModelConfig, batch: int, n: int | None = None) -> list[EncodedBatch]:
         """Pre-encoded batches for ``cfg`` (bucketised numerics join the keys)."""
         n = len(self) if n is None else n
+        num = self.numeric[:n].astype(np.float32)
         if cfg.numeric_mode == "bucket":
             keys = np.concatenate([self.keys[:n], numeric_keys(self.numeric[:n], cfg.numeric_resolution)], axis=1)
-            return [EncodedBatch(keys[i : i + batch]) for i in range(0, n, batch)]
-        num = self.numeric[:n].astype(np.float32)
+            values = num if cfg.numeric_linear else None
+            return [EncodedBatch(keys[i : i + batch], None if values is None else values[i : i + batch])
+                    for i in range(0, n, batch)]
         return [EncodedBatch(self.keys[i : i + batch], num[i : i + batch]) for i in range(0, n, batch)]
 
     def dict_rows(self, n: int) -> list[dict]:

@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from online_learner.hashing import MAX_TABLE_BITS, ProbeLayout, hash_buckets
 from online_learner.optim import scatter_add_rows, unique_rows
 
-__all__ = ["DenseNumericEmbedding", "HashedChunkTable", "PerFieldHashEmbedding", "RowLookup", "UnifiedEmbedding"]
+__all__ = [
+    "DenseNumericEmbedding",
+    "HashedChunkTable",
+    "PerFieldHashEmbedding",
+    "RowLookup",
+    "UnifiedEmbedding",
+    "signed_log1p",
+]
 
 
 def _as_key_tensor(keys: np.ndarray | Tensor) -> np.ndarray | Tensor:
@@ -206,6 +213,13 @@ class PerFieldHashEmbedding(HashedChunkTable):
         return (base.index_select(1, self._probe_field) + self._probe_index).int()
 
 
+def signed_log1p(x: Tensor) -> Tensor:
+    """``sign(x) log1p|x|`` elementwise (heavy-tailed counts), missing (NaN / inf) as 0:
+    ``[B, F] -> [B, F]``."""
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
 class DenseNumericEmbedding(nn.Module):
     """Numeric fields as dense per-field embeddings (the alternative to bucketising them).
 
@@ -236,8 +250,6 @@ class DenseNumericEmbedding(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         present = torch.isfinite(x)
-        t = torch.where(present, x, torch.zeros_like(x))
-        t = torch.sign(t) * torch.log1p(t.abs())
-        e = t.unsqueeze(-1) * self.weight + self.bias  # [B, F_num, width]
+        e = signed_log1p(x).unsqueeze(-1) * self.weight + self.bias  # [B, F_num, width]
         e = torch.where(present.unsqueeze(-1), e, self.missing)
         return e.flatten(1)

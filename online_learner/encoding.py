@@ -27,6 +27,7 @@ distinct value (:class:`~online_learner.hashing.ValueKeyer`).
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,8 @@ class EncodedBatch:
 
     Attributes:
         keys: uint64 ``[B, H]`` keys of the hashed fields (``config.hashed_fields`` order).
-        numeric: float32 ``[B, F_num]`` raw numeric values, NaN = missing (dense mode only).
+        numeric: float32 ``[B, F_num]`` raw numeric values, NaN = missing (dense mode, or the
+            numeric fields' linear term; None when the model reads no numeric values).
     """
 
     keys: np.ndarray
@@ -70,6 +72,23 @@ def _to_float(v: Any) -> float:
         return float(v)
     except (TypeError, ValueError):
         return math.nan
+
+
+def _numeric_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
+    """float64 ``[len(rows), len(names)]`` of ``row.get(name)``: absent, None or unparsable -> NaN.
+
+    The common case -- every value a float or int, or absent -- is one C-level ``map`` per row
+    and one ``fromiter``; anything else (None, strings) takes the per-value path."""
+    n, f = len(rows), len(names)
+    flat: list[Any] = []
+    extend = flat.extend
+    absent = [math.nan] * f
+    for d in rows:
+        extend(map(d.get, names, absent))
+    try:
+        return np.fromiter(flat, dtype=np.float64, count=n * f).reshape(n, f)
+    except (TypeError, ValueError):  # None, or a string: numeric strings parse, the rest is NaN
+        return np.array([_to_float(v) for v in flat], dtype=np.float64).reshape(n, f)
 
 
 class FeatureEncoder:
@@ -104,8 +123,7 @@ class FeatureEncoder:
         keys = np.empty((n, len(cfg.hashed_fields)), dtype=np.uint64)
         own = [f for f, name in enumerate(cfg.categorical_fields) if structured and name in IMPRESSION_ATTRIBUTES]
         for f in own:
-            name = cfg.categorical_fields[f]
-            keys[:, f] = self.keyer([str(getattr(r, name)) for r in rows])
+            keys[:, f] = self.keyer(list(map(str, map(attrgetter(cfg.categorical_fields[f]), rows))))
         rest = [f for f in range(len(cfg.categorical_fields)) if f not in own]
         if rest:
             keys[:, rest] = self.keyer.columns(cats, [cfg.categorical_fields[f] for f in rest])
@@ -115,16 +133,10 @@ class FeatureEncoder:
 
         numeric = None
         if cfg.numeric_fields:
-            names = cfg.numeric_fields
-            table = [list(map(d.get, names)) for d in nums]
-            try:  # None -> NaN; numeric strings parse
-                values = np.array(table, dtype=np.float64)
-            except (TypeError, ValueError):  # something unparsable: per value, unparsable -> NaN
-                values = np.array([[_to_float(v) for v in row] for row in table], dtype=np.float64)
-            values = values.reshape(n, len(cfg.numeric_fields))
+            values = _numeric_table(nums, cfg.numeric_fields)
             if cfg.numeric_mode == "bucket":
                 keys[:, len(cfg.categorical_fields) :] = numeric_keys(values, cfg.numeric_resolution)
-            else:
+            if cfg.numeric_mode == "dense" or cfg.numeric_linear:
                 numeric = values.astype(np.float32)
         return EncodedBatch(keys, numeric)
 

@@ -442,21 +442,23 @@ class ValueKeyer:
         self.misses = 0
 
     def __call__(self, values: Sequence[str | None]) -> np.ndarray:
-        get = self._cache.get
-        found = [get(v) for v in values]
+        found = list(map(self._cache.get, values))
+        try:  # a miss is None, which fromiter refuses: no separate scan when all are cached
+            keys = np.fromiter(found, dtype=np.uint64, count=len(values))
+            self.hits += len(values)
+            return keys
+        except TypeError:
+            pass
         missing = [v for v, k in zip(values, found, strict=True) if k is None]
-        uniq: list[str | None] = []
-        if missing:
-            uniq = list(dict.fromkeys(missing))
-            if len(self._cache) + len(uniq) > self.max_entries:
-                self._cache.clear()
-                self._cache[None] = MISSING_KEY
-            self._cache.update(zip(uniq, value_keys(uniq).tolist(), strict=True))
-            get = self._cache.get
-            found = [get(v) for v in values]
+        uniq = list(dict.fromkeys(missing))
+        if len(self._cache) + len(uniq) > self.max_entries:
+            self._cache.clear()
+            self._cache[None] = MISSING_KEY
+            uniq = list(dict.fromkeys(values))  # this batch's cached values went with the rest
+        self._cache.update(zip(uniq, value_keys(uniq).tolist(), strict=True))
         self.misses += len(uniq)  # distinct values hashed
         self.hits += len(values) - len(missing)  # lookups served from the cache
-        return np.fromiter(found, dtype=np.uint64, count=len(values))
+        return np.fromiter(map(self._cache.get, values), dtype=np.uint64, count=len(values))
 
     def column(self, rows: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
         """Keys of ``row.get(name)`` for every row: one dict lookup per row when cached.
@@ -484,16 +486,19 @@ class ValueKeyer:
         for r in rows:
             extend(map(r.get, names))
         found = list(map(self._cache.get, flat))
-        if None in found:  # new values (or non-str ones, never cached as such): hash just those
+        try:  # a miss is None, which fromiter refuses: no separate scan for misses
+            keys = np.fromiter(found, dtype=np.uint64, count=n * f)
+        except TypeError:  # new values (or non-str ones, never cached as such): hash just those
             miss = [i for i, k in enumerate(found) if k is None]
             values = [flat[i] for i in miss]
-            keys = self([v if isinstance(v, str) or v is None else str(v) for v in values]).tolist()
-            for i, k in zip(miss, keys, strict=True):
+            for i, k in zip(
+                miss, self([v if isinstance(v, str) or v is None else str(v) for v in values]).tolist(), strict=True
+            ):
                 found[i] = k
-            self.hits += n * f - len(miss)
-        else:
-            self.hits += n * f
-        return np.fromiter(found, dtype=np.uint64, count=n * f).reshape(n, f)
+            self.hits -= len(miss)
+            keys = np.fromiter(found, dtype=np.uint64, count=n * f)
+        self.hits += n * f
+        return keys.reshape(n, f)
 
 
 def numeric_keys(x: np.ndarray, resolution: int = 4) -> np.ndarray:

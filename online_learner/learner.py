@@ -88,11 +88,11 @@ class OnlineCTR:
         config: ModelConfig | None = None,
         *,
         lr_table: float = 0.1,
-        lr_dense: float = 0.01,
-        table_beta: float = 1.0,
+        lr_dense: float = 0.005,
+        table_beta: float = 0.3,
         dense_optimizer_kind: Literal["adagrad", "adam", "sgd"] = "adagrad",
         max_step: int = 2048,
-        step_ratio: int = 16,
+        step_ratio: int = 64,
         calibrate: bool = True,
         device: str | torch.device | None = None,
         seed: int | None = None,
@@ -218,8 +218,8 @@ class OnlineCTR:
         """Examples in the next update: ``examples_seen / step_ratio``, between 1 and ``max_step``.
 
         Updates are sized by what has arrived, not by what one poll returned: while data is
-        scarce every example counts and steps are small (the first sixteen examples are
-        learned one by one); once a step's share of the evidence is small, larger steps cost
+        scarce every example counts and steps are small (the first ``step_ratio`` examples
+        are learned one by one); once a step's share of the evidence is small, larger steps cost
         no quality and buy speed."""
         return max(1, min(self.max_step, self.examples_seen // self.step_ratio))
 
@@ -255,7 +255,8 @@ class OnlineCTR:
     ) -> tuple[np.ndarray, float]:
         n = len(enc)
         model = self.model
-        model.train()
+        if not model.training:  # train() walks every submodule: not once per step
+            model.train()
         ids, numeric = self._inputs(enc)
         lookup = model.embedding.lookup(ids)  # unique rows [U, c] as a leaf; chunks [B, P, c]
         score = model.forward_chunks(lookup.chunks, numeric)
@@ -264,7 +265,7 @@ class OnlineCTR:
         # (pre-update) scores is fitted separately, below
         # summed, not averaged: an example moves the weights as much in a step of 1 as of 2,048
         loss = F.binary_cross_entropy_with_logits(score + offset, y, reduction="sum")
-        self.dense_optimizer.zero_grad(set_to_none=True)
+        self.dense_optimizer.zero_grad()
         loss.backward()
         self.dense_optimizer.step()
         self.table_optimizer.step_unique(lookup.ids, lookup.rows.grad)  # grad: summed per row

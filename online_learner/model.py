@@ -4,7 +4,9 @@
 
     keys [B, H] uint64 ──hash──► ids [B, P] int32 ──table──► [B, P*c] ─┐
     numeric [B, F_num] (dense mode) ──DenseNumericEmbedding──► [B, F_num*w] ─┴► x [B, D]
-    x ──FieldGate (learned x stream prior)──► x0 [B, D] ──DCNv2Head──► logits [B]
+    x ──FieldGate (learned x stream prior)──► x0 [B, D] ──DCNv2Head──► deep score [B]
+    first float of each chunk [B, P] + numeric [B, F_num] ──linear──► wide score [B]
+    base-rate log-odds + calibration(deep + wide) ──► logits [B]
 
 ``H`` hashed fields are the categorical fields, plus the numeric fields when
 ``numeric_mode="bucket"``; ``P = sum_f k_f`` probes; ``D`` = sum of field widths.
@@ -18,14 +20,16 @@ Numeric fields, two modes (both implemented; ``bench/learner_core.py`` measures 
 * ``"dense"``: ``sign(x) log1p|x|`` times a learned vector per field (AutoInt-style). Smooth in
   ``x`` and cheaper, but only monotone in ``x`` before the head's non-linearity.
 
-Measured (``python -m bench.learner_core``, 1M progressive examples, 2 MB table, Criteo-shaped
-synthetic stream whose numeric effects are non-monotone in ``log x``): bucket 0.866 vs dense
-0.854 cumulative AUC. A stream with monotone numeric effects would narrow that gap.
+In both modes ``numeric_linear`` adds ``sign(x) log1p|x|`` times one weight per field to the
+wide score: a bucket's own weights learn only from the examples that land in that bucket,
+the linear term from every example, which is what a linear model (VW) reads from a count
+and why it learned faster than we did on a small Criteo log (``ctr bench quality``).
 
 >>> cfg = ModelConfig(categorical_fields=("site", "ad"), numeric_fields=("price",), table_bits=10)
 >>> model = CTRModel(cfg)
 >>> keys = np.array([[1, 2, 3], [4, 5, 6]], dtype=np.uint64)
->>> model(model.bucket_ids(keys)).shape
+>>> price = torch.tensor([[1.5], [float("nan")]])  # [B, F_num], NaN = missing
+>>> model(model.bucket_ids(keys), price).shape
 torch.Size([2])
 >>> model.field_names
 ['site', 'ad', 'price']
@@ -42,7 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from online_learner.embedding import DenseNumericEmbedding, HashedChunkTable, PerFieldHashEmbedding, UnifiedEmbedding
+from online_learner.embedding import (
+    DenseNumericEmbedding,
+    HashedChunkTable,
+    PerFieldHashEmbedding,
+    UnifiedEmbedding,
+    signed_log1p,
+)
 from online_learner.gates import FieldGate
 from online_learner.hashing import HASH_VERSION, ProbeLayout
 from online_learner.heads import DCNv2Head
@@ -99,6 +109,10 @@ class ModelConfig:
     #: ``first_order_scale / sqrt(hashed fields)``.
     first_order: bool = True
     first_order_scale: float = 1.0
+    #: Add a linear term on each numeric field's value, ``sign(x) log1p|x|`` times a weight per
+    #: field (bucket mode too): what a linear model reads from a count, available from the first
+    #: examples, where a bucket's own weights need clicks in that bucket.
+    numeric_linear: bool = True
     #: Starting trust ``a`` of the online calibration and its prior precision.
     calibration_a0: float = 0.0
     calibration_precision: tuple[float, float] = (10.0, 1000.0)
@@ -187,6 +201,12 @@ class CTRModel(nn.Module):
         #: field index of each probe ``[P]`` (the first-order term's field prior)
         probe_field = [f for f, name in enumerate(config.hashed_fields) for _ in range(config.probes_of(name))]
         self.register_buffer("probe_field", torch.tensor(probe_field, dtype=torch.int64), persistent=False)
+        #: per numeric field: the weight of its linear term ``[F_num]`` (None: off)
+        self.numeric_linear: nn.Parameter | None = None
+        if config.numeric_linear and config.numeric_fields:
+            self.numeric_linear = nn.Parameter(torch.zeros(len(config.numeric_fields)))
+            numeric_field = [self.field_names.index(f) for f in config.numeric_fields]
+            self.register_buffer("numeric_field", torch.tensor(numeric_field, dtype=torch.int64), persistent=False)
         self.calibration = OnlineCalibration(
             config.calibration_a0, config.calibration_precision, config.base_rate_horizon
         )
@@ -221,9 +241,12 @@ class CTRModel(nn.Module):
             # (times the stream's field prior, so a field switched off is off here too)
             wide = emb[:, :: self.config.chunk_dim] * self.gate.prior[self.probe_field]
             score = wide.sum(1) * self.first_order_scale
+        if (self.numeric is not None or self.numeric_linear is not None) and numeric is None:
+            raise ValueError("this model reads numeric values: pass numeric [B, F_num]")
+        if self.numeric_linear is not None:
+            linear = signed_log1p(numeric) @ (self.numeric_linear * self.gate.prior[self.numeric_field])
+            score = linear if score is None else score + linear
         if self.numeric is not None:
-            if numeric is None:
-                raise ValueError("this model embeds numeric fields densely: pass numeric [B, F_num]")
             emb = torch.cat([emb, self.numeric(numeric)], dim=1)
         x0, _ = self.gate(emb)
         deep = self.head(x0)

@@ -135,21 +135,25 @@ class OnlineCalibration(nn.Module):
         n = labels.numel()
         if n == 0:
             return
-        f = score.double().reshape(-1)
-        coef = self.coef.double()
-        z = offset.double() + coef[1] + coef[0] * f
-        p = torch.sigmoid(z)
-        r = p - labels.double().reshape(-1)
-        w = p * (1 - p)
-        grad = torch.stack([(r * f).sum(), r.sum()])
-        hess = torch.stack([torch.stack([(w * f * f).sum(), (w * f).sum()]), torch.stack([(w * f).sum(), w.sum()])])
+        # float64 numpy on the host: a 2x2 fit is a handful of reductions, and torch's per-op
+        # dispatch (and a batched linalg.solve) cost more than the arithmetic at small batches
+        f = score.detach().reshape(-1).double().cpu().numpy()
+        y = labels.detach().reshape(-1).double().cpu().numpy()
+        off = offset.detach().double().cpu().numpy()
+        a, b = self.coef.tolist()
+        p = 0.5 * (1.0 + np.tanh(0.5 * (off + b + a * f)))  # sigmoid, without overflow warnings
+        r = p - y
+        w = p * (1.0 - p)
+        wf = w * f
+        grad = np.array([r @ f, r.sum()])
+        hess = np.array([[wf @ f, wf.sum()], [wf.sum(), w.sum()]])
         # forget old evidence (never below the prior), then add this batch's
         keep = math.exp(-n / self.horizon)
-        precision = self.precision.double() * keep + self.prior.to(self.precision.device) * (1 - keep) + hess
-        coef = coef - torch.linalg.solve(precision, grad)
-        coef[0].clamp_(min=0.0)  # a feature score is never trusted upside down
-        self.precision.copy_(precision)
-        self.coef.copy_(coef)
+        precision = self.precision.double().cpu().numpy() * keep + self.prior.numpy() * (1 - keep) + hess
+        coef = np.array([a, b]) - np.linalg.solve(precision, grad)
+        coef[0] = max(coef[0], 0.0)  # a feature score is never trusted upside down
+        self.precision.copy_(torch.from_numpy(precision))
+        self.coef.copy_(torch.from_numpy(coef))
 
 
 class CompleteCohorts:

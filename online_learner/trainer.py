@@ -132,10 +132,21 @@ class TrainerConfig:
     categorical: tuple[str, ...] | None = None
     numeric: tuple[str, ...] | None = None
     #: prior_strength 0: the stream's field weights are received but not applied -- applied
-    #: (0.5) they made log loss worse on every dataset ``ctr bench quality`` runs (see README)
-    model_options: dict = field(default_factory=lambda: {"table_bits": 18, "prior_strength": 0.0})
+    #: (0.5) they made log loss worse on every dataset ``ctr bench quality`` runs (see README).
+    #: probes 1, no cross layers, no learned gate: two probes, the DCN-V2 cross network and
+    #: the FinalMLP gate each gave the same log loss on every log ``ctr bench quality`` runs,
+    #: and together cost ~2.5x the step time (README, "Learner speed")
+    model_options: dict = field(
+        default_factory=lambda: {
+            "table_bits": 18,
+            "prior_strength": 0.0,
+            "probes": 1,
+            "cross_layers": 0,
+            "gate": False,
+        }
+    )
     lr_table: float = 0.1
-    lr_dense: float = 0.01
+    lr_dense: float = 0.005
     seed: int = 0
     #: torch intra-op threads. 1 by default: the trainer shares the machine with the broker,
     #: the stream workers and serving, and measured here 2 threads under contention ran the

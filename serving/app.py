@@ -666,15 +666,13 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
         rows = [items.get(c.item_id) or DEFAULTS["item"] for c in cands]
         for name in plan.item:
             columns[name] = np.array([r[name] for r in rows], dtype=np.float64)
-    if columns:
+    index = {name: j for j, name in enumerate(cfg.numeric_fields)}
+    for name, values in columns.items():
         if cfg.numeric_mode == "bucket":
-            for name, values in columns.items():
-                put_keys(name, numeric_keys(values, cfg.numeric_resolution))
-        else:
-            index = {name: j for j, name in enumerate(cfg.numeric_fields)}
-            for name, values in columns.items():
-                j = index[name]
-                numeric[:, j] = np.where(np.isnan(values), numeric[:, j], values)
+            put_keys(name, numeric_keys(values, cfg.numeric_resolution))
+        if numeric is not None:  # dense mode, or the numeric fields' linear term
+            j = index[name]
+            numeric[:, j] = np.where(np.isnan(values), numeric[:, j], values)
     return EncodedBatch(keys, numeric)
 
 

@@ -200,6 +200,9 @@ def test_value_keyer_caches_and_bounds() -> None:
     keyer([f"new{i}" for i in range(20)])  # overflows: cache cleared, still correct
     assert keyer(["v1"]).tolist() == [value_key("v1")]
     assert len(keyer._cache) <= 10 + 20
+    # a batch mixing cached values with enough new ones to overflow: all of it still keyed
+    mixed = ["v1", *[f"more{i}" for i in range(12)], "v1"]
+    assert keyer(mixed).tolist() == [value_key(v) for v in mixed]
 
 
 # --- dispatch ----------------------------------------------------------------------------------

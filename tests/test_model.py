@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +20,7 @@ from online_learner.hashing import MISSING_KEY, ProbeLayout, numeric_key, value_
 from online_learner.learner import OnlineCTR
 from online_learner.metrics import ProgressiveMetrics, roc_auc
 from online_learner.model import CTRModel, ModelConfig
-from online_learner.optim import RowWiseAdagrad, TouchedRows
+from online_learner.optim import FlatAdagrad, RowWiseAdagrad, TouchedRows
 from streams.schema import Impression, TrainingExample
 
 CAT = ("site", "ad", "device")
@@ -47,7 +48,7 @@ def test_forward_shapes(embedding: str, numeric_mode: str) -> None:
     ids = model.bucket_ids(keys)
     # probes: site 1, ad 3, device 2 (+ price 2, hour 2 when bucketised)
     assert ids.shape == (7, 6 + (4 if numeric_mode == "bucket" else 0)) and ids.dtype == torch.int32
-    numeric = torch.randn(7, 2) if numeric_mode == "dense" else None
+    numeric = torch.randn(7, 2)  # dense: embedded; bucket: the numeric fields' linear term
     assert model.embedding(ids).shape == (7, ids.shape[1] * 4)
     assert model(ids, numeric).shape == (7,)
     lookup = model.embedding.lookup(ids)
@@ -109,22 +110,34 @@ def test_gate_starts_neutral_and_follows_stream_weights() -> None:
     keys = _random_keys(32, 5)
     ids = model.bucket_ids(keys)
     # the network's score: a fresh model's calibrated output is the base rate whatever the features
-    before = model.forward_embedded(model.embedding(ids))
+    num = torch.randn(32, len(NUM))
+    before = model.forward_embedded(model.embedding(ids), num)
     assert model.set_field_weights({"ad": 0.0, "nope": 2.0}) == ["nope"]
     assert model.field_weights()["ad"] == 0.0
     assert model.gate.prior.tolist() == pytest.approx([1.25, 0.0, 1.25, 1.25, 1.25])
-    after = model.forward_embedded(model.embedding(ids))
+    after = model.forward_embedded(model.embedding(ids), num)
     assert not torch.allclose(before, after)
     # field "ad" is switched off: changing its values no longer changes the prediction
     keys2 = keys.copy()
     keys2[:, 1] = _random_keys(32, 1, seed=9)[:, 0]
-    torch.testing.assert_close(model.forward_embedded(model.embedding(model.bucket_ids(keys2))), after)
+    torch.testing.assert_close(model.forward_embedded(model.embedding(model.bucket_ids(keys2)), num), after)
     # the prior travels with the state dict
     clone = CTRModel(_config())
     clone.load_state_dict(model.state_dict())
     torch.testing.assert_close(clone.gate.prior, model.gate.prior)
+    # a numeric field switched off: its value no longer counts (bucket and linear term alike)
+    model.set_field_weights({NUM[0]: 0.0}, default=1.0)
+    with torch.no_grad():
+        model.numeric_linear.fill_(1.0)
+    other = num.clone()
+    other[:, 0] += 10.0
+    torch.testing.assert_close(
+        model.forward_embedded(model.embedding(ids), other), model.forward_embedded(model.embedding(ids), num)
+    )
+    with torch.no_grad():
+        model.numeric_linear.zero_()
     model.set_field_weights({}, default=1.0)
-    torch.testing.assert_close(model.forward_embedded(model.embedding(ids)), before)
+    torch.testing.assert_close(model.forward_embedded(model.embedding(ids), num), before)
 
 
 def test_learned_gate_is_trained() -> None:
@@ -172,6 +185,35 @@ def test_fused_cross_network_gradients() -> None:
     assert torch.autograd.gradcheck(lambda x, *w: _LowRankCrossFn.apply(x, *w), (x, *weights))
     with torch.no_grad():  # the inference path (plain ops) computes the same function
         torch.testing.assert_close(cross(x), _LowRankCrossFn.apply(x, *weights))
+
+
+def test_flat_adagrad_takes_torchs_adagrad_steps_on_the_model() -> None:
+    """The flat-buffer optimizer is torch's Adagrad, step for step, on every dense parameter,
+    and its parameters stay views of its buffer through backward passes and state loads."""
+    torch.manual_seed(0)
+    ours, ref = CTRModel(_config()), CTRModel(_config())
+    ref.load_state_dict(ours.state_dict())
+    flat = FlatAdagrad(ours.dense_parameters(), lr=0.05)
+    torch_opt = torch.optim.Adagrad(ref.dense_parameters(), lr=0.05, eps=1e-10)
+    start = [p.detach().clone() for p in ours.dense_parameters()]
+    ids = ours.bucket_ids(_random_keys(64, 5))
+    num = torch.randn(64, len(NUM))
+    y = (torch.rand(64) < 0.3).float()
+    for _ in range(4):
+        for model, opt in ((ours, flat), (ref, torch_opt)):
+            opt.zero_grad()
+            score = model.forward_embedded(model.embedding(ids), num)  # what the learner trains
+            F.binary_cross_entropy_with_logits(score, y, reduction="sum").backward()
+            opt.step()
+    assert sum(not torch.equal(a, b) for a, b in zip(ours.dense_parameters(), start, strict=True)) > 5
+    for a, b in zip(ours.dense_parameters(), ref.dense_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    ours.load_state_dict(ref.state_dict())
+    buffer = flat.flat.untyped_storage().data_ptr()
+    assert all(p.untyped_storage().data_ptr() == buffer for p in ours.dense_parameters())
+    assert all(p.grad.untyped_storage().data_ptr() == flat.grad.untyped_storage().data_ptr()
+               for p in ours.dense_parameters())
+    assert sum(p.numel() for p in ours.dense_parameters()) == flat.flat.numel()
 
 
 def test_rowwise_adagrad_cpu_kernel_matches_torch_reference() -> None:
