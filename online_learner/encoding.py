@@ -27,9 +27,9 @@ distinct value (:class:`~online_learner.hashing.ValueKeyer`).
 from __future__ import annotations
 
 import math
-from operator import attrgetter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
