@@ -403,6 +403,13 @@ def learn_cmd(
             help="Exponent on the stream's field weights in the gate (0 ignores them; see `ctr bench quality`)."
         ),
     ] = 0.0,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Model setting KEY=VALUE over the shipped ones (repeatable; a ModelConfig field, the value "
+            "as JSON), e.g. cross_layers=2, probes=2, gate=true, mlp_dims=[128,64]."
+        ),
+    ] = None,
     max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,
     idle_exit: Annotated[float | None, typer.Option(help="Stop after this many seconds without examples.")] = None,
     frozen_after: Annotated[
@@ -434,12 +441,33 @@ def learn_cmd(
         fp16_deltas=fp16,
         categorical=names(categorical),
         numeric=names(numeric),
-        model_options={"table_bits": table_bits, "prior_strength": prior_strength},
+        model_options=model_options(table_bits, prior_strength, model_option or []),
         frozen_after_examples=frozen_after,
         window_ms=window_ms,
     )
     result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
     typer.echo(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))
+
+
+def model_options(table_bits: int, prior_strength: float, overrides: list[str]) -> dict:
+    """``ctr learn``'s model options: the shipped ones (``DEFAULT_MODEL_OPTIONS``, what ``ctr bench
+    quality`` and ``ctr bench learner`` evaluate) with the flags and ``--model-option`` over them."""
+    import dataclasses
+
+    from online_learner.model import ModelConfig
+    from online_learner.trainer import DEFAULT_MODEL_OPTIONS
+
+    options = {**DEFAULT_MODEL_OPTIONS, "table_bits": table_bits, "prior_strength": prior_strength}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"categorical_fields", "numeric_fields"}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or key.strip() not in known:
+            raise typer.BadParameter(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(known))}")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.strip()] = raw  # a bare string, e.g. numeric_mode=dense
+    return options
 
 
 # --------------------------------------------------------------------------- demo

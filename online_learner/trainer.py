@@ -95,6 +95,16 @@ class RecentIds:
         self._ids = OrderedDict((int(k), None) for k in np.asarray(arr, dtype=np.int64).view(np.uint64))
 
 
+#: What ``ctr learn`` builds on top of :class:`ModelConfig`'s defaults, from ``ctr bench quality``
+#: on every log it runs (README, "Learner quality" and "Learner speed"):
+#:
+#: * prior_strength 0: the stream's field weights are received but not applied -- applied
+#:   (0.5) they made log loss worse on every log;
+#: * probes 1, no cross layers, no learned gate: two probes, the DCN-V2 cross network and the
+#:   FinalMLP gate each gave the same log loss on every log, and together cost ~2.5x the step.
+DEFAULT_MODEL_OPTIONS: dict = {"table_bits": 18, "prior_strength": 0.0, "probes": 1, "cross_layers": 0, "gate": False}
+
+
 @dataclass
 class TrainerConfig:
     bootstrap: str
@@ -131,20 +141,8 @@ class TrainerConfig:
     model: ModelConfig | None = None
     categorical: tuple[str, ...] | None = None
     numeric: tuple[str, ...] | None = None
-    #: prior_strength 0: the stream's field weights are received but not applied -- applied
-    #: (0.5) they made log loss worse on every dataset ``ctr bench quality`` runs (see README).
-    #: probes 1, no cross layers, no learned gate: two probes, the DCN-V2 cross network and
-    #: the FinalMLP gate each gave the same log loss on every log ``ctr bench quality`` runs,
-    #: and together cost ~2.5x the step time (README, "Learner speed")
-    model_options: dict = field(
-        default_factory=lambda: {
-            "table_bits": 18,
-            "prior_strength": 0.0,
-            "probes": 1,
-            "cross_layers": 0,
-            "gate": False,
-        }
-    )
+    #: the model ``ctr learn`` builds (``DEFAULT_MODEL_OPTIONS``; ``--model-option`` overrides)
+    model_options: dict = field(default_factory=lambda: dict(DEFAULT_MODEL_OPTIONS))
     lr_table: float = 0.1
     lr_dense: float = 0.005
     seed: int = 0

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +256,21 @@ def test_a_learner_started_during_a_broker_outage_waits_for_the_broker():
     assert c.calls == 3
     with pytest.raises(KafkaException):
         _watermarks_when_up(Down(), TopicPartition("model-updates", 0), patience_s=0.1)
+
+
+def test_ctr_learn_builds_the_model_the_benchmarks_evaluate() -> None:
+    """``ctr learn``'s flags sit over the shipped model options, never replace them: what
+    ``ctr bench quality`` / ``ctr bench learner`` measure (``TrainerConfig()``) is what runs."""
+    import typer
+
+    from infra.cli import model_options
+
+    shipped = TrainerConfig(bootstrap="", state_dir=Path(".")).model_options
+    assert model_options(18, 0.0, []) == shipped
+    got = model_options(16, 0.5, ["cross_layers=2", "mlp_dims=[128, 64]", "numeric_mode=dense", "gate=true"])
+    assert got == {**shipped, "table_bits": 16, "prior_strength": 0.5, "cross_layers": 2,
+                   "mlp_dims": [128, 64], "numeric_mode": "dense", "gate": True}  # fmt: skip
+    ModelConfig(("a",), ("x",), **got)  # a valid model
+    for bad in ("cross_layers", "no_such_option=1"):
+        with pytest.raises(typer.BadParameter):
+            model_options(18, 0.0, [bad])
