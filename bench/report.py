@@ -71,6 +71,12 @@ def _quality(doc: dict) -> str:
     return markdown_table(doc)
 
 
+def _ablation(doc: dict) -> str:
+    from bench.ablation import markdown_table
+
+    return markdown_table(doc)
+
+
 def _chaos(doc: dict) -> str:
     from bench.chaos import markdown_table
 
@@ -314,6 +320,7 @@ TABLES: tuple[Table, ...] = (
     Table("chaos-table", "bench/results/chaos.json", _chaos),
     Table("quality-table", "bench/results/quality.json", _quality),
     Table("learner-table", "bench/results/learner.json", _learner),
+    Table("ablation-table", "bench/results/ablation.json", _ablation),
     Table("replay-table", "bench/results/replay.json", _replay),
     Table("hashing-table", "bench/results/hashing.json", _hashing),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),

@@ -564,6 +564,25 @@ def bench_quality(
     main(json_path, data or (), mapping, events, synthetic_events, peers)
 
 
+@bench_app.command("ablation")
+def bench_ablation(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/ablation.json"
+    ),
+    data: Annotated[
+        list[str] | None, typer.Option(help="Dataset spec, repeatable (as `ctr bench quality`). Default: the same.")
+    ] = None,
+    synthetic_events: Annotated[
+        int | None, typer.Option(help="Events per synthetic stream (default: 100k, 500k for low-ctr).")
+    ] = None,
+) -> None:
+    """What each model option buys: log loss vs the running click rate per dataset, and the
+    model step's time, for the shipped model and with one part added or removed."""
+    from bench.ablation import main
+
+    main(json_path, data or (), synthetic_events)
+
+
 @bench_app.command("replay")
 def bench_replay(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(

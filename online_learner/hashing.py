@@ -402,31 +402,76 @@ class ProbeLayout:
 # ----------------------------------------------------------------------------------------
 # Keys: strings -> uint64 once on the way in (cached), numerics vectorised
 # ----------------------------------------------------------------------------------------
+#: Stands for an absent value while a column is keyed in bulk (its key is replaced by
+#: MISSING_KEY, so a real value equal to it would read as missing: it starts with a NUL).
+ABSENT_TEXT = "\x00ctr:absent"
+_ABSENT_KEY = np.uint64(value_key(ABSENT_TEXT))
+
+
 def value_keys(values: Sequence[str | None]) -> np.ndarray:
     """uint64 ``[n]`` keys of ``values`` (uncached batch: one njit XXH64 pass over one buffer).
+
+    ``None`` and :data:`ABSENT_TEXT` -> MISSING_KEY; other non-strings are keyed as ``str(v)``.
+    All strings are joined and encoded once: for ASCII text a value's byte length is its
+    length, so no per-value ``encode`` is needed.
 
     >>> int(value_keys(["abc", None])[0]) == xxh64(b"abc"), int(value_keys(["abc", None])[1])
     (True, 0)
     """
-    out = np.zeros(len(values), dtype=np.uint64)
-    present = [i for i, v in enumerate(values) if v is not None]
-    if not present:
-        return out
-    encoded = [values[i].encode("utf-8") for i in present]  # type: ignore[union-attr]
-    buf = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
-    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    keys = np.empty(len(encoded), dtype=np.uint64)
-    _twin_xxh64_many(buf, offsets, np.uint64(0), keys)
-    out[np.asarray(present, dtype=np.int64)] = keys
-    return out
+    values = values if isinstance(values, list) else list(values)
+    n = len(values)
+    try:
+        text = "".join(values)
+    except TypeError:  # None, or a non-string
+        values = [ABSENT_TEXT if v is None else v if isinstance(v, str) else str(v) for v in values]
+        text = "".join(values)
+    buf = text.encode("utf-8")
+    if len(buf) == len(text):
+        lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    else:  # non-ASCII somewhere: byte lengths per value
+        lengths = np.fromiter(map(len, map(str.encode, values)), dtype=np.int64, count=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    keys = np.empty(n, dtype=np.uint64)
+    _twin_xxh64_many(np.frombuffer(buf or b"\0", dtype=np.uint8), offsets, np.uint64(0), keys)
+    keys[keys == _ABSENT_KEY] = MISSING_KEY
+    return keys
+
+
+#: Values per call from which :class:`ValueKeyer` hashes them all instead of using its cache:
+#: a training poll's columns hash faster than they are looked up in a cache grown to hundreds
+#: of thousands of values (whose dict misses the CPU caches on nearly every lookup), while a
+#: serving request's column of a few hundred candidates is faster from the cache.
+_BULK = 1024
+#: What a cache miss reads as until its key is computed (a real key equal to it is re-read, so
+#: a collision costs a lookup, never a wrong key).
+_PENDING = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+class _KeyCache(dict):
+    """``value -> key`` whose misses are noted (and read as ``_PENDING``) instead of raising, so a
+    whole column is looked up in one C-level ``map`` and only the misses are handled after."""
+
+    def __init__(self) -> None:
+        super().__init__({None: MISSING_KEY, ABSENT_TEXT: MISSING_KEY})
+        self.missed: list[str] = []
+
+    def __missing__(self, value: Any) -> int:
+        if not isinstance(value, str):  # keyed as str(value), never cached as itself: 1 == True
+            value = str(value)
+            key = self.get(value)
+            if key is not None:
+                return key
+        self.missed.append(value)
+        return int(_PENDING)
 
 
 class ValueKeyer:
-    """Cached ``value -> uint64 key`` for categorical columns.
+    """``value -> uint64 key`` for categorical columns, cached for small calls.
 
-    Values repeat heavily on a click stream, so the steady-state cost is one dict lookup per
-    value; misses are hashed in one njit batch. The cache is bounded: when it exceeds
+    A call of at least ``_BULK`` values (a training poll) is hashed whole in one njit pass.
+    Smaller ones (serving requests) are looked up in a cache -- values repeat heavily on a click
+    stream -- whose misses are hashed in one njit batch. The cache is bounded: when it exceeds
     ``max_entries`` it is cleared (amortised O(1), no LRU bookkeeping on the hot path).
 
     >>> keyer = ValueKeyer()
@@ -437,28 +482,13 @@ class ValueKeyer:
 
     def __init__(self, max_entries: int = 2_000_000) -> None:
         self.max_entries = max_entries
-        self._cache: dict[str | None, int] = {None: MISSING_KEY}
+        self._cache = _KeyCache()
         self.hits = 0
         self.misses = 0
 
     def __call__(self, values: Sequence[str | None]) -> np.ndarray:
-        found = list(map(self._cache.get, values))
-        try:  # a miss is None, which fromiter refuses: no separate scan when all are cached
-            keys = np.fromiter(found, dtype=np.uint64, count=len(values))
-            self.hits += len(values)
-            return keys
-        except TypeError:
-            pass
-        missing = [v for v, k in zip(values, found, strict=True) if k is None]
-        uniq = list(dict.fromkeys(missing))
-        if len(self._cache) + len(uniq) > self.max_entries:
-            self._cache.clear()
-            self._cache[None] = MISSING_KEY
-            uniq = list(dict.fromkeys(values))  # this batch's cached values went with the rest
-        self._cache.update(zip(uniq, value_keys(uniq).tolist(), strict=True))
-        self.misses += len(uniq)  # distinct values hashed
-        self.hits += len(values) - len(missing)  # lookups served from the cache
-        return np.fromiter(map(self._cache.get, values), dtype=np.uint64, count=len(values))
+        """Keys ``[len(values)]``; non-string values are keyed as ``str(value)``."""
+        return self._keys(values if isinstance(values, list) else list(values))
 
     def column(self, rows: Sequence[Mapping[str, Any]], name: str) -> np.ndarray:
         """Keys of ``row.get(name)`` for every row: one dict lookup per row when cached.
@@ -480,25 +510,35 @@ class ValueKeyer:
         >>> bool((k.columns(rows, ["a", "b"]) == np.stack([k.column(rows, "a"), k.column(rows, "b")], 1)).all())
         True
         """
-        n, f = len(rows), len(names)
         flat: list[Any] = []
         extend = flat.extend
+        absent = [ABSENT_TEXT] * len(names)  # an all-string column joins in one go
         for r in rows:
-            extend(map(r.get, names))
-        found = list(map(self._cache.get, flat))
-        try:  # a miss is None, which fromiter refuses: no separate scan for misses
-            keys = np.fromiter(found, dtype=np.uint64, count=n * f)
-        except TypeError:  # new values (or non-str ones, never cached as such): hash just those
-            miss = [i for i, k in enumerate(found) if k is None]
-            values = [flat[i] for i in miss]
-            for i, k in zip(
-                miss, self([v if isinstance(v, str) or v is None else str(v) for v in values]).tolist(), strict=True
-            ):
-                found[i] = k
-            self.hits -= len(miss)
-            keys = np.fromiter(found, dtype=np.uint64, count=n * f)
-        self.hits += n * f
-        return keys.reshape(n, f)
+            extend(map(r.get, names, absent))
+        return self._keys(flat).reshape(len(rows), len(names))
+
+    def _keys(self, values: list[Any]) -> np.ndarray:
+        if len(values) >= _BULK:  # hashing all beats looking up in a big cache (cache misses)
+            self.misses += len(values)
+            return value_keys(values)
+        cache = self._cache
+        keys = np.fromiter(map(cache.__getitem__, values), dtype=np.uint64, count=len(values))
+        if not cache.missed:
+            self.hits += len(values)
+            return keys
+        new = list(dict.fromkeys(cache.missed))
+        cache.missed.clear()
+        if len(cache) + len(new) > self.max_entries:
+            cache.clear()
+            cache.update({None: MISSING_KEY, ABSENT_TEXT: MISSING_KEY})
+        cache.update(zip(new, value_keys(new).tolist(), strict=True))
+        pending = np.flatnonzero(keys == _PENDING)
+        keys[pending] = np.fromiter(
+            map(cache.__getitem__, map(values.__getitem__, pending.tolist())), dtype=np.uint64, count=len(pending)
+        )
+        self.misses += len(new)  # distinct values hashed
+        self.hits += len(values) - len(pending)  # lookups served from the cache
+        return keys
 
 
 def numeric_keys(x: np.ndarray, resolution: int = 4) -> np.ndarray:

@@ -191,6 +191,25 @@ def test_numeric_buckets_are_monotone_and_sign_aware() -> None:
     assert numeric_key(float("inf")) == numeric_key(None) == MISSING_KEY
 
 
+def test_value_keyer_bulk_and_cached_paths_agree() -> None:
+    """A training poll (hashed whole) and a serving request (cached) key every kind of value
+    the same: absent, None, non-ASCII, empty, non-string."""
+    rng = np.random.default_rng(0)
+    pool = ["news", "ünïcode", "", "a" * 40, 7, None, 3.5, "日本"]
+    rows = []
+    for _ in range(600):  # 600 rows x 3 fields >= the bulk threshold
+        row = {}
+        for f in ("a", "b", "c"):
+            if rng.random() < 0.8:
+                row[f] = pool[int(rng.integers(len(pool)))]
+        rows.append(row)
+    bulk = ValueKeyer().columns(rows, ["a", "b", "c"])
+    small = ValueKeyer()
+    cached = np.concatenate([small.columns(rows[i : i + 10], ["a", "b", "c"]) for i in range(0, 600, 10)])
+    want = [[value_key(None if r.get(f) is None else str(r[f])) for f in ("a", "b", "c")] for r in rows]
+    assert bulk.tolist() == cached.tolist() == want
+
+
 def test_value_keyer_caches_and_bounds() -> None:
     keyer = ValueKeyer(max_entries=10)
     vals = [f"v{i % 7}" for i in range(50)] + [None]
