@@ -34,6 +34,41 @@ _TREE_AT_START = _tree()
 _LOAD_AT_START = os.getloadavg()
 
 
+#: Processes kept spinning for the whole run (``keep_cores_busy``): the loaded variant of a bench.
+_BUSY: list = []
+
+_SPIN = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:  # a spinner outlives no bench, even one that was kill -9'd
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+def keep_cores_busy(n: int) -> None:
+    """Keep ``n`` cores busy with spinning processes until this process exits: what a result
+    looks like on a machine shared with other work (CI, a laptop, a node with neighbours).
+    ``CTR_BENCH_BUSY_CORES=N`` does the same for a bench started as a module."""
+    import atexit
+    import subprocess
+    import sys
+
+    for _ in range(n - len(_BUSY)):
+        _BUSY.append(subprocess.Popen([sys.executable, "-c", _SPIN]))
+
+    def stop() -> None:
+        for proc in _BUSY:
+            proc.kill()
+            proc.wait()
+
+    atexit.register(stop)
+
+
+if os.environ.get("CTR_BENCH_BUSY_CORES"):
+    keep_cores_busy(int(os.environ["CTR_BENCH_BUSY_CORES"]))
+
+
 def provenance() -> dict:
     """What a reader needs to trace a result: the commit, whether the tree had uncommitted
     changes or moved during the run (a dirty result is not one to quote), the command and the
@@ -47,6 +82,7 @@ def provenance() -> dict:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "load_avg_start": [round(x, 2) for x in _LOAD_AT_START],
         "load_avg_end": [round(x, 2) for x in os.getloadavg()],
+        "busy_cores": len(_BUSY),
     }
 
 

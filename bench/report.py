@@ -42,6 +42,8 @@ def source_line(doc: dict, result: str) -> str:
     load = doc.get("load_avg_start"), doc.get("load_avg_end")
     load_txt = f", load {load[0][0]:.2f} -> {load[1][0]:.2f}" if all(load) else ""
     at = f", {doc['at'][:10]}" if doc.get("at") else ""
+    if doc.get("busy_cores"):
+        load_txt += f", {doc['busy_cores']} core(s) kept busy"
     return f"<sub>`{result}` · commit `{commit}` · `{doc.get('command', '?')}`{load_txt}{at}</sub>"
 
 
@@ -261,57 +263,90 @@ def _reliability(doc: dict) -> str:
     return f"{_md(['scenario', 'injected', 'lost', 'lost by design', 'crashes', 'notes'], rows)}\n\n{note}"
 
 
+def _target_rows(name: str, d: dict) -> list[tuple[str, str, object]]:
+    """The targets one result states: (target, measured, met) -- the verdict the bench computed,
+    or that follows from its numbers."""
+    rows: list[tuple[str, str, object]] = []
+
+    def add(what: str, got: str, met: object) -> None:
+        rows.append((what, got, met))
+
+    if name.endswith("replay.json"):
+        add(f"replay path >= {d['target_events_per_s']:,} events/s",
+            f"{d['replay_path_events_per_s']:,}", d["meets_target"])  # fmt: skip
+    elif name.endswith("hashing.json"):
+        best = max(r["Mhash/s best"] for r in d["rows"] if r["impl"].startswith("twin"))
+        add(f"CPU hashing >= {d['target_cpu_hashes_per_s'] / 1e6:,.0f} M/s on one core",
+            f"{best:,.0f} M/s", d["cpu_twin_meets_target"])  # fmt: skip
+    elif name.endswith("serving.json") and d.get("target"):
+        # the row the bench judged: default features, 100 candidates at 100 req/s
+        bar = next(r for r in d["rows"] if r["features"].endswith("(default)") and r["candidates"] == 100
+                   and r["rate_rps"] == 100)  # fmt: skip
+        add(d["target"]["what"], f"p99 {bar['p99_ms']:,.1f} ms", d["target"]["met"])
+    elif name.endswith("learner.json"):
+        ours = next(r for r in d["rows"] if r["learner"].startswith("ctr-stream"))
+        got = f"{ours['examples_per_s']:,}"
+        if "sustained_examples_per_s" in ours:
+            got = f"{ours['sustained_examples_per_s']:,} sustained; {got} from a fresh model"
+        add(f"learner >= {d['target_examples_per_s']:,} examples/s end to end", got,
+            d["meets_speed_target"])  # fmt: skip
+    elif name.endswith("quality.json"):
+        met = [k for k, v in d["verdicts"].items() if v["met"]]
+        add("learner on every log: below the running mean, level with the best peer, calibrated",
+            f"{len(met)} of {len(d['verdicts'])} logs", d["meets_target"])  # fmt: skip
+    elif name.endswith("stream.json"):
+        for r in d["rows"]:
+            if r.get("target_events_per_s") and "inline" not in r["name"]:  # comparison rows are no target
+                add(f"{r['name']} >= {r['target_events_per_s']:,} events/s",
+                    f"{r['events_per_s']:,.0f}", r["events_per_s"] >= r["target_events_per_s"])  # fmt: skip
+            elif r.get("target_p99_s"):
+                add(f"feature freshness p99 <= {r['target_p99_s']:g} s at {r['rate_events_per_s']:,.0f} "
+                    "events/s", f"p99 {r['p99_s']:.2f} s", _feature_freshness_met(r))  # fmt: skip
+    elif name.endswith("reliability.json"):
+        add(f"reliability bench: {d['target']}", f"lost {d['total_lost']}, crashes {d['total_crashes']}",
+            d["total_lost"] == 0 and d["total_crashes"] == 0)  # fmt: skip
+    elif name.endswith("chaos.json"):
+        clean = sum(1 for r in d["rows"] if r.get("discrepancies") == 0)
+        add(f"chaos: {d['target']}", f"{clean} of {len(d['rows'])} seeds", d["met"])
+    elif name.endswith("freshness.json"):
+        r = d["rows"][0]
+        add(f"click -> served score p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s",
+            f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s", _click_freshness_met(r))  # fmt: skip
+    return rows
+
+
 def _targets(docs: dict[str, dict]) -> str:
-    """Every target a result states, with the verdict the bench computed (or that follows from
-    its numbers), one row per target -- the status of the project's measurable promises."""
-    rows: list[list[str]] = []
-
-    def add(result: str, what: str, got: str, met: object) -> None:
-        rows.append([what, got, _verdict(met), f"`{result}`"])
-
+    """Every target a result states, one row per target -- the status of the project's
+    measurable promises -- with the same bench's result with one core kept busy beside it
+    (``ctr bench --busy-cores 1 ...`` into ``bench/results/loaded/``), where one was run."""
+    loaded = {Path(n).name: d for n, d in docs.items() if n.startswith(LOADED_DIR)}
+    rows = []
     for name, d in docs.items():
-        if name.endswith("replay.json"):
-            add(name, f"replay path >= {d['target_events_per_s']:,} events/s",
-                f"{d['replay_path_events_per_s']:,}", d["meets_target"])  # fmt: skip
-        elif name.endswith("hashing.json"):
-            best = max(r["Mhash/s best"] for r in d["rows"] if r["impl"].startswith("twin"))
-            add(name, f"CPU hashing >= {d['target_cpu_hashes_per_s'] / 1e6:,.0f} M/s on one core",
-                f"{best:,.0f} M/s", d["cpu_twin_meets_target"])  # fmt: skip
-        elif name.endswith("serving.json") and d.get("target"):
-            # the row the bench judged: default features, 100 candidates at 100 req/s
-            bar = next(r for r in d["rows"] if r["features"].endswith("(default)") and r["candidates"] == 100
-                       and r["rate_rps"] == 100)  # fmt: skip
-            add(name, d["target"]["what"], f"p99 {bar['p99_ms']:,.1f} ms", d["target"]["met"])
-        elif name.endswith("learner.json"):
-            ours = next(r for r in d["rows"] if r["learner"].startswith("ctr-stream"))
-            got = f"{ours['examples_per_s']:,}"
-            if "sustained_examples_per_s" in ours:
-                got = f"{ours['sustained_examples_per_s']:,} sustained; {got} from a fresh model"
-            add(name, f"learner >= {d['target_examples_per_s']:,} examples/s end to end", got,
-                d["meets_speed_target"])  # fmt: skip
-        elif name.endswith("quality.json"):
-            met = [k for k, v in d["verdicts"].items() if v["met"]]
-            add(name, "learner on every log: below the running mean, level with the best peer, calibrated",
-                f"{len(met)} of {len(d['verdicts'])} logs", d["meets_target"])  # fmt: skip
-        elif name.endswith("stream.json"):
-            for r in d["rows"]:
-                if r.get("target_events_per_s") and "inline" not in r["name"]:  # comparison rows are no target
-                    add(name, f"{r['name']} >= {r['target_events_per_s']:,} events/s",
-                        f"{r['events_per_s']:,.0f}", r["events_per_s"] >= r["target_events_per_s"])  # fmt: skip
-                elif r.get("target_p99_s"):
-                    add(name, f"feature freshness p99 <= {r['target_p99_s']:g} s at {r['rate_events_per_s']:,.0f} "
-                        "events/s", f"p99 {r['p99_s']:.2f} s", _feature_freshness_met(r))  # fmt: skip
-        elif name.endswith("reliability.json"):
-            add(name, f"reliability bench: {d['target']}", f"lost {d['total_lost']}, crashes {d['total_crashes']}",
-                d["total_lost"] == 0 and d["total_crashes"] == 0)  # fmt: skip
-        elif name.endswith("chaos.json"):
-            clean = sum(1 for r in d["rows"] if r.get("discrepancies") == 0)
-            add(name, f"chaos: {d['target']}", f"{clean} of {len(d['rows'])} seeds", d["met"])
-        elif name.endswith("freshness.json"):
-            r = d["rows"][0]
-            add(name, f"click -> served score p50 <= {r['target_p50_s']:g} s, p99 <= {r['target_p99_s']:g} s",
-                f"p50 {r['p50_s']:.2f} s, p99 {r['p99_s']:.2f} s", _click_freshness_met(r))  # fmt: skip
-    return _md(["target", "measured", "verdict", "result"], rows)
+        if name.startswith(LOADED_DIR):
+            continue
+        busy = {what: (got, met) for what, got, met in _target_rows(name, loaded[Path(name).name])} \
+            if Path(name).name in loaded else {}  # fmt: skip
+        for what, got, met in _target_rows(name, d):
+            if d.get("busy_cores"):  # the bench loads the machine itself
+                other = f"{d['busy_cores']} kept busy in this run"
+            elif what in busy:
+                other = f"{busy[what][0]} ({_verdict(busy[what][1])})"
+            else:
+                other = "not run"
+            rows.append([what, got, _verdict(met), other, f"`{name}`"])
+    return _md(["target", "measured", "verdict", "one core busy", "result"], rows)
+
+
+#: Results that state targets, and where their loaded variants go (same file name).
+TARGET_RESULTS = tuple(f"bench/results/{n}.json" for n in (
+    "replay", "hashing", "learner", "quality", "serving", "freshness", "stream", "reliability", "chaos"))  # fmt: skip
+LOADED_DIR = "bench/results/loaded/"
+
+
+def _loaded(results: tuple[str, ...]) -> tuple[str, ...]:
+    """The committed loaded variants of ``results`` (``ctr bench --busy-cores 1 ... --json
+    bench/results/loaded/NAME.json``)."""
+    return tuple(p for r in results if (ROOT / (p := LOADED_DIR + Path(r).name)).exists())
 
 
 TABLES: tuple[Table, ...] = (
@@ -329,10 +364,7 @@ TABLES: tuple[Table, ...] = (
     Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("stream-table", "bench/results/stream.json", _stream),
     Table("reliability-table", "bench/results/reliability.json", _reliability),
-    Table("targets-table", ("bench/results/replay.json", "bench/results/hashing.json", "bench/results/learner.json",
-                            "bench/results/quality.json", "bench/results/serving.json", "bench/results/freshness.json",
-                            "bench/results/stream.json", "bench/results/reliability.json", "bench/results/chaos.json"),
-          _targets),
+    Table("targets-table", TARGET_RESULTS + _loaded(TARGET_RESULTS), _targets),
 )
 
 

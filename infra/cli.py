@@ -48,6 +48,23 @@ def _mount_features() -> None:
 
 
 _mount_features()
+
+
+@bench_app.callback()
+def bench_options(
+    busy_cores: Annotated[
+        int,
+        typer.Option(
+            help="Keep N cores busy with spinning processes for the whole run (the loaded variant: "
+            "what to expect on a shared machine). Recorded in the result."
+        ),
+    ] = 0,
+) -> None:
+    """Benchmarks: print a table and write JSON under bench/results/."""
+    if busy_cores:
+        from bench.common import keep_cores_busy
+
+        keep_cores_busy(busy_cores)
 app.add_typer(bench_app, name="bench")
 
 # The Feast online store of the worker, reweighter and serving: the same flags (and env vars,

@@ -59,7 +59,6 @@ def test_learns_the_signal_of_the_default_synthetic_stream() -> None:
 def test_a_count_field_is_learned_from_its_first_examples_by_its_linear_term() -> None:
     """Click odds that grow with a count (as Criteo's integer fields): the numeric field's linear
     term learns it from every example, where its log2 buckets each wait for their own clicks."""
-    from online_learner.outcomes import ArrivalLearner
     from streams.schema import Impression, TrainingExample
 
     rng = np.random.default_rng(3)
