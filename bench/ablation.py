@@ -18,7 +18,7 @@ import numpy as np
 
 from bench.common import report
 from bench.quality import SYNTHETIC, default_datasets, example_log_loss, load, run_ctr_stream, running_mean
-from online_learner.trainer import DEFAULT_MODEL_OPTIONS, TrainerConfig
+from ctr.online_learner.trainer import DEFAULT_MODEL_OPTIONS, TrainerConfig
 
 #: (name, model options over the shipped ones). The first is what ``ctr learn`` ships.
 VARIANTS: tuple[tuple[str, dict], ...] = (

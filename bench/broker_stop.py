@@ -1,5 +1,5 @@
 """Does stopping the embedded broker lose acknowledged messages? A producer writes 5,000
-msg/s; the broker is stopped (a bare SIGTERM, or :func:`infra.broker.stop_broker`: noida-db's
+msg/s; the broker is stopped (a bare SIGTERM, or :func:`ctr.infra.broker.stop_broker`: noida-db's
 ``stop kafka`` first) and restarted on its data dir; every acknowledged message is looked for.
 
 ``python -m bench.broker_stop --runs 12 --json bench/results/broker_stop.json``
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from bench.common import read_to_end, report
-from infra.broker import EmbeddedBroker, stop_broker
-from streams.kafka_io import DeliveryTracker, make_producer, produce
+from ctr.infra.broker import EmbeddedBroker, stop_broker
+from ctr.infra.kafka_io import DeliveryTracker, make_producer, produce
 
 
 def one_stop(way: str, rate: float = 5000.0) -> tuple[int, int, float]:

@@ -37,9 +37,9 @@ from rich.console import Console
 
 from bench.common import read_to_end, report
 from bench.ground_truth import brute_force_buckets, feast_mismatches, late_ids, truth_labels
-from infra.broker import EmbeddedBroker
-from infra.demo import ready, start_stages
-from infra.supervisor import Supervisor
+from ctr.demo import ready, start_stages
+from ctr.infra.broker import EmbeddedBroker
+from ctr.supervisor import Supervisor
 
 #: what is hit, once each per seed (the broker twice)
 TARGETS: tuple[str, ...] = ("broker", "broker", "worker", "learner", "serve")
@@ -82,11 +82,11 @@ def _served_version(port: int) -> int | None:
 
 
 def run_seed(seed: int, events: int, rate: float, out: Path, console: Console) -> dict:
-    from online_learner.encoding import discover_fields
-    from streams.datasets import open_source
-    from streams.datasets.base import interleave_clicks
-    from streams.replay import replay_events
-    from streams.schema import decode_training_example, final_labels
+    from ctr.infra.schema import decode_training_example, final_labels
+    from ctr.online_learner.encoding import discover_fields
+    from ctr.streams.datasets import open_source
+    from ctr.streams.datasets.base import interleave_clicks
+    from ctr.streams.replay import replay_events
 
     if out.exists() and any(out.iterdir()):
         # a broker data dir, learner state or Feast store left from an earlier run would mix
@@ -174,7 +174,7 @@ def run_seed(seed: int, events: int, rate: float, out: Path, console: Console) -
         # ones are discrepancies
         late_diff = len(set(late_got) ^ set(late))
         late_dupes = sum(late_got.values()) - len(late_got)
-        from features.store import open_store
+        from ctr.features.store import open_store
 
         store, expected = open_store(out / "feast"), brute_force_buckets(records)
         deadline, feast_bad, feast_eg = time.monotonic() + 300, -1, []

@@ -135,7 +135,7 @@ def read_to_end(bootstrap: str, topic: str, timeout_s: float = 120.0) -> list:
     """Every record of ``topic`` from the beginning of each partition (no group offsets)."""
     from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-    from streams.kafka_io import make_consumer
+    from ctr.infra.kafka_io import make_consumer
 
     c = make_consumer(bootstrap, f"read-{uuid.uuid4().hex[:6]}", **{"enable.partition.eof": True})
     parts = c.list_topics(topic, timeout=10).topics[topic].partitions

@@ -46,7 +46,7 @@ def _rows(view_cols: list[str], start: int, n: int) -> list[dict]:
 
 
 def _writes(store, total: int) -> list[dict]:
-    from features.store import FeatureWriter, push_source_name, view_features
+    from ctr.features.store import FeatureWriter, push_source_name, view_features
 
     assert push_source_name("user_stats") == PUSH
 
@@ -120,7 +120,7 @@ def _timed(fn, reps: int) -> tuple[float, float]:
 def _reads(store, url: str | None, reps: int) -> list[dict]:
     import httpx
 
-    from features.store import FeatureWriter, OnlineFeatures, view_features
+    from ctr.features.store import FeatureWriter, OnlineFeatures, view_features
 
     writer = FeatureWriter(store)
     for view, key, prefix in (("item_stats", "item_id", "ad"), ("field_value_stats", "field_value", "C1=")):
@@ -156,8 +156,8 @@ def _reads(store, url: str | None, reps: int) -> list[dict]:
 def main(json_path: Path, rows: int = 20_000, reps: int = 200, http: bool = True, dir: Path | None = None) -> dict:
     import feast
 
-    from features.store import ensure_applied, open_store, serve_command, wait_healthy
-    from infra.procs import die_with_parent, free_port, stop_process
+    from ctr.features.store import ensure_applied, open_store, serve_command, wait_healthy
+    from ctr.infra.procs import die_with_parent, free_port, stop_process
 
     with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
         path = ensure_applied(dir or Path(tmp) / "feast")

@@ -19,7 +19,7 @@ measure the broker swallowing gigabytes of sink output, not the aggregation. Row
   planning, code generation and compilation, deployment, JIT, and the ~54k window rows those
   events open. ``marginal_events_per_cpu_s`` of the rows above = the extra events / the extra
   CPU time over this row.
-* ``faust: join + features`` -- ``python -m streams.worker`` (label join, feature agent,
+* ``faust: join + features`` -- ``python -m ctr.streams.worker`` (label join, feature agent,
   Feast writer process) on the same topics, from its first event (its Prometheus counter,
   as in ``bench/stream.py``; start-up excluded) until the feature agent has committed every
   delta batch (its counts are final; Feast writes may trail). ``cpu_s``: worker + Feast
@@ -44,7 +44,7 @@ import psutil
 
 from bench.common import report
 from bench.stream import _metric, _worker
-from infra.procs import stop_process
+from ctr.infra.procs import stop_process
 
 #: Same as ``tests/test_stream_agents.py`` SMALL (bench code does not import tests).
 VOCAB = dict(n_categorical=8, cardinalities=(50, 200, 1000, 20, 5, 300, 10, 10), n_numeric=4, n_informative=4,
@@ -55,7 +55,7 @@ def _committed(consumer: object, bootstrap: str, topic: str) -> bool:
     """Whether the consumer's group has committed ``topic`` up to its end offsets."""
     from confluent_kafka import TopicPartition
 
-    from streams.flink.harness import end_offsets
+    from ctr.streams.flink.harness import end_offsets
 
     ends = end_offsets(bootstrap, (topic,))[topic]
     done = consumer.committed([TopicPartition(topic, p) for p in ends], timeout=10)  # type: ignore[attr-defined]
@@ -65,8 +65,8 @@ def _committed(consumer: object, bootstrap: str, topic: str) -> bool:
 def _faust_row(bootstrap: str, total: int, tmp: Path, timeout_s: float = 900.0) -> dict:
     """The worker from its first event until the feature agent committed every delta batch
     (its counts are then final; the Feast writer may still be writing)."""
-    from streams.flink.harness import _tree_cpu
-    from streams.kafka_io import make_consumer
+    from ctr.infra.kafka_io import make_consumer
+    from ctr.streams.flink.harness import _tree_cpu
 
     app_id = f"bench-flink-{uuid.uuid4().hex[:6]}"
     proc, port = _worker(bootstrap, app_id, tmp / "feast", tmp / f"{app_id}.log")
@@ -105,7 +105,7 @@ def _faust_row(bootstrap: str, total: int, tmp: Path, timeout_s: float = 900.0) 
 
 
 def _flink_row(bootstrap: str, ends: dict, total: int, p: int, tmp: Path, label: str = "") -> dict:
-    from streams.flink.harness import create_output_topic, end_offsets, run_job
+    from ctr.streams.flink.harness import create_output_topic, end_offsets, run_job
 
     topic = f"flink-features-p{p}" + ("-small" if label else "")
     create_output_topic(bootstrap, topic)
@@ -119,11 +119,11 @@ def _flink_row(bootstrap: str, ends: dict, total: int, p: int, tmp: Path, label:
 
 
 def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str, skip_faust: bool) -> dict:
-    from infra.broker import EmbeddedBroker
-    from streams.datasets import open_source
-    from streams.flink import KAFKA_PRODUCER_CONFIG
-    from streams.flink.harness import end_offsets, flink_python
-    from streams.replay import replay
+    from ctr.infra.broker import EmbeddedBroker
+    from ctr.streams.datasets import open_source
+    from ctr.streams.flink import KAFKA_PRODUCER_CONFIG
+    from ctr.streams.flink.harness import end_offsets, flink_python
+    from ctr.streams.replay import replay
 
     if flink_python() is None:
         raise SystemExit("no .venv-flink: run `make flink-setup` first")

@@ -7,7 +7,7 @@ Feast), the reweighting stage, ``ctr learn`` (publishes a delta every second) an
 replay of the synthetic stream runs at ``--rate`` events/s the whole time, so versions land,
 the feature store is written and the trials share the machine with real traffic.
 
-Each trial (:class:`infra.probe.FreshnessProbe`): a burst of ``--impressions`` impressions of
+Each trial (:class:`ctr.probe.FreshnessProbe`): a burst of ``--impressions`` impressions of
 a brand-new ad and a click on each, at the stream's event time; ``/predict`` is polled every
 50 ms for that ad and a control ad until the target's score relative to the control's rose
 beyond the noise measured just before (the control cancels what every new version does to
@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kind", default="noida", help="embedded broker kind")
     a = ap.parse_args(argv)
 
-    from infra.broker import EmbeddedBroker
-    from infra.demo import ready, start_stages
-    from infra.probe import FreshnessProbe, freshness_summary
-    from infra.supervisor import Supervisor
-    from streams.datasets import open_source
-    from streams.replay import ReplaySummary, replay
+    from ctr.demo import ready, start_stages
+    from ctr.infra.broker import EmbeddedBroker
+    from ctr.probe import FreshnessProbe, freshness_summary
+    from ctr.streams.datasets import open_source
+    from ctr.streams.replay import ReplaySummary, replay
+    from ctr.supervisor import Supervisor
 
     out = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     broker = EmbeddedBroker(kind=a.kind, data_dir=out / "broker").start()

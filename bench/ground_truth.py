@@ -13,9 +13,9 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from features.spec import SPEC, field_value_key
-from streams.agents.label_join import DEFAULT_WINDOW_MS
-from streams.agents.windowed_features import WindowPlan
+from ctr.features.spec import SPEC, field_value_key
+from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
+from ctr.streams.agents.windowed_features import WindowPlan
 
 
 def truth_labels(records: Iterable[Any], window_ms: int = DEFAULT_WINDOW_MS) -> dict[str, int]:
@@ -46,7 +46,7 @@ def brute_force_buckets(records: Iterable[Any]) -> dict[tuple[str, str], dict[in
 def stats_rows(store: Any, entities: Iterable[tuple[str, str]], chunk: int = 1000) -> Iterator[tuple[str, str, dict]]:
     """``(entity type, id, row)`` for each entity, ``row`` = feature name -> value plus the
     row's ``event_time_us`` (None when the store has no row), read 1,000 entities a call."""
-    from features.store import JOIN_KEYS, STATS_VIEWS, event_time_feature, view_features
+    from ctr.features.store import JOIN_KEYS, STATS_VIEWS, event_time_feature, view_features
 
     by_type: dict[str, list[str]] = defaultdict(list)
     for etype, eid in entities:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from bench.common import report
-from online_learner.hashing import (
+from ctr.online_learner.hashing import (
     ProbeLayout,
     ValueKeyer,
     bucket_ids_cpu,

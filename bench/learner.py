@@ -18,12 +18,12 @@ import torch
 
 from bench.common import report
 from bench.peers import run_river, run_vw
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import log_loss, roc_auc
-from online_learner.model import ModelConfig
-from online_learner.trainer import TrainerConfig
-from streams.datasets import open_source
-from streams.schema import TrainingExample
+from ctr.infra.schema import TrainingExample
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import log_loss, roc_auc
+from ctr.online_learner.model import ModelConfig
+from ctr.online_learner.trainer import TrainerConfig
+from ctr.streams.datasets import open_source
 
 TARGET_EXAMPLES_PER_S = 100_000
 CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -70,9 +70,9 @@ def publish_rows(examples, batches_per_publish: int = 2, batch_size: int = 2048,
     publish a delta to a real embedded broker (fp32 and fp16 rows, dense weights each time)."""
     import tempfile
 
-    from infra.broker import EmbeddedBroker
-    from online_learner.publisher import Publisher, QualityGate
-    from streams.kafka_io import make_producer
+    from ctr.infra.broker import EmbeddedBroker
+    from ctr.infra.kafka_io import make_producer
+    from ctr.online_learner.publisher import Publisher, QualityGate
 
     out = []
     y = np.array([e.label for e in examples], dtype=np.float32)

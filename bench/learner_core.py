@@ -31,13 +31,13 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.common import _fmt, machine, provenance
-from online_learner.embedding import UnifiedEmbedding
-from online_learner.encoding import EncodedBatch, FeatureEncoder
-from online_learner.hashing import ProbeLayout, numeric_keys
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import ProgressiveMetrics, roc_auc
-from online_learner.model import ModelConfig
-from online_learner.optim import RowWiseAdagrad
+from ctr.online_learner.embedding import UnifiedEmbedding
+from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
+from ctr.online_learner.hashing import ProbeLayout, numeric_keys
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import ProgressiveMetrics, roc_auc
+from ctr.online_learner.model import ModelConfig
+from ctr.online_learner.optim import RowWiseAdagrad
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CAT = tuple(f"C{i}" for i in range(1, 27))

@@ -6,11 +6,11 @@ measures, on an empty 4-partition topic, the CPU seconds per second of the consu
 and the fetch requests per second, paced (the project's default) and unpaced
 (``CTR_FETCH_BACKOFF_MS=0``):
 
-* ``confluent-kafka`` -- :class:`streams.kafka_io.PacedConsumer` (or ``backoff_s=0``) in a child
+* ``confluent-kafka`` -- :class:`ctr.infra.kafka_io.PacedConsumer` (or ``backoff_s=0``) in a child
   process, ``consume(100, 0.1)`` in a loop; fetches counted by librdkafka's own statistics;
 * ``aiokafka`` -- ``AIOKafkaConsumer.getmany`` in a loop with
-  :func:`streams.app.install_fetch_backoff` (or 0); fetches counted at ``_proc_fetch_request``;
-* ``faust worker`` -- ``python -m streams.worker --no-features`` with nothing to consume (CPU only).
+  :func:`ctr.streams.app.install_fetch_backoff` (or 0); fetches counted at ``_proc_fetch_request``;
+* ``faust worker`` -- ``python -m ctr.streams.worker --no-features`` with nothing to consume (CPU only).
 
 Then the latency it costs: one message produced at a random moment, time until a paced
 confluent consumer returns it (``--latency-probes``).
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.common import report
-from infra.procs import die_with_parent, stop_process
+from ctr.infra.procs import die_with_parent, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "impressions"
@@ -48,7 +48,7 @@ def _child(client: str, bootstrap: str, backoff_ms: float, seconds: float) -> di
     if client == "confluent-kafka":
         from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-        from streams.kafka_io import make_consumer
+        from ctr.infra.kafka_io import make_consumer
 
         fetches: list[int] = []
 
@@ -73,7 +73,7 @@ def _child(client: str, bootstrap: str, backoff_ms: float, seconds: float) -> di
         from aiokafka.consumer.fetcher import Fetcher
         from aiokafka.structs import TopicPartition
 
-        from streams.app import install_fetch_backoff
+        from ctr.streams.app import install_fetch_backoff
 
         install_fetch_backoff()
         calls = [0]
@@ -123,7 +123,7 @@ def _worker_row(kind: str, bootstrap: str, backoff_ms: float, seconds: float, tm
     import psutil
 
     env = {**os.environ, "CTR_FETCH_BACKOFF_MS": str(backoff_ms)}
-    args = [sys.executable, "-m", "streams.worker", "--bootstrap", bootstrap, "--no-features",
+    args = [sys.executable, "-m", "ctr.streams.worker", "--bootstrap", bootstrap, "--no-features",
             "--app-id", f"pacing-{int(backoff_ms)}", "--instance-id", f"pacing-{int(backoff_ms)}"]  # fmt: skip
     with open(tmp / f"worker-{kind}-{backoff_ms:g}.log", "w") as log:
         proc = subprocess.Popen(
@@ -145,7 +145,7 @@ def _latency(bootstrap: str, probes: int) -> dict:
     """Produce one message at a random moment; time until a paced consumer returns it."""
     from confluent_kafka import OFFSET_END, TopicPartition
 
-    from streams.kafka_io import make_consumer, make_producer
+    from ctr.infra.kafka_io import make_consumer, make_producer
 
     c = make_consumer(bootstrap, "bench-pacing-latency")
     c.assign([TopicPartition(TOPIC, q, OFFSET_END) for q in range(4)])
@@ -169,7 +169,7 @@ def _latency(bootstrap: str, probes: int) -> dict:
 
 
 def main(json_path: Path, seconds: float, kinds: list[str], latency_probes: int, worker: bool) -> dict:
-    from infra.broker import EmbeddedBroker
+    from ctr.infra.broker import EmbeddedBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-pacing-"))
     rows: list[dict] = []

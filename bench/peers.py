@@ -1,7 +1,7 @@
 """Peers on the same stream, predict-then-learn: Vowpal Wabbit (with pairwise interactions)
 and River (logistic regression, factorisation machine). Used by ``ctr bench learner``.
 
-Each runner takes the same list of :class:`~streams.schema.TrainingExample` and returns the
+Each runner takes the same list of :class:`~ctr.infra.schema.TrainingExample` and returns the
 progressive predictions (each made before the model learned from that example) and the time
 spent, so AUC / log loss are computed identically for every learner.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from streams.schema import TrainingExample
+from ctr.infra.schema import TrainingExample
 
 # VW namespaces are single characters: one per categorical field, all numerics in "n".
 _NS = string.ascii_lowercase + string.ascii_uppercase

@@ -3,7 +3,7 @@
 Progressive evaluation (predict each example, then learn it), in impression order, of
 
 * **ctr-stream**: the learner exactly as ``ctr learn`` runs it by default (fields discovered
-  from the data, :class:`~online_learner.trainer.TrainerConfig` defaults, examples arriving in
+  from the data, :class:`~ctr.online_learner.trainer.TrainerConfig` defaults, examples arriving in
   polls of ``batch_size`` like a backed-up topic), with the stream's field weights recomputed
   by the reweighting stage's logic as the stream flows (published every ``publish_every``);
 * the same learner **with the stream's field weights applied** (``--prior-strength 0.5``: the
@@ -31,10 +31,10 @@ import numpy as np
 
 from bench.common import report
 from bench.peers import run_river, run_vw
-from online_learner.metrics import roc_auc
-from online_learner.outcomes import ArrivalLearner
-from online_learner.trainer import TrainerConfig
-from streams.schema import TrainingExample
+from ctr.infra.schema import TrainingExample
+from ctr.online_learner.metrics import roc_auc
+from ctr.online_learner.outcomes import ArrivalLearner
+from ctr.online_learner.trainer import TrainerConfig
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: Real logs shipped beside the project (CI and developers have them; users bring their own).
@@ -71,7 +71,7 @@ def default_datasets(data_dir: Path = SHARED_DATA) -> list[str]:
 
 
 def load(spec: str, events: int | None = None, mapping: Path | None = None) -> Stream:
-    from streams.datasets import open_source
+    from ctr.streams.datasets import open_source
 
     kind, _, rest = spec.partition(":")
     if kind == "synthetic":
@@ -101,10 +101,10 @@ def run_ctr_stream(
     config: TrainerConfig | None = None,
 ) -> tuple[np.ndarray, float]:
     """The learner as ``ctr learn`` runs it (``config``: default ``TrainerConfig()``; its
-    :class:`~online_learner.outcomes.ArrivalLearner`), fed in polls of ``poll`` examples, with
+    :class:`~ctr.online_learner.outcomes.ArrivalLearner`), fed in polls of ``poll`` examples, with
     the stream's field weights applied as they are published. Each example's progressive
     probability is the one it was given on arrival."""
-    from streams.agents.reweighting import FieldImportance, ReweightConfig
+    from ctr.streams.agents.reweighting import FieldImportance, ReweightConfig
 
     cfg = config or TrainerConfig(bootstrap="", state_dir=Path("."))
     poll = poll or cfg.batch_size
@@ -141,7 +141,7 @@ def with_field_weights(strength: float = ABLATION_STRENGTH) -> TrainerConfig:
 
 def _fields(stream: Stream) -> tuple[list[str], list[str]]:
     """The peers get every field the whole stream carries (ours: what its first poll carries)."""
-    from online_learner.encoding import discover_fields
+    from ctr.online_learner.encoding import discover_fields
 
     cat, num = discover_fields([e.impression for e in stream.examples])
     return list(cat), list(num)

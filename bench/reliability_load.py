@@ -1,6 +1,6 @@
 """Load and memory scenarios of ``bench/reliability.py`` (rows as in ``reliability_scenarios``).
 
-* :func:`serving_under_load` — a ``python -m serving`` replica, bounded closed-loop clients,
+* :func:`serving_under_load` — a ``python -m ctr.serving`` replica, bounded closed-loop clients,
   a publisher pushing a delta every second; then the replica is kill -9'd and restarted: it
   must be back at the newest published version.
 * :func:`memory_under_replay` — broker, worker and learner as processes, a replay at maximum
@@ -22,9 +22,9 @@ import numpy as np
 import psutil
 import torch
 
-from infra.broker import EmbeddedBroker
-from infra.procs import die_with_parent, free_port, stop_process
-from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.broker import EmbeddedBroker
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.procs import die_with_parent, free_port, stop_process
 
 
 def _row(scenario: str, injected: int, lost: int | None = 0, crashes: int = 0, notes: str = "", **extra) -> dict:
@@ -36,9 +36,9 @@ class _Publisher:
     """A delta every ``interval_s`` on top of the previous version (what the learner ships)."""
 
     def __init__(self, bootstrap: str, snapshots: Path, interval_s: float = 1.0) -> None:
-        from online_learner.delta import snapshot_tensors
-        from online_learner.model import CTRModel, ModelConfig
-        from online_learner.update_format import UpdateHeader, encode_update
+        from ctr.online_learner.delta import snapshot_tensors
+        from ctr.online_learner.model import CTRModel, ModelConfig
+        from ctr.online_learner.update_format import UpdateHeader, encode_update
 
         self.cfg = ModelConfig(("site", "device", "user_id", "item_id", "position"), ("I1",), table_bits=16)
         self.model, self.version, self.interval_s = CTRModel(self.cfg), 1, interval_s
@@ -50,8 +50,8 @@ class _Publisher:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from online_learner.delta import delta_tensors
-        from online_learner.update_format import UpdateHeader, split_delta
+        from ctr.online_learner.delta import delta_tensors
+        from ctr.online_learner.update_format import UpdateHeader, split_delta
 
         p, rng = make_producer(self.bootstrap), np.random.default_rng(0)
         while not self.stop.wait(self.interval_s):
@@ -67,7 +67,7 @@ class _Publisher:
 
 
 def _start_replica(bs: str, snapshots: Path, feast: Path, port: int, log: Path) -> subprocess.Popen:
-    args = [sys.executable, "-m", "serving", "--bootstrap", bs, "--snapshot-dir", str(snapshots), "--feast-dir",
+    args = [sys.executable, "-m", "ctr.serving", "--bootstrap", bs, "--snapshot-dir", str(snapshots), "--feast-dir",
             str(feast), "--port", str(port), "--log-level", "warning"]
     with open(log, "ab") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
@@ -89,7 +89,7 @@ def _wait(url: str, pred, timeout_s: float) -> dict:
 
 
 def serving_under_load(tmp: Path, seconds: float, clients: int = 3, rate_per_client: float = 40.0) -> list[dict]:
-    from features.store import open_store
+    from ctr.features.store import open_store
 
     feast, snapshots = tmp / "serving-feast", tmp / "serving-snapshots"
     open_store(feast)  # applies the repo before the replica opens it
@@ -176,18 +176,18 @@ def _rss(pid: int) -> float:
 
 def memory_under_replay(tmp: Path, events: int) -> list[dict]:
     """Peak RSS per stage while a replay runs at maximum rate through worker and learner."""
-    from streams.agents.label_join import send_watermark
-    from streams.datasets import open_source
-    from streams.replay import replay
+    from ctr.streams.agents.label_join import send_watermark
+    from ctr.streams.datasets import open_source
+    from ctr.streams.replay import replay
 
     broker = EmbeddedBroker(kind="noida", data_dir=tmp / "mem-broker").start()
     bs = broker.bootstrap
     logs = tmp / "mem-logs"
     logs.mkdir()
     procs = {
-        "worker": [sys.executable, "-m", "streams.worker", "--bootstrap", bs, "--app-id", "ctr-bench-rel",
+        "worker": [sys.executable, "-m", "ctr.streams.worker", "--bootstrap", bs, "--app-id", "ctr-bench-rel",
                    "--feast-dir", str(tmp / "mem-feast"), "--instance-id", "w1"],
-        "learner": [sys.executable, "-m", "infra.cli", "learn", "--bootstrap", bs, "--state-dir",
+        "learner": [sys.executable, "-m", "ctr.cli", "learn", "--bootstrap", bs, "--state-dir",
                     str(tmp / "mem-learner")],
     }
     running = {}

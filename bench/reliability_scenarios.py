@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from infra.broker import EmbeddedBroker
-from infra.procs import free_port
-from streams.datasets import CriteoSource, open_source
-from streams.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
-from streams.schema import SchemaError, decode_click, decode_impression, decode_training_example, encode
+from ctr.infra.broker import EmbeddedBroker
+from ctr.infra.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
+from ctr.infra.procs import free_port
+from ctr.infra.schema import SchemaError, decode_click, decode_impression, decode_training_example, encode
+from ctr.streams.datasets import CriteoSource, open_source
 
 SMALL = dict(n_categorical=8, n_numeric=3, n_informative=4, n_drift_fields=2)
 
@@ -78,11 +78,11 @@ def bad_updates(rng: random.Random, n: int) -> list[dict]:
     """Corrupted model updates through a replica's per-message path: none applied, all counted."""
     import torch
 
-    from online_learner.delta import delta_tensors, snapshot_tensors
-    from online_learner.model import CTRModel, ModelConfig
-    from online_learner.update_format import UpdateHeader, split_delta
-    from serving.registry import ModelRegistry
-    from serving.updates import REJECTED, SKIPPED, UpdateConsumer
+    from ctr.online_learner.delta import delta_tensors, snapshot_tensors
+    from ctr.online_learner.model import CTRModel, ModelConfig
+    from ctr.online_learner.update_format import UpdateHeader, split_delta
+    from ctr.serving.registry import ModelRegistry
+    from ctr.serving.updates import REJECTED, SKIPPED, UpdateConsumer
 
     cfg = ModelConfig(("site", "user_id", "item_id"), ("I1",), table_bits=9)
     reg, model = ModelRegistry(), CTRModel(cfg)
@@ -149,12 +149,12 @@ def bad_datasets(rng: random.Random, tmp: Path, files: int) -> list[dict]:
 
 
 def _static_app():
-    from features.spec import SPEC
-    from online_learner.delta import snapshot_tensors
-    from online_learner.model import CTRModel, ModelConfig
-    from online_learner.update_format import UpdateHeader
-    from serving.app import ServingConfig, create_app
-    from serving.registry import ModelRegistry
+    from ctr.features.spec import SPEC
+    from ctr.online_learner.delta import snapshot_tensors
+    from ctr.online_learner.model import CTRModel, ModelConfig
+    from ctr.online_learner.update_format import UpdateHeader
+    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.registry import ModelRegistry
 
     class Static:
         def stats(self, users, items):

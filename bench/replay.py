@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from bench.common import report
-from infra.broker import EmbeddedBroker
-from streams.datasets import interleave_clicks, open_source
-from streams.replay import replay
-from streams.schema import Impression, decode_impression, encode
+from ctr.infra.broker import EmbeddedBroker
+from ctr.infra.schema import Impression, decode_impression, encode
+from ctr.streams.datasets import interleave_clicks, open_source
+from ctr.streams.replay import replay
 
 TARGET_EVENTS_PER_S = 50_000
 
@@ -32,7 +32,7 @@ def _events(n: int) -> list[tuple[str, bytes, bytes]]:
 
 
 def _confluent(bootstrap: str, events) -> float:
-    from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+    from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
 
     p, tr = make_producer(bootstrap), DeliveryTracker()
     t = time.perf_counter()

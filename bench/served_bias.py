@@ -11,7 +11,7 @@ publish delay) -- then joins those scores to the labels:
 * ``provisional``: every impression leaves as a provisional negative (at once, or after the
   worker's default 5 s wait if not clicked by then: a click inside the wait makes it a
   positive), a later click as a correction (``--emission provisional``, the worker's default);
-  all three learned by :class:`~online_learner.outcomes.ArrivalLearner`, as ``ctr learn``
+  all three learned by :class:`~ctr.online_learner.outcomes.ArrivalLearner`, as ``ctr learn``
   learns them: every example on arrival, the base rate counted on arrival, the calibration
   and the progressive scores from each impression's final label.
 
@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import report
-from online_learner.metrics import log_loss, roc_auc
-from online_learner.outcomes import ArrivalLearner
-from online_learner.trainer import TrainerConfig
-from streams.datasets import DEFAULT_ATTRIBUTION_WINDOW_MS, open_source
-from streams.schema import TrainingExample
+from ctr.infra.schema import TrainingExample
+from ctr.online_learner.metrics import log_loss, roc_auc
+from ctr.online_learner.outcomes import ArrivalLearner
+from ctr.online_learner.trainer import TrainerConfig
+from ctr.streams.datasets import DEFAULT_ATTRIBUTION_WINDOW_MS, open_source
 
 
 def arrivals(rows, mode: str, wait_ms: int = 0) -> list[tuple[int, TrainingExample]]:
@@ -119,7 +119,7 @@ def run(
 
 
 def main(json_path: Path, events: int = 120_000) -> dict:
-    from streams.agents.label_join import JoinConfig
+    from ctr.streams.agents.label_join import JoinConfig
 
     default_wait = JoinConfig().negative_after_ms  # what the worker runs
     orders = [("window", 0), ("emit-on-click", 0), ("provisional", 0), ("provisional", default_wait)]

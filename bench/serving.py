@@ -12,7 +12,7 @@ What runs (all real, all on this machine):
   ``--delta-rows`` table rows plus the dense weights (what the learner ships), applied by the
   server while it is under load (versions are encoded before each measurement, so the
   publisher only hands bytes to librdkafka);
-* the server as a subprocess (``python -m serving``: uvicorn + uvloop + httptools, one
+* the server as a subprocess (``python -m ctr.serving``: uvicorn + uvloop + httptools, one
   process) in each mode of :data:`MODES`: the default (feature cache, Feast read by a worker
   process), no cache (Feast read on every request, by the worker), and two in-process
   variants (Feast read in the server's own threads) that show why the worker exists;
@@ -160,13 +160,13 @@ class World:
     def __init__(self, tmp: Path, users: int, items: int, table_bits: int, delta_rows: int, seed: int = 0) -> None:
         import torch
 
-        from features.spec import SPEC
-        from features.store import FeatureWriter, open_store
-        from infra.broker import EmbeddedBroker
-        from online_learner.delta import snapshot_tensors
-        from online_learner.model import CTRModel, ModelConfig
-        from online_learner.update_format import UpdateHeader, encode_update
-        from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+        from ctr.features.spec import SPEC
+        from ctr.features.store import FeatureWriter, open_store
+        from ctr.infra.broker import EmbeddedBroker
+        from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+        from ctr.online_learner.delta import snapshot_tensors
+        from ctr.online_learner.model import CTRModel, ModelConfig
+        from ctr.online_learner.update_format import UpdateHeader, encode_update
 
         self.tmp, self.delta_rows = tmp, delta_rows
         self.rng = np.random.default_rng(seed)
@@ -208,8 +208,8 @@ class World:
     def encode_delta(self) -> list[bytes]:
         import torch
 
-        from online_learner.delta import delta_tensors
-        from online_learner.update_format import UpdateHeader, split_delta
+        from ctr.online_learner.delta import delta_tensors
+        from ctr.online_learner.update_format import UpdateHeader, split_delta
 
         rows = self.model.table.shape[0]
         ids = np.unique(self.rng.integers(0, rows, size=min(self.delta_rows, rows))).astype(np.int64)
@@ -275,9 +275,9 @@ MODES: dict[str, tuple[str, list[str]]] = {
 
 
 def _server(world: World, port: int, flags: list[str], log: Path) -> subprocess.Popen:
-    from infra.procs import die_with_parent
+    from ctr.infra.procs import die_with_parent
 
-    cmd = [sys.executable, "-m", "serving", "--bootstrap", world.broker.bootstrap, "--snapshot-dir",
+    cmd = [sys.executable, "-m", "ctr.serving", "--bootstrap", world.broker.bootstrap, "--snapshot-dir",
            str(world.snapshots), "--feast-dir", str(world.store_dir), "--port", str(port), "--log-level", "warning",
            *flags]
     with open(log, "ab") as f:
@@ -347,7 +347,7 @@ def _copy_cost() -> list[dict]:
     """What a full shadow copy per version costs (the alternative would be copy-on-write rows)."""
     import torch
 
-    from online_learner.model import CTRModel, ModelConfig
+    from ctr.online_learner.model import CTRModel, ModelConfig
 
     torch.set_num_threads(1)
     out = []
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-flags", default="", help="Extra flags for every server (e.g. '--cache-ttl 5')")
     a = p.parse_args(argv)
 
-    from infra.procs import free_port, stop_process
+    from ctr.infra.procs import free_port, stop_process
 
     rows: list[dict] = []
     extra: dict = {}

@@ -5,7 +5,7 @@ replay, since the broker's CPU grows with what it holds):
 
 * ``aiokafka raw consume`` -- an ``AIOKafkaConsumer`` reading the same impressions + clicks
   topics and doing nothing else: the client's ceiling on this machine right now;
-* ``agents: label join`` -- one ``python -m streams.worker --no-features`` process on the same
+* ``agents: label join`` -- one ``python -m ctr.streams.worker --no-features`` process on the same
   topics (new consumer group): events/s through the join (decode, join, changelog record per
   micro-batch, examples + deltas out), measured from its Prometheus counter between the first
   and the last event, so worker start-up is excluded; ``ratio`` is to the raw consume;
@@ -14,7 +14,7 @@ replay, since the broker's CPU grows with what it holds):
 * ``agents: join + features, --changelog inline`` -- the same with changelog records that
   copy the impressions and delta batches they consumed instead of naming their offsets;
   ``changelog_bytes_per_event`` (every variant) is what the tables' changelogs took per event;
-* ``feast write`` -- ``features.store.FeatureWriter.write`` of 1,000-row micro-batches into
+* ``feast write`` -- ``ctr.features.store.FeatureWriter.write`` of 1,000-row micro-batches into
   the SQLite online store, in-process (the rate the feature agent's helper process can reach);
 * ``freshness`` -- on a fresh broker and store, a live stream (event time = wall clock) at
   ``--live-rate`` events/s with a probe impression of a new user every ~50 ms: time from a
@@ -47,7 +47,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import report
-from infra.procs import die_with_parent, free_port, stop_process
+from ctr.infra.procs import die_with_parent, free_port, stop_process
 
 TARGET_EVENTS_PER_S = 20_000
 TARGET_FRESHNESS_P99_S = 2.0
@@ -68,7 +68,7 @@ def _metric(port: int, name: str) -> float:
 
 def _worker(bootstrap: str, app_id: str, feast_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    args = [sys.executable, "-m", "streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
+    args = [sys.executable, "-m", "ctr.streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
             "--feast-dir", str(feast_dir), "--metrics-port", str(port), "--instance-id", f"bench-{app_id}",
             "--loglevel", "info", *extra]  # fmt: skip
     with open(log, "a") as f:
@@ -143,7 +143,7 @@ def _raw_aiokafka(bootstrap: str, total: int) -> dict:
 
 
 def _feast_write(feast_dir: Path, rows: int = 20_000) -> dict:
-    from features.store import FeatureWriter, open_store, view_features
+    from ctr.features.store import FeatureWriter, open_store, view_features
 
     store = open_store(feast_dir)
     w = FeatureWriter(store)
@@ -171,10 +171,10 @@ def _freshness(
     """Live stream at ``rate`` events/s (event time = now) plus ``probes`` probe impressions of
     unique users; time until each probe's count is readable from the online store. Appends
     ``(seconds into the measurement, latency)`` per probe to ``series``."""
-    from features.store import open_store
-    from streams.datasets import open_source
-    from streams.kafka_io import DeliveryTracker, make_producer, produce
-    from streams.schema import Click, Impression, encode
+    from ctr.features.store import open_store
+    from ctr.infra.kafka_io import DeliveryTracker, make_producer, produce
+    from ctr.infra.schema import Click, Impression, encode
+    from ctr.streams.datasets import open_source
 
     store = open_store(feast_dir)
     proc, port = _worker(bootstrap, app_id, feast_dir, log)
@@ -267,7 +267,7 @@ def main(
     only: str = "all",
     poll_ms: float = 50.0,
 ) -> dict:
-    from infra.broker import EmbeddedBroker
+    from ctr.infra.broker import EmbeddedBroker
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     broker = None
@@ -341,10 +341,10 @@ def _plot_freshness(series: list[tuple[float, float]], row: dict, path: Path) ->
 def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: list[dict], extra: dict) -> None:
     """For each agent variant: replay ``events`` synthetic impressions (same seed) to the
     broker ``broker_for(i)`` returns, time a raw consume and then the variant on them."""
-    from features.store import ensure_applied
-    from streams.agents.label_join import send_watermark
-    from streams.datasets import open_source
-    from streams.replay import replay
+    from ctr.features.store import ensure_applied
+    from ctr.streams.agents.label_join import send_watermark
+    from ctr.streams.datasets import open_source
+    from ctr.streams.replay import replay
 
     # Applied once up front, as a deployment does (`ctr features apply`): otherwise the worker's
     # Feast process spends its first ~8 s of CPU applying the repo inside the measured window.

@@ -1,6 +1,6 @@
 """``ctr features ...``: apply the Feast repository, read fresh values, run ``feast serve``.
 
-Mounted by ``infra/cli.py`` as ``app.add_typer(features_app, name="features")``. Imports are
+Mounted by ``ctr/cli.py`` as ``app.add_typer(features_app, name="features")``. Imports are
 lazy: ``import feast`` takes seconds, so only the commands that need it pay for it.
 
     ctr features apply --dir runs/r1/feast
@@ -65,7 +65,7 @@ def apply(
     Writes feature_store.yaml into --dir and applies entities, feature views and push sources;
     a no-op when this exact version is already applied.
     """
-    from features.store import STATS_VIEWS, ensure_applied, push_source_name, view_features
+    from ctr.features.store import STATS_VIEWS, ensure_applied, push_source_name, view_features
 
     path = ensure_applied(dir, check_online(online), redis_url, force=force)
     typer.echo(f"feast repository applied in {path} (online store: {online})")
@@ -100,7 +100,7 @@ def get(
     if not (user or item or field_value or field_weights):
         typer.secho("nothing to get: pass --user/--item/--field-value and/or --field-weights", err=True)
         raise typer.Exit(2)
-    from features.store import OnlineFeatures, open_store
+    from ctr.features.store import OnlineFeatures, open_store
 
     reader = OnlineFeatures(open_store(dir, check_online(online), redis_url))
     out: dict = {}
@@ -128,8 +128,8 @@ def serve(
         curl -s -X POST http://127.0.0.1:PORT/get-online-features -H 'Content-Type: application/json'
           -d '{"features": ["item_stats:item_ctr_5m"], "entities": {"item_id": ["ad7"]}}'
     """
-    from features.store import ensure_applied, serve_command, wait_healthy
-    from infra.procs import die_with_parent, free_port, stop_process
+    from ctr.features.store import ensure_applied, serve_command, wait_healthy
+    from ctr.infra.procs import die_with_parent, free_port, stop_process
 
     path = ensure_applied(dir, check_online(online), redis_url)
     port = port or free_port(host)

@@ -51,7 +51,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from features.spec import ENTITIES, SPEC, FeatureSpec
+from ctr.features.spec import ENTITIES, SPEC, FeatureSpec
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -140,7 +140,7 @@ def default_dir() -> Path:
     env = os.environ.get("CTR_FEAST_DIR")
     if env:
         return Path(env).resolve()
-    from infra.config import state_dir
+    from ctr.infra.config import state_dir
 
     return state_dir() / "feast"
 
@@ -165,7 +165,7 @@ def write_config(path: Path | str | None = None, online: Online = "sqlite", redi
         cfg["online_store"]["connection_string"] = (
             redis_url or os.environ.get("REDIS_CONNECTION_STRING") or "localhost:6379"
         )
-    header = f"# Written by features.store.write_config from {template.name}; edits are overwritten.\n"
+    header = f"# Written by ctr.features.store.write_config from {template.name}; edits are overwritten.\n"
     text = header + yaml.safe_dump(cfg, sort_keys=False)
     target = path / "feature_store.yaml"
     if not target.exists() or target.read_text() != text:
@@ -207,7 +207,7 @@ def _locked(path: Path) -> Iterator[None]:
 
 def load_definitions() -> list:
     """The objects of ``features/repo/definitions.py`` (imports feast)."""
-    from features.repo import definitions
+    from ctr.features.repo import definitions
 
     return list(definitions.OBJECTS)
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from infra.config import TOPICS, TopicSpec
-from infra.procs import die_with_parent, free_port, port_open, stop_process
+from ctr.infra.procs import die_with_parent, free_port, port_open, stop_process
+from ctr.infra.topics import TOPICS, TopicSpec
 
 BrokerKind = Literal["noida", "tansu"]
 KINDS: tuple[str, ...] = ("noida", "tansu")

@@ -1,4 +1,5 @@
-"""Configuration shared by every component: topic layout and connection settings.
+"""Configuration shared by every component: connection settings and processing modes (the
+topics are :mod:`ctr.infra.topics`).
 
 Everything a deployment changes comes from environment variables (``CTR_*``), so the same
 code runs on the embedded default and in docker-compose. Command-line flags override them.
@@ -8,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 #: How the agents' changelog records hold the source records they consumed: ``offsets`` (a
@@ -16,31 +16,10 @@ from pathlib import Path
 #: topic as a changelog) or ``inline`` (a copy). The join's impressions, the feature agent's
 #: delta batches.
 CHANGELOG_MODES: tuple[str, ...] = ("offsets", "inline")
-#: When the label join sends an example (``streams.agents.label_join``); the first is the default.
+#: When the label join sends an example (``ctr.streams.agents.label_join``); the first is the default.
 EMISSIONS: tuple[str, ...] = ("provisional", "click", "window")
 
 
-@dataclass(frozen=True)
-class TopicSpec:
-    name: str
-    partitions: int
-    #: Why this count: impressions/clicks/examples are co-partitioned (same count, same key)
-    #: so the label join is partition-local; model-updates and field-weights are versioned
-    #: sequences and must keep one total order, hence one partition.
-    purpose: str
-
-
-TOPICS: tuple[TopicSpec, ...] = (
-    TopicSpec("impressions", 4, "impression events, keyed by event_id"),
-    TopicSpec("clicks", 4, "click events, keyed by impression_id (co-partitioned with impressions)"),
-    TopicSpec("training-examples", 4, "labelled examples, keyed by example_id = impression event_id"),
-    TopicSpec("field-weights", 1, "versioned per-field importance weights"),
-    TopicSpec("model-updates", 1, "versioned model deltas and snapshots (one total order)"),
-    TopicSpec("dead-letter", 1, "malformed or unprocessable messages with a reason"),
-    TopicSpec("late-events", 1, "clicks that arrived after their attribution window"),
-    TopicSpec("served-scores", 1, "what serving predicted for a named impression, with the version"),
-)
-TOPIC_NAMES = {t.name for t in TOPICS}
 
 
 def fetch_backoff_s() -> float:

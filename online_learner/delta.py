@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from online_learner.model import CTRModel
-from online_learner.update_format import UpdateError
+from ctr.online_learner.model import CTRModel
+from ctr.online_learner.update_format import UpdateError
 
 DENSE = "dense."
 #: Buffers that are part of the hash definition (the model file format), never updated.

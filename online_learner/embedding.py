@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from online_learner.hashing import MAX_TABLE_BITS, ProbeLayout, hash_buckets
-from online_learner.optim import scatter_add_rows, unique_rows
+from ctr.online_learner.hashing import MAX_TABLE_BITS, ProbeLayout, hash_buckets
+from ctr.online_learner.optim import scatter_add_rows, unique_rows
 
 __all__ = [
     "DenseNumericEmbedding",
@@ -137,7 +137,7 @@ class UnifiedEmbedding(HashedChunkTable):
     field embedding, and because every field reads the same rows the capacity goes where the
     traffic is (hot fields/values) instead of being split up front.
 
-    >>> from online_learner.hashing import ProbeLayout
+    >>> from ctr.online_learner.hashing import ProbeLayout
     >>> emb = UnifiedEmbedding(ProbeLayout.build(["site", "ad"], probes={"site": 1, "ad": 3}, table_bits=8), 4)
     >>> ids = emb.bucket_ids(np.array([[1, 2], [3, 4]], dtype=np.uint64))
     >>> ids.shape, emb(ids).shape, emb.field_widths
@@ -187,7 +187,7 @@ class PerFieldHashEmbedding(HashedChunkTable):
     chunks). One hash per field (the field's first-probe seed, 31-bit) picks the row:
     ``row = offset_f + (h % rows_f) * k_f + j`` for chunk ``j``.
 
-    >>> from online_learner.hashing import ProbeLayout
+    >>> from ctr.online_learner.hashing import ProbeLayout
     >>> layout = ProbeLayout.build(["site", "ad"], probes={"site": 1, "ad": 3}, table_bits=8)
     >>> pf, ue = PerFieldHashEmbedding(layout, 4), UnifiedEmbedding(layout, 4)
     >>> pf.table.numel() == ue.table.numel(), pf(pf.bucket_ids(np.ones((2, 2), np.uint64))).shape

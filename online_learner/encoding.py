@@ -1,21 +1,21 @@
 """Feature encoder: a batch of events -> the arrays the hash and the model take.
 
-Rows may be :class:`streams.schema.Impression`, :class:`streams.schema.TrainingExample` (its
+Rows may be :class:`ctr.infra.schema.Impression`, :class:`ctr.infra.schema.TrainingExample` (its
 impression is used), or plain mappings -- either structured ``{"categorical": {...},
 "numeric": {...}}`` or flat ``{field: value}``.
 
-* The field vocabulary is the field *names* of the :class:`~online_learner.model.ModelConfig`;
+* The field vocabulary is the field *names* of the :class:`~ctr.online_learner.model.ModelConfig`;
   fields a row carries that the model does not know are ignored (a new field needs a new model
   config, not a crash of the trainer).
-* A missing categorical value maps to :data:`~online_learner.hashing.MISSING_KEY` (each field
+* A missing categorical value maps to :data:`~ctr.online_learner.hashing.MISSING_KEY` (each field
   then reads its own "missing" rows); a missing / NaN / inf numeric value to missing too.
 * ``user_id``, ``item_id`` and ``position`` are read from the Impression's own attributes when
   they are listed as categorical fields.
 
 The steady-state cost is one dict lookup per (row, field) -- the string hash runs once per
-distinct value (:class:`~online_learner.hashing.ValueKeyer`).
+distinct value (:class:`~ctr.online_learner.hashing.ValueKeyer`).
 
->>> from online_learner.model import ModelConfig
+>>> from ctr.online_learner.model import ModelConfig
 >>> enc = FeatureEncoder(ModelConfig(categorical_fields=("site", "user_id"), numeric_fields=("price",)))
 >>> batch = enc.encode([{"site": "news", "user_id": "u1", "price": 2.5, "extra": "ignored"}, {"site": "news"}])
 >>> batch.keys.shape, batch.keys.dtype, len(batch)
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from online_learner.hashing import MISSING_KEY, ValueKeyer, numeric_keys, value_key
-from online_learner.model import ModelConfig
+from ctr.online_learner.hashing import MISSING_KEY, ValueKeyer, numeric_keys, value_key
+from ctr.online_learner.model import ModelConfig
 
 __all__ = ["EncodedBatch", "FeatureEncoder"]
 
@@ -152,7 +152,7 @@ def discover_fields(
     so no vocabulary is needed. ``categorical`` / ``numeric`` given: exactly those (they
     narrow what is learned, whatever the data carries).
 
-    >>> from streams.schema import Impression
+    >>> from ctr.infra.schema import Impression
     >>> imp = Impression(event_id="e", event_time_ms=0, user_id="u", item_id="i", position=0,
     ...                  categorical={"site": "news", "app": "x"}, numeric={"price": 2.0})
     >>> discover_fields([imp])

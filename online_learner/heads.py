@@ -118,7 +118,7 @@ class DCNv2Head(nn.Module):
         # strided gradient slices in the backward pass).
         self.out_deep = nn.Linear(mlp_dims[-1] if mlp_dims else dim, 1)
         self.out_cross = nn.Linear(dim, 1, bias=False) if self.cross is not None else None
-        # The base rate is the model's offset (online_learner.prior): the head starts centred on it.
+        # The base rate is the model's offset (ctr.online_learner.prior): the head starts centred on it.
         nn.init.zeros_(self.out_deep.bias)
 
     def forward(self, x0: Tensor) -> Tensor:

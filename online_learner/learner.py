@@ -1,6 +1,6 @@
 """River-style facade: an online CTR learner with ``predict_proba_many`` / ``learn_many``.
 
-The logit is ``log_odds(running click rate) + b + a * f(x)`` (:mod:`online_learner.prior`):
+The logit is ``log_odds(running click rate) + b + a * f(x)`` (:mod:`ctr.online_learner.prior`):
 a fresh learner predicts the running click rate from the first event at any click rate, the
 network ``f`` learns what the features add to it, and ``(a, b)`` calibrate ``f`` on examples
 it had not yet learned from. A batch is learned in updates sized by what has arrived so far
@@ -14,7 +14,7 @@ Progressive use (predict each batch before learning from it)::
 
 which is equivalent to ``p = predict_proba_many(batch); learn_many(batch, labels)`` at half
 the cost. ``batch`` is a sequence of Impressions / TrainingExamples / dict rows, or an
-:class:`~online_learner.encoding.EncodedBatch` already encoded once (e.g. by the trainer).
+:class:`~ctr.online_learner.encoding.EncodedBatch` already encoded once (e.g. by the trainer).
 
 What a trainer / delta publisher needs (the Kafka parts live elsewhere):
 
@@ -44,11 +44,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from online_learner.encoding import EncodedBatch, FeatureEncoder
-from online_learner.hashing import ValueKeyer
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.optim import RowWiseAdagrad, TouchedRows, dense_optimizer
-from online_learner.prior import CompleteCohorts
+from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
+from ctr.online_learner.hashing import ValueKeyer
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.optim import RowWiseAdagrad, TouchedRows, dense_optimizer
+from ctr.online_learner.prior import CompleteCohorts
 
 __all__ = ["OnlineCTR"]
 
@@ -71,7 +71,7 @@ class OnlineCTR:
             ``"adam"`` or ``"sgd"``.
         max_step, step_ratio: update sizes; see :meth:`step_size`.
         calibrate: fit the online calibration of the network's score (see
-            :class:`~online_learner.prior.OnlineCalibration`); False uses the raw score.
+            :class:`~ctr.online_learner.prior.OnlineCalibration`); False uses the raw score.
         device: ``"cpu"``, ``"cuda"``... (default: CUDA if available). On CUDA the hash runs as
             the Numba-CUDA kernel on torch's stream.
         seed: torch seed for the initial weights.
@@ -175,7 +175,7 @@ class OnlineCTR:
 
         ``event_time_ms`` (the impressions' event times, ``[B]``): the base rate and the
         calibration then count labels in complete impression-time cohorts
-        (:class:`~online_learner.prior.CompleteCohorts`) -- what a stream whose clicks arrive
+        (:class:`~ctr.online_learner.prior.CompleteCohorts`) -- what a stream whose clicks arrive
         before their window's non-clicks needs. Without it every label counts on arrival."""
         return self._step(self.encode(batch), labels, event_time_ms)[0]
 
@@ -186,7 +186,7 @@ class OnlineCTR:
         probabilities ``[B]`` and the network's raw scores ``[B]``. The base rate learns only
         what :meth:`count_arrivals` counts, the calibration what :meth:`observe_outcomes`
         gets back with *final* labels (for a stream whose first labels may still be
-        corrected: :class:`~online_learner.outcomes.HeldLabels`)."""
+        corrected: :class:`~ctr.online_learner.outcomes.HeldLabels`)."""
         scores: list[np.ndarray] = []
         p = self._step(self.encode(batch), labels, None, scores)[0]
         return p, np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
@@ -197,7 +197,7 @@ class OnlineCTR:
         provisional negatives). Waiting for final labels would leave a fresh model at the
         prior's 0.5 for a whole attribution window; counting on arrival, a click -- which
         leaves the join before its impression's cohort of non-clicks -- waits in
-        :class:`~online_learner.prior.CompleteCohorts` until a negative as new as it arrived."""
+        :class:`~ctr.online_learner.prior.CompleteCohorts` until a negative as new as it arrived."""
         t = np.asarray(event_time_ms, dtype=np.int64)
         y = np.asarray(labels, dtype=np.float32)
         now = self.cohorts.admit(t, y, np.zeros(len(y)))

@@ -16,7 +16,7 @@ Numeric fields, two modes (both implemented; ``bench/learner_core.py`` measures 
 * ``"bucket"`` (default): ``numeric_key`` = log2-octave bucket of ``1+|x|`` with 4 linear
   sub-buckets, hashed into the SAME unified table like any categorical value. One code path,
   one table (the delta publisher ships numerics like everything else), a free non-linear
-  response per bucket, and exact, platform-stable bucketing (see :mod:`online_learner.hashing`).
+  response per bucket, and exact, platform-stable bucketing (see :mod:`ctr.online_learner.hashing`).
 * ``"dense"``: ``sign(x) log1p|x|`` times a learned vector per field (AutoInt-style). Smooth in
   ``x`` and cheaper, but only monotone in ``x`` before the head's non-linearity.
 
@@ -46,17 +46,17 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from online_learner.embedding import (
+from ctr.online_learner.embedding import (
     DenseNumericEmbedding,
     HashedChunkTable,
     PerFieldHashEmbedding,
     UnifiedEmbedding,
     signed_log1p,
 )
-from online_learner.gates import FieldGate
-from online_learner.hashing import HASH_VERSION, ProbeLayout
-from online_learner.heads import DCNv2Head
-from online_learner.prior import ClickRatePrior, OnlineCalibration
+from ctr.online_learner.gates import FieldGate
+from ctr.online_learner.hashing import HASH_VERSION, ProbeLayout
+from ctr.online_learner.heads import DCNv2Head
+from ctr.online_learner.prior import ClickRatePrior, OnlineCalibration
 
 __all__ = ["CTRModel", "ModelConfig"]
 
@@ -103,7 +103,7 @@ class ModelConfig:
     hash_seed: int = 0
     init_std: float = 0.01
     #: Examples over which the click-rate prior (the logit's offset) forgets; see
-    #: :mod:`online_learner.prior`.
+    #: :mod:`ctr.online_learner.prior`.
     base_rate_horizon: float = 200_000.0
     #: Add a first-order (linear) term: the first float of each chunk, summed, times
     #: ``first_order_scale / sqrt(hashed fields)``.
@@ -254,7 +254,7 @@ class CTRModel(nn.Module):
 
     # -- field weights / parameters --------------------------------------------------------
     def set_field_weights(self, weights: Mapping[str, float], default: float | None = None) -> list[str]:
-        """Apply the stream's published field weights (see :mod:`online_learner.gates`)."""
+        """Apply the stream's published field weights (see :mod:`ctr.online_learner.gates`)."""
         return self.gate.set_field_weights(weights, default)
 
     def field_weights(self) -> dict[str, float]:

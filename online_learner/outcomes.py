@@ -151,8 +151,8 @@ class ArrivalLearner:
     4. what is released has its final label: the calibration learns it
        (:meth:`OnlineCTR.observe_outcomes`) and :meth:`learn` returns it for judging.
 
-    >>> from online_learner.learner import OnlineCTR
-    >>> from streams.schema import Impression, TrainingExample
+    >>> from ctr.online_learner.learner import OnlineCTR
+    >>> from ctr.infra.schema import Impression, TrainingExample
     >>> imps = [Impression(event_id=f"e{i}", event_time_ms=i, user_id="u", item_id=str(i % 3)) for i in range(4)]
     >>> exs = [TrainingExample(example_id=m.event_id, label=i % 2, impression=m) for i, m in enumerate(imps)]
     >>> arrivals = ArrivalLearner(OnlineCTR(categorical_fields=("user_id", "item_id"), table_bits=10, seed=0))

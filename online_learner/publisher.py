@@ -33,15 +33,15 @@ import torch
 from confluent_kafka import Producer
 from prometheus_client import Counter, Gauge, Histogram
 
-from online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import roc_auc
-from online_learner.state_io import atomic_write
-from online_learner.update_format import GateDecision, UpdateHeader, encode_update, split_delta
-from streams.kafka_io import DeliveryTracker, produce
+from ctr.infra.kafka_io import DeliveryTracker, produce
+from ctr.infra.topics import MODEL_UPDATES_TOPIC
+from ctr.online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import roc_auc
+from ctr.online_learner.state_io import atomic_write
+from ctr.online_learner.update_format import GateDecision, UpdateHeader, encode_update, split_delta
 
 log = logging.getLogger(__name__)
-MODEL_UPDATES_TOPIC = "model-updates"
 
 VERSION = Gauge("ctr_learner_published_version", "Newest model version published")
 PUBLISH_BYTES = Counter("ctr_learner_publish_bytes_total", "Bytes published to model-updates", ["kind"])

@@ -1,7 +1,7 @@
 """Online quality of what was served: served scores joined to their impressions' labels.
 
 Serving logs ``(impression_id, p_click, version)`` on ``served-scores`` for candidates that
-name their impression (:mod:`serving.score_log`). The trainer keeps the recent ones here and,
+name their impression (:mod:`ctr.serving.score_log`). The trainer keeps the recent ones here and,
 when an impression's training example arrives, scores the served probability against the
 label. Unlike predict-then-learn metrics, nothing the model learned after the impression was
 served can flatter these numbers -- which matters when positives reach the learner at their
@@ -22,9 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ctr.infra.topics import SERVED_SCORES_TOPIC
+
 __all__ = ["SERVED_SCORES_TOPIC", "ServedQuality"]
 
-SERVED_SCORES_TOPIC = "served-scores"
 
 
 class ServedQuality:

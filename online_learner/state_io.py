@@ -1,7 +1,7 @@
 """Nested state (model, optimizers, trainer bookkeeping) to and from the update format.
 
 Checkpoints and snapshots never use pickle (``torch.save``/``torch.load`` would): tensors go
-into the checksummed, dtype-whitelisted update format of :mod:`online_learner.update_format`
+into the checksummed, dtype-whitelisted update format of :mod:`ctr.online_learner.update_format`
 and everything else into its JSON header. Files are written atomically (temp file, fsync,
 rename, fsync of the directory), so a ``kill -9`` leaves either the old file or the new one.
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from online_learner.update_format import UpdateHeader, decode_update, encode_update
+from ctr.online_learner.update_format import UpdateHeader, decode_update, encode_update
 
 _TENSOR = "__tensor__"
 _DICT = "__dict__"

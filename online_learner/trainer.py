@@ -37,23 +37,22 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from online_learner.encoding import discover_fields
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import ProgressiveMetrics
-from online_learner.model import ModelConfig
-from online_learner.outcomes import ArrivalLearner
-from online_learner.publisher import MODEL_UPDATES_TOPIC, Publisher, QualityGate
-from online_learner.served import SERVED_SCORES_TOPIC, ServedQuality
-from online_learner.state_io import load_state, save_state
-from online_learner.update_format import UpdateError, UpdateHeader, decode_header
-from streams.deadletter import DeadLetterSink
-from streams.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
-from streams.schema import SchemaError, decode_field_weights, decode_served_score, decode_training_example
-from streams.validate import decode_batch
+from ctr.infra.deadletter import DeadLetterSink
+from ctr.infra.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
+from ctr.infra.schema import SchemaError, decode_field_weights, decode_served_score, decode_training_example
+from ctr.infra.topics import EXAMPLES_TOPIC, FIELD_WEIGHTS_TOPIC, MODEL_UPDATES_TOPIC, SERVED_SCORES_TOPIC
+from ctr.infra.validate import decode_batch
+from ctr.online_learner.encoding import discover_fields
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import ProgressiveMetrics
+from ctr.online_learner.model import ModelConfig
+from ctr.online_learner.outcomes import ArrivalLearner
+from ctr.online_learner.publisher import Publisher, QualityGate
+from ctr.online_learner.served import ServedQuality
+from ctr.online_learner.state_io import load_state, save_state
+from ctr.online_learner.update_format import UpdateError, UpdateHeader, decode_header
 
 log = logging.getLogger(__name__)
-EXAMPLES_TOPIC = "training-examples"
-FIELD_WEIGHTS_TOPIC = "field-weights"
 
 TRAINED = Counter("ctr_learner_examples_total", "Training examples learned from")
 DUPLICATES = Counter("ctr_learner_duplicates_total", "Duplicate examples skipped (same example_id)")
@@ -73,7 +72,7 @@ class RecentIds:
 
     @staticmethod
     def key(example_id: str) -> int:
-        from online_learner.hashing import value_key
+        from ctr.online_learner.hashing import value_key
 
         return value_key(example_id)
 

@@ -1,6 +1,6 @@
-"""``python -m serving``: run one serving replica (the same entry ``ctr serve`` mounts).
+"""``python -m ctr.serving``: run one serving replica (the same entry ``ctr serve`` mounts).
 
-    CTR_ADMIN_TOKEN=secret python -m serving --bootstrap 127.0.0.1:9092 \\
+    CTR_ADMIN_TOKEN=secret python -m ctr.serving --bootstrap 127.0.0.1:9092 \\
         --snapshot-dir .ctr/learner/snapshots --feast-dir .ctr/feast --port 8000
 """
 
@@ -10,19 +10,19 @@ import argparse
 import os
 from pathlib import Path
 
-from serving.app import ServingConfig, run_server
+from ctr.serving.app import ServingConfig, run_server
 
 
 def parse_args(argv: list[str] | None = None) -> ServingConfig:
     d = ServingConfig()
-    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ctr.serving", description=__doc__.split("\n")[0])
     p.add_argument("--bootstrap", default=os.environ.get("CTR_BOOTSTRAP"),
                    help="Kafka bootstrap HOST:PORT (default $CTR_BOOTSTRAP); without it the newest snapshot "
                         "of --snapshot-dir is served with no live updates")
     p.add_argument("--snapshot-dir", type=Path, default=Path(".ctr/learner/snapshots"),
                    help="The learner's snapshot directory (start-up and re-sync)")
     p.add_argument("--feast-dir", type=Path, default=None,
-                   help="Feast config dir (features.store.open_store; default $CTR_FEAST_DIR or .ctr/feast)")
+                   help="Feast config dir (ctr.features.store.open_store; default $CTR_FEAST_DIR or .ctr/feast)")
     p.add_argument("--online", choices=("sqlite", "redis"), default=d.online, help="Feast online store")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--host", default=d.host, help="Bind address (default loopback only)")

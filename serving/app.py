@@ -44,9 +44,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from online_learner.encoding import EncodedBatch
-from online_learner.hashing import MISSING_KEY, numeric_keys
-from serving.features import (
+from ctr.infra.topics import MODEL_UPDATES_TOPIC
+from ctr.online_learner.encoding import EncodedBatch
+from ctr.online_learner.hashing import MISSING_KEY, numeric_keys
+from ctr.serving.features import (
     DEFAULTS,
     FeastProcessSource,
     FeastSource,
@@ -56,9 +57,9 @@ from serving.features import (
     Lookup,
     record,
 )
-from serving.registry import ModelRegistry, ModelVersion, RegistryError
-from serving.score_log import ScoreLog
-from serving.updates import MODEL_UPDATES_TOPIC, UpdateConsumer, read_snapshot_header, snapshot_files
+from ctr.serving.registry import ModelRegistry, ModelVersion, RegistryError
+from ctr.serving.score_log import ScoreLog
+from ctr.serving.updates import UpdateConsumer, read_snapshot_header, snapshot_files
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ServingConfig:
-    """Everything ``ctr serve`` / ``python -m serving`` can set.
+    """Everything ``ctr serve`` / ``python -m ctr.serving`` can set.
 
     ``bootstrap=None`` serves the newest snapshot of ``snapshot_dir`` without live updates.
     ``admin_token=None`` reads ``$CTR_ADMIN_TOKEN``; unset or empty disables admin calls (403).
@@ -331,7 +332,7 @@ class ServingState:
             self.feature_error = f"{type(err).__name__}: {err}"
 
     def _load_static(self) -> None:
-        from online_learner.update_format import decode_update
+        from ctr.online_learner.update_format import decode_update
 
         files = snapshot_files(self.config.snapshot_dir)
         if not files:

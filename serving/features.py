@@ -4,7 +4,7 @@ with every Feast read done in a worker process.
 What a model needs: a numeric field of the model config whose name is a Feast statistics
 column (``SPEC.feature_names("user")`` / ``("item")``, e.g. ``user_ctr_5m``, ``item_ctr_1h``)
 is filled from the store for the request's user / each candidate item (:class:`FeaturePlan`).
-A missing entity reads as the prior (``features.store.default_value``: prior CTR, 0 counts).
+A missing entity reads as the prior (``ctr.features.store.default_value``: prior CTR, 0 counts).
 
 Why a cache. Feast's Python read path for 100 keys on SQLite costs about the whole latency
 budget of a 100-candidate request (``bench/results/feast_io.json``, README "Feast I/O"),
@@ -43,7 +43,7 @@ from typing import Any, Protocol
 import msgspec
 from prometheus_client import Counter, Histogram
 
-from features.spec import SPEC
+from ctr.features.spec import SPEC
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ FEAST_ERRORS = Counter("ctr_serving_feast_errors_total", "Failed Feast reads (se
 
 
 def _default(entity: str, feature: str) -> float:
-    from features.store import default_value  # feast-free module-level code
+    from ctr.features.store import default_value  # feast-free module-level code
 
     return float(default_value(_VIEWS[entity], feature))
 
@@ -101,7 +101,7 @@ class FeastSource:
     """Blocking reads from the Feast online store. ``import feast`` happens here, once."""
 
     def __init__(self, path: Path | str | None = None, online: str = "sqlite", redis_url: str | None = None) -> None:
-        from features.store import OnlineFeatures, open_store
+        from ctr.features.store import OnlineFeatures, open_store
 
         t0 = time.perf_counter()
         self.store = open_store(path, online, redis_url)  # type: ignore[arg-type]
@@ -169,7 +169,7 @@ class FeastProcessSource:
         import sys
 
         t0 = time.perf_counter()
-        code = "import sys; from serving.features import feast_worker_main; feast_worker_main(sys.argv[1:])"
+        code = "import sys; from ctr.serving.features import feast_worker_main; feast_worker_main(sys.argv[1:])"
         proc = subprocess.Popen([sys.executable, "-c", code, *self.args], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, bufsize=0)
         try:

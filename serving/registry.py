@@ -1,6 +1,6 @@
 """Model versions for serving: shadow apply, atomic swap, the last K versions, rollback/pin, re-sync.
 
-Pure logic (no Kafka, no HTTP): :mod:`serving.updates` feeds it decoded updates, the HTTP
+Pure logic (no Kafka, no HTTP): :mod:`ctr.serving.updates` feeds it decoded updates, the HTTP
 handlers read :attr:`ModelRegistry.current`.
 
 * **Immutable versions.** A :class:`ModelVersion` is never mutated once built. A delta is
@@ -19,9 +19,9 @@ handlers read :attr:`ModelRegistry.current`.
   stream keeps advancing the head underneath), ``unpin`` serves the head again.
 
 >>> import numpy as np
->>> from online_learner.model import CTRModel, ModelConfig
->>> from online_learner.delta import snapshot_tensors
->>> from online_learner.update_format import UpdateHeader
+>>> from ctr.online_learner.model import CTRModel, ModelConfig
+>>> from ctr.online_learner.delta import snapshot_tensors
+>>> from ctr.online_learner.update_format import UpdateHeader
 >>> cfg = ModelConfig(("site",), table_bits=6)
 >>> reg = ModelRegistry(keep=3)
 >>> snap = UpdateHeader(kind="snapshot", model_id="m", version=1, base_version=1, model_config=cfg.to_dict())
@@ -49,11 +49,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from online_learner.delta import apply_tensors
-from online_learner.encoding import EncodedBatch, FeatureEncoder
-from online_learner.hashing import ValueKeyer
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.update_format import GateDecision, UpdateError, UpdateHeader
+from ctr.online_learner.delta import apply_tensors
+from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
+from ctr.online_learner.hashing import ValueKeyer
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.update_format import GateDecision, UpdateError, UpdateHeader
 
 __all__ = ["Decision", "ModelRegistry", "ModelVersion", "RegistryError", "score"]
 

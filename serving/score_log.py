@@ -1,9 +1,9 @@
 """Prediction logging: what a replica served for a named impression, on ``served-scores``.
 
 A /predict candidate may carry the ``impression_id`` under which the caller will show it. The
-replica then logs a :class:`~streams.schema.ServedScore` (the probability and the version
+replica then logs a :class:`~ctr.infra.schema.ServedScore` (the probability and the version
 that produced it), keyed by the impression id. The learner joins these to the impressions'
-labels (:class:`online_learner.served.ServedQuality`): the online log loss and AUC of what was
+labels (:class:`ctr.online_learner.served.ServedQuality`): the online log loss and AUC of what was
 actually served -- the number that predict-then-learn metrics over-state when positives reach
 the learner at their click and negatives only when the attribution window closes.
 
@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from online_learner.served import SERVED_SCORES_TOPIC
-from streams.kafka_io import DeliveryTracker, make_producer, produce
-from streams.schema import ServedScore, encode
+from ctr.infra.kafka_io import DeliveryTracker, make_producer, produce
+from ctr.infra.schema import ServedScore, encode
+from ctr.infra.topics import SERVED_SCORES_TOPIC
 
 LOGGED = Counter("ctr_serving_scores_logged_total", "Served scores logged to served-scores")
 

@@ -14,7 +14,7 @@ broker does not hold empty fetches, and an idle assigned consumer would spin a c
   snapshot announcement.
 * **Each message**: ``decode_header`` (cheap) lets the registry skip stale messages without
   hashing them; anything else is validated whole (``decode_update``: checksum, dtypes,
-  shapes) and offered to :class:`~serving.registry.ModelRegistry`, which applies it to a
+  shapes) and offered to :class:`~ctr.serving.registry.ModelRegistry`, which applies it to a
   shadow copy and swaps it in, or rejects it.
 * **Re-sync** (a gap, an out-of-order/forked delta, another lineage, an incomplete multi-part
   version, or a snapshot announced newer than the head): load the announced file, else the
@@ -38,13 +38,13 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, Histogram
 
-from online_learner.update_format import MAX_HEADER_BYTES, UpdateError, UpdateHeader, decode_header, decode_update
-from serving.registry import Decision, ModelRegistry
-from streams.kafka_io import make_consumer
+from ctr.infra.kafka_io import make_consumer
+from ctr.infra.topics import MODEL_UPDATES_TOPIC
+from ctr.online_learner.update_format import MAX_HEADER_BYTES, UpdateError, UpdateHeader, decode_header, decode_update
+from ctr.serving.registry import Decision, ModelRegistry
 
 log = logging.getLogger(__name__)
 
-MODEL_UPDATES_TOPIC = "model-updates"  # = online_learner.publisher.MODEL_UPDATES_TOPIC (no torch-heavy import)
 
 APPLIED = Counter("ctr_serving_updates_applied_total", "Model versions applied (swapped in)", ["kind"])
 REJECTED = Counter("ctr_serving_updates_rejected_total", "Model-update messages rejected", ["reason"])

@@ -48,10 +48,10 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 from mode.utils.futures import notify
 
-from infra.config import fetch_backoff_s, kafka_compression
-from streams.contiguity import ContiguityGuard
-from streams.kafka_io import DeliveryTracker, first_offset_from, make_producer
-from streams.metrics import changelog_bytes
+from ctr.infra.config import fetch_backoff_s, kafka_compression
+from ctr.infra.kafka_io import DeliveryTracker, first_offset_from, make_producer
+from ctr.streams.contiguity import ContiguityGuard
+from ctr.streams.metrics import changelog_bytes
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class CtrApp(faust.App):
 
 def install_fetch_backoff(backoff_s: float | None = None) -> float:
     """Make aiokafka wait ``backoff_s`` before re-fetching from a broker whose last fetch
-    returned no records (default :func:`infra.config.fetch_backoff_s`, 10 ms). Returns it.
+    returned no records (default :func:`ctr.infra.config.fetch_backoff_s`, 10 ms). Returns it.
 
     Why: a Kafka broker holds an empty fetch for up to ``fetch_max_wait_ms`` (Faust asks for
     1.5 s), so an idle consumer sends a few fetches a second. noida-db ignores the wait (and
@@ -302,7 +302,7 @@ def create_app(
     commit_interval_s: float = 1.0,
     instance_id: str | None = None,
 ) -> CtrApp:
-    """A Faust app for the CTR agents (agents are attached by :func:`streams.worker.build`).
+    """A Faust app for the CTR agents (agents are attached by :func:`ctr.streams.worker.build`).
 
     Settings and why:
 
@@ -315,7 +315,7 @@ def create_app(
       nothing with the memory store: ``faust/stores/memory.py: Store.on_recovery_completed``
       drops every key of a partition that is not *active* after each recovery;
     * ``processing_guarantee="at_least_once"`` -- always: the agents' versioned effects make it
-      exactly-once in effect (:mod:`streams.agents.label_join`);
+      exactly-once in effect (:mod:`ctr.streams.agents.label_join`);
     * session timeout 10 s / heartbeat 1 s -- quick rebalances after a kill -9;
     * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch.
     """
@@ -369,7 +369,7 @@ class OutputProducer:
     "everything sent so far is acknowledged" (:meth:`delivered`)."""
 
     def __init__(self, bootstrap: str, **overrides: object) -> None:
-        cfg: dict[str, object] = {"linger.ms": 20, **overrides}  # see streams.kafka_io: bigger zstd batches
+        cfg: dict[str, object] = {"linger.ms": 20, **overrides}  # see ctr.infra.kafka_io: bigger zstd batches
         self.producer = make_producer(bootstrap.split("://", 1)[-1], **cfg)
         self.tracker = DeliveryTracker()
         self.sent = 0

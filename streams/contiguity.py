@@ -13,7 +13,7 @@ ahead of the state would too.
 :class:`ContiguityGuard` checks every chunk against the offset the state expects next. A chunk
 that starts past it is either a real gap -- the broker holds no records in between (retention,
 compaction, transaction markers) -- or a skip. The broker is asked once which record it holds
-first from the expected offset (:func:`streams.kafka_io.first_offset_from`): a real gap is
+first from the expected offset (:func:`ctr.infra.kafka_io.first_offset_from`): a real gap is
 accepted; a skip drops the chunk (and the rest of that partition's chunks in the batch) and asks
 for a seek back to the expected offset. Offsets are immutable, so any chunk that starts at or
 before the expected offset carries the right records, however stale its fetch.
@@ -124,7 +124,7 @@ class ContiguityGuard:
     def _count(self, outcome: str) -> None:
         from prometheus_client import Counter
 
-        from streams.metrics import metric
+        from ctr.streams.metrics import metric
 
         if self._metric is None:
             doc = "Input chunks that did not continue the agent's state"

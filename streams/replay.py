@@ -2,7 +2,7 @@
 order, at a chosen rate.
 
 Clicks are released just before the first impression later than them
-(:func:`~streams.datasets.base.interleave_clicks`), so the topic order is the order a live
+(:func:`~ctr.streams.datasets.base.interleave_clicks`), so the topic order is the order a live
 system would see; memory is bounded by the clicks pending inside the delay horizon.
 """
 
@@ -12,12 +12,10 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from streams.datasets.base import interleave_clicks
-from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
-from streams.schema import Click, Impression, encode
-
-IMPRESSIONS_TOPIC = "impressions"
-CLICKS_TOPIC = "clicks"
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.schema import Click, Impression, encode
+from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC
+from ctr.streams.datasets.base import interleave_clicks
 
 
 @dataclass
@@ -57,7 +55,7 @@ class RateLimiter:
 
 def replay(records: Iterable, bootstrap: str, **options: object) -> ReplaySummary:
     """Replay labelled impressions: their impressions and clicks, interleaved in event-time
-    order (:func:`~streams.datasets.base.interleave_clicks`). Options as :func:`replay_events`.
+    order (:func:`~ctr.streams.datasets.base.interleave_clicks`). Options as :func:`replay_events`.
 
     To replay one stream in parts (a pause, a fault in between), split the *events*, not the
     records: ``evs = list(interleave_clicks(records)); replay_events(evs[:n], ...)`` and later
@@ -110,7 +108,7 @@ def replay_events(
         limiter.wait(summary.events)
     flush(producer, tracker)
     if close_after_ms is not None and summary.events:
-        from streams.agents.label_join import send_watermark
+        from ctr.streams.agents.label_join import send_watermark
 
         send_watermark(bootstrap, last_ms + close_after_ms)
     summary.seconds = time.perf_counter() - start

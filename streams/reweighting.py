@@ -1,11 +1,11 @@
 """``ctr reweight``: the dynamic feature reweighting stage. Consumes ``training-examples``,
 keeps a sliding window of the last ``window`` labelled examples, and every ``publish_every``
 new examples publishes per-field weights (OutRank importance, PSI drift; the formulas are in
-:mod:`streams.agents.reweighting` and ``streams/REWEIGHTING.md``) as a
-:class:`~streams.schema.FieldWeights` message on ``field-weights`` (key ``b"field-weights"``,
+:mod:`ctr.streams.agents.reweighting` and ``streams/REWEIGHTING.md``) as a
+:class:`~ctr.infra.schema.FieldWeights` message on ``field-weights`` (key ``b"field-weights"``,
 one partition) and, with a Feast directory, as rows of the ``field_weights`` feature view.
 
-A thin shell around :class:`~streams.agents.reweighting.FieldImportance`:
+A thin shell around :class:`~ctr.streams.agents.reweighting.FieldImportance`:
 
 * **Input**: every partition of ``training-examples``, assigned manually (no group join).
   Malformed messages go to ``dead-letter`` (stage ``reweighting``) and the stage goes on;
@@ -27,7 +27,7 @@ A thin shell around :class:`~streams.agents.reweighting.FieldImportance`:
   ``..._field_psi``, ``ctr_reweighting_version``, ``ctr_reweighting_examples_total``,
   ``ctr_reweighting_publications_total``.
 
-Run: ``python -m streams.reweighting --bootstrap HOST:PORT [--feast-dir DIR] [--window 50000]
+Run: ``python -m ctr.streams.reweighting --bootstrap HOST:PORT [--feast-dir DIR] [--window 50000]
 [--publish-every 5000]`` (``--help`` lists the rest).
 """
 
@@ -49,10 +49,9 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from streams.agents.reweighting import FieldImportance, ReweightConfig, Snapshot
-from streams.deadletter import DeadLetterSink
-from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
-from streams.schema import (
+from ctr.infra.deadletter import DeadLetterSink
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.schema import (
     WATERMARK_HEADER,
     FieldWeights,
     SchemaError,
@@ -60,13 +59,12 @@ from streams.schema import (
     decode_training_example,
     encode,
 )
-from streams.validate import decode_batch
+from ctr.infra.topics import EXAMPLES_TOPIC, FIELD_WEIGHTS_KEY, FIELD_WEIGHTS_TOPIC
+from ctr.infra.validate import decode_batch
+from ctr.streams.agents.reweighting import FieldImportance, ReweightConfig, Snapshot
 
 log = logging.getLogger(__name__)
 
-EXAMPLES_TOPIC = "training-examples"
-FIELD_WEIGHTS_TOPIC = "field-weights"
-FIELD_WEIGHTS_KEY = b"field-weights"
 STAGE = "reweighting"
 
 WEIGHT = Gauge("ctr_reweighting_field_weight", "Published field weight (mean 1 over fields)", ["field"])
@@ -146,7 +144,7 @@ class Reweighter:
             self.importance.seed_weights(previous.weights)
         self.writer = None
         if feast_dir is not None:
-            from features.store import FeatureWriter, open_store
+            from ctr.features.store import FeatureWriter, open_store
 
             self.writer = FeatureWriter(open_store(feast_dir, online, redis_url))  # type: ignore[arg-type]
         self.positions: dict[int, int] = {}
@@ -379,7 +377,7 @@ def run_reweighter(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streams.reweighting", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ctr.streams.reweighting", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bootstrap", help="Kafka bootstrap (default: CTR_BOOTSTRAP or the detached broker)")
     ap.add_argument("--feast-dir", type=Path, help="also write the field_weights feature view of this store")
     ap.add_argument("--window", type=int, default=50_000, help="examples in the sliding window")
@@ -400,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from infra.config import resolve_bootstrap
+    from ctr.infra.config import resolve_bootstrap
 
     summary = run_reweighter(
         resolve_bootstrap(args.bootstrap),

@@ -4,9 +4,9 @@ Several workers may run with the same ``app_id``: Faust's group protocol splits 
 partitions between them (partition *p* of impressions, clicks, the feature-delta topic and
 both table changelogs always land on the same worker). Stop a worker with SIGTERM; if it has
 not exited after a grace period, SIGKILL it -- nothing is lost either way (see
-:mod:`streams.agents.label_join` for the delivery guarantees).
+:mod:`ctr.streams.agents.label_join` for the delivery guarantees).
 
-    python -m streams.worker --bootstrap 127.0.0.1:9092 --feast-dir .ctr/feast
+    python -m ctr.streams.worker --bootstrap 127.0.0.1:9092 --feast-dir .ctr/feast
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from infra.config import CHANGELOG_MODES, EMISSIONS, TOPICS, TopicSpec
-from streams.agents.label_join import CLICKS_TOPIC, IMPRESSIONS_TOPIC, JoinConfig
-from streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
+from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
+from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC, TOPICS, TopicSpec
+from ctr.streams.agents.label_join import JoinConfig
+from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 
-log = logging.getLogger("streams.worker")
+log = logging.getLogger("ctr.streams.worker")
 
 
 def default_instance_id() -> str:
@@ -41,13 +42,13 @@ def deltas_topic_name(app_id: str) -> str:
 
 
 def internal_topics(app_id: str) -> tuple[TopicSpec, ...]:
-    """Topics this app writes that are not in :data:`infra.config.TOPICS`; pre-created with
+    """Topics this app writes that are not in :data:`ctr.infra.config.TOPICS`; pre-created with
     explicit partitions (a broker that auto-creates would make them 1-partition)."""
     return (TopicSpec(deltas_topic_name(app_id), PARTITIONS, "count deltas re-keyed by entity (internal)"),)
 
 
 def ensure_topics(bootstrap: str, app_id: str) -> None:
-    from infra.broker import create_topics
+    from ctr.infra.broker import create_topics
 
     create_topics(bootstrap.split("://", 1)[-1], TOPICS + internal_topics(app_id))
 
@@ -78,9 +79,9 @@ def build(
     changelog: str = "offsets",
 ) -> CtrApp:
     """Create the app with its topics, tables and agents (the worker is not started)."""
-    from features.spec import SPEC
-    from streams.agents.label_join import LabelJoinAgent
-    from streams.agents.windowed_features import ProcessFeastSink, WindowedFeatureAgent
+    from ctr.features.spec import SPEC
+    from ctr.streams.agents.label_join import LabelJoinAgent
+    from ctr.streams.agents.windowed_features import ProcessFeastSink, WindowedFeatureAgent
 
     app = create_app(bootstrap, app_id=app_id, web_port=web_port, instance_id=instance_id)
     output = OutputProducer(bootstrap)
@@ -182,7 +183,7 @@ def run_worker(
     """Run one worker in the foreground until SIGTERM/SIGINT; returns its exit code.
 
     ``bootstrap`` is ``HOST:PORT`` (or ``kafka://HOST:PORT``); ``feast_dir`` the Feast repo
-    directory (``features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
+    directory (``ctr.features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
     ``metrics_port`` serves Prometheus metrics on 127.0.0.1 (``$CTR_BIND``); ``web_port`` enables Faust's web
     server. ``features=False`` runs the label join only. ``wait_for_store`` holds consumption
     until the Feast writer process has opened the store (``import feast`` is ~6 s of CPU): by
@@ -254,7 +255,7 @@ def run_worker(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streams.worker", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m ctr.streams.worker", description=__doc__.split("\n\n")[0])
     ap.add_argument("--bootstrap", default=os.environ.get("CTR_BOOTSTRAP"), help="Kafka HOST:PORT")
     ap.add_argument("--feast-dir", default=os.environ.get("CTR_FEAST_DIR"), help="Feast repo dir")
     ap.add_argument("--app-id", default="ctr-stream")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.broker import DEFAULT_KIND, KINDS, EmbeddedBroker
+from ctr.infra.broker import DEFAULT_KIND, KINDS, EmbeddedBroker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

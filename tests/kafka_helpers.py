@@ -7,9 +7,9 @@ import time
 
 from confluent_kafka import TopicPartition
 
-from streams.datasets.base import LabeledImpression
-from streams.kafka_io import make_consumer
-from streams.schema import WATERMARK_HEADER, Impression
+from ctr.infra.kafka_io import make_consumer
+from ctr.infra.schema import WATERMARK_HEADER, Impression
+from ctr.streams.datasets.base import LabeledImpression
 
 
 def _is_marker(headers) -> bool:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from streams.datasets import open_source
-from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
-from streams.schema import TrainingExample, encode
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.schema import TrainingExample, encode
+from ctr.streams.datasets import open_source
 
 SMALL = dict(n_categorical=8, n_numeric=3, n_informative=4, n_drift_fields=2)
 CATEGORICAL = tuple(f"C{i}" for i in range(1, 9))

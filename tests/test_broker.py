@@ -12,9 +12,9 @@ import time
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from infra.broker import EmbeddedBroker, create_topics
-from infra.config import TOPICS
-from infra.procs import pid_alive, port_open
+from ctr.infra.broker import EmbeddedBroker, create_topics
+from ctr.infra.procs import pid_alive, port_open
+from ctr.infra.topics import TOPICS
 
 
 def test_topics_created_with_partition_counts(any_broker: EmbeddedBroker) -> None:
@@ -35,7 +35,7 @@ def test_broker_dies_with_killed_parent(tmp_path) -> None:
     """kill -9 of the launcher must not orphan the broker (PR_SET_PDEATHSIG)."""
     script = (
         "import sys, time\n"
-        "from infra.broker import EmbeddedBroker\n"
+        "from ctr.infra.broker import EmbeddedBroker\n"
         f"b = EmbeddedBroker(kind='noida', data_dir={str(tmp_path)!r}).start()\n"
         "print(b.proc.pid, b.port, flush=True)\n"
         "time.sleep(60)\n"
@@ -58,7 +58,7 @@ def test_unknown_kind_is_a_clear_error() -> None:
 
 def _ctr(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ctr.cli", *args], env=env, capture_output=True, text=True, timeout=60
     )
 
 
@@ -93,7 +93,7 @@ def _all_commands() -> list[list[str]]:
     """Every command path of the ``ctr`` app, discovered from the app itself."""
     import typer
 
-    from infra.cli import app
+    from ctr.cli import app
 
     def walk(cmd, path: list[str]) -> list[list[str]]:
         out = [path]
@@ -108,6 +108,6 @@ def _all_commands() -> list[list[str]]:
 @pytest.mark.parametrize("cmd", _all_commands(), ids=lambda c: " ".join(c) or "ctr")
 def test_every_command_has_help(cmd: list[str]) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "infra.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "ctr.cli", *cmd, "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr  # typer: Usage; argparse: usage

@@ -23,7 +23,7 @@ import typer.core
 import typer.main
 import yaml
 
-from infra.cli import app
+from ctr.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
@@ -311,15 +311,15 @@ def exposed_metric_names() -> set[str]:
     """Every sample name the code's metrics expose, from the real prometheus_client registry."""
     from prometheus_client import REGISTRY
 
-    import online_learner.publisher  # noqa: F401 - importing registers the metrics
-    import online_learner.trainer  # noqa: F401
-    import serving.app  # noqa: F401
-    import serving.features  # noqa: F401
-    import serving.updates  # noqa: F401
-    import streams.deadletter  # noqa: F401
-    import streams.reweighting  # noqa: F401
-    from streams.agents import label_join, windowed_features
-    from streams.metrics import changelog_bytes
+    import ctr.infra.deadletter  # noqa: F401
+    import ctr.online_learner.publisher  # noqa: F401 - importing registers the metrics
+    import ctr.online_learner.trainer  # noqa: F401
+    import ctr.serving.app  # noqa: F401
+    import ctr.serving.features  # noqa: F401
+    import ctr.serving.updates  # noqa: F401
+    import ctr.streams.reweighting  # noqa: F401
+    from ctr.streams.agents import label_join, windowed_features
+    from ctr.streams.metrics import changelog_bytes
 
     label_join._metrics()  # registered lazily, when the worker builds its agents
     windowed_features._metrics()
@@ -372,7 +372,7 @@ def test_flink_services_run_the_job_file(cfg: dict, capsys: pytest.CaptureFixtur
     assert (REPO / job.removeprefix("/app/")).exists(), f"{job}: the PyFlink job is not in the repository"
     # The job's own arguments parse with its real parser (--explain: print the SQL, run nothing),
     # and its output topic is the one the flink-topic service creates.
-    from streams.flink import job as flink_job
+    from ctr.streams.flink import job as flink_job
 
     job_args = cmd[cmd.index("-py") + 2 :]
     assert flink_job.main([*job_args, "--explain"]) == 0 and "INSERT INTO" in capsys.readouterr().out

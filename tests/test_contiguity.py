@@ -9,7 +9,7 @@ from types import SimpleNamespace as NS
 
 from faust.types import TP
 
-from streams.contiguity import ContiguityGuard
+from ctr.streams.contiguity import ContiguityGuard
 
 IMP, CLK = TP("impressions", 0), TP("clicks", 0)
 
@@ -112,7 +112,7 @@ def test_partitions_without_an_expected_offset_are_not_checked():
 def test_docstring_example_runs():
     import doctest
 
-    import streams.contiguity
+    import ctr.streams.contiguity
 
-    result = doctest.testmod(streams.contiguity)
+    result = doctest.testmod(ctr.streams.contiguity)
     assert result.attempted > 0 and result.failed == 0

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from streams.datasets import (
+from ctr.infra.schema import Click, Impression, decode_impression, encode
+from ctr.streams.datasets import (
     MISSING_ID,
     AvazuSource,
     BadRowError,
@@ -27,7 +28,6 @@ from streams.datasets import (
     interleave_clicks,
     open_source,
 )
-from streams.schema import Click, Impression, decode_impression, encode
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXAMPLE_MAPPING = Path(__file__).resolve().parents[1] / "streams" / "datasets" / "mapping.example.toml"
@@ -432,7 +432,7 @@ def test_interleave_clicks_orders_by_event_time() -> None:
 @pytest.mark.parametrize("module", ["", ".base", ".criteo", ".avazu", ".obd", ".csv_mapping", ".synthetic"])
 def test_docstring_examples_run(module: str) -> None:
     result = doctest.testmod(
-        importlib.import_module(f"streams.datasets{module}"), optionflags=doctest.ELLIPSIS
+        importlib.import_module(f"ctr.streams.datasets{module}"), optionflags=doctest.ELLIPSIS
     )
     assert result.attempted > 0 and result.failed == 0
 

@@ -6,10 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.deadletter import DeadLetterSink, read_dead_letter
-from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
-from streams.replay import IMPRESSIONS_TOPIC
-from streams.schema import (
+from ctr.infra.deadletter import DeadLetterSink, read_dead_letter
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.schema import (
     MAX_MESSAGE_BYTES,
     Impression,
     SchemaError,
@@ -18,7 +17,8 @@ from streams.schema import (
     decode_training_example,
     encode,
 )
-from streams.validate import decode_batch
+from ctr.infra.topics import IMPRESSIONS_TOPIC
+from ctr.infra.validate import decode_batch
 from tests.kafka_helpers import read_topic_confluent
 
 GOOD = Impression(event_id="ok1", event_time_ms=1, user_id="u", item_id="a")

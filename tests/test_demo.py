@@ -17,7 +17,7 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
         # 3 minutes, not 1: labels are final one attribution window (30 s) after their impression,
         # so the calibration -- and a fair frozen copy, taken once it has learned from final
         # labels -- start 30 s into the stream, and a 1-minute run ends barely past the drift
-        [sys.executable, "-m", "infra.cli", "demo", "--minutes", "3", "--out", str(out)],
+        [sys.executable, "-m", "ctr.cli", "demo", "--minutes", "3", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=1200,

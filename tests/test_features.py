@@ -19,8 +19,8 @@ import psutil
 import pytest
 import yaml
 
-from features.spec import ENTITIES, SPEC, field_value_key
-from features.store import (
+from ctr.features.spec import ENTITIES, SPEC, field_value_key
+from ctr.features.store import (
     FIELD_WEIGHTS_VIEW,
     JOIN_KEYS,
     STATS_VIEWS,
@@ -37,7 +37,7 @@ from features.store import (
     wait_healthy,
     write_config,
 )
-from infra.procs import die_with_parent, free_port, pid_alive, stop_process
+from ctr.infra.procs import die_with_parent, free_port, pid_alive, stop_process
 
 T0 = 1_700_000_000_000  # ms
 PRIOR = SPEC.smoothed_ctr(0, 0)
@@ -294,7 +294,7 @@ def test_writer_rejects_bad_rows(env: Env) -> None:
 def test_cli_apply_and_get(env: Env) -> None:
     from typer.testing import CliRunner
 
-    from features.cli import features_app
+    from ctr.features.cli import features_app
 
     runner = CliRunner()
     for cmd in ([], ["apply"], ["get"], ["serve"]):

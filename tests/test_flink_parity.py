@@ -1,7 +1,7 @@
 """Parity: the PyFlink job and the Faust agents, reading the same Kafka topics on the embedded
 broker, produce identical windowed counts and smoothed CTR.
 
-Both run for real: ``python -m streams.worker`` (label join + windowed-feature agent + Feast
+Both run for real: ``python -m ctr.streams.worker`` (label join + windowed-feature agent + Feast
 writer) and ``streams/flink/job.py`` on the mini-cluster in ``.venv-flink``, bounded at the
 true end offsets. Compared, for every (entity, window, window end):
 
@@ -24,13 +24,20 @@ from pathlib import Path
 
 import pytest
 
-from features.spec import SPEC
-from streams.agents.label_join import ENTITY_KINDS
-from streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record, inline_deltas
-from streams.datasets import open_source
-from streams.flink import KAFKA_PRODUCER_CONFIG
-from streams.flink.harness import create_output_topic, end_offsets, flink_python, read_features, read_messages, run_job
-from streams.replay import replay
+from ctr.features.spec import SPEC
+from ctr.streams.agents.label_join import ENTITY_KINDS
+from ctr.streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record, inline_deltas
+from ctr.streams.datasets import open_source
+from ctr.streams.flink import KAFKA_PRODUCER_CONFIG
+from ctr.streams.flink.harness import (
+    create_output_topic,
+    end_offsets,
+    flink_python,
+    read_features,
+    read_messages,
+    run_job,
+)
+from ctr.streams.replay import replay
 from tests.test_stream_agents import SMALL, Worker, brute_force_buckets, truth_labels
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -101,7 +108,7 @@ def feast_mismatches(feast_dir: Path, flink: dict[Key, tuple[int, int, float]], 
     """Each entity's Feast row holds the windows ending at the first hop boundary after the
     row's event time; they must equal Flink's rows for those windows (zeros when Flink has
     none: no event of the entity in that window)."""
-    from features.store import open_store
+    from ctr.features.store import open_store
     from tests.feast_helpers import stats_rows
 
     store = open_store(feast_dir)
@@ -174,15 +181,15 @@ def test_flink_job_and_faust_agent_produce_identical_windowed_features(broker, t
 
 
 def test_pusher_merges_window_rows_into_feast_rows_readable_as_the_faust_agent_writes_them(broker, tmp_path):
-    """``streams.flink.push``: the 5 m and 1 h rows of one entity and end become one Feast row
+    """``ctr.streams.flink.push``: the 5 m and 1 h rows of one entity and end become one Feast row
     at ``end - 1`` (so ``WindowPlan.ranges`` of the row's time finds that end, as for a Faust
     row), rows split across batches merge, a later end resets the windows that did not close
     again, an older replayed row changes nothing."""
     import json
 
-    from features.store import open_store
-    from streams.flink.push import RowMerger, push
-    from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+    from ctr.features.store import open_store
+    from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+    from ctr.streams.flink.push import RowMerger, push
 
     def row(eid: str, window: str, end: int, imps: int, clicks: int) -> dict:
         return {"entity_type": "item", "entity_id": eid, "window": window, "window_end_ms": end,

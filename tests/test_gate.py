@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from online_learner.publisher import QualityGate
+from ctr.online_learner.publisher import QualityGate
 
 
 def _batches(rate: float, n_batches: int, size: int = 2048, seed: int = 0):

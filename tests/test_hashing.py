@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from online_learner.hashing import (
+from ctr.online_learner.hashing import (
     MISSING_KEY,
     ProbeLayout,
     ValueKeyer,

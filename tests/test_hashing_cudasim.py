@@ -40,7 +40,7 @@ def test_simulator_suite_in_own_process() -> None:
 
 
 def _kernel_ids(keys: np.ndarray, layout, grid=None, block=None) -> np.ndarray:
-    from online_learner.hashing import cuda_kernel, launch_config
+    from ctr.online_learner.hashing import cuda_kernel, launch_config
 
     out = np.full((keys.shape[0], layout.total_probes), -1, dtype=np.int32)
     if grid is None:
@@ -56,7 +56,7 @@ def _kernel_ids(keys: np.ndarray, layout, grid=None, block=None) -> np.ndarray:
 def test_simulator_is_active() -> None:
     from numba import config, cuda
 
-    from online_learner.hashing import compile_ptx
+    from ctr.online_learner.hashing import compile_ptx
 
     assert config.ENABLE_CUDASIM
     assert getattr(cuda, "compile_ptx", None) is None  # why this file needs its own process
@@ -68,7 +68,7 @@ def test_simulator_is_active() -> None:
 @simulator
 @pytest.mark.parametrize("key_dtype", [np.uint64, np.int64])
 def test_kernel_equals_twin(key_dtype: type) -> None:
-    from online_learner.hashing import ProbeLayout, bucket_ids_cpu, value_keys
+    from ctr.online_learner.hashing import ProbeLayout, bucket_ids_cpu, value_keys
 
     layout = ProbeLayout.build(["C1", "site", "I1"], {"C1": 1, "site": 2, "I1": 3}, table_bits=20)
     rng = np.random.default_rng(3)
@@ -82,7 +82,7 @@ def test_kernel_equals_twin(key_dtype: type) -> None:
 
 @simulator
 def test_kernel_grid_stride_covers_rows_beyond_the_grid() -> None:
-    from online_learner.hashing import ProbeLayout, bucket_ids_cpu
+    from ctr.online_learner.hashing import ProbeLayout, bucket_ids_cpu
 
     layout = ProbeLayout.build(["a", "b"], 2, table_bits=13, hash_seed=99)
     keys = np.random.default_rng(4).integers(0, 2**64, size=(7, 2), dtype=np.uint64)

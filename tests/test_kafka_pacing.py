@@ -16,8 +16,8 @@ import time
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from infra.config import kafka_compression
-from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.config import kafka_compression
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 
 TOPIC = "impressions"  # 4 partitions, created by the broker fixture
 
@@ -102,7 +102,7 @@ def test_aiokafka_fetch_backoff_paces_an_idle_consumer(broker) -> None:
     from aiokafka.consumer.fetcher import Fetcher
     from aiokafka.structs import TopicPartition as AioTopicPartition
 
-    from streams.app import install_fetch_backoff
+    from ctr.streams.app import install_fetch_backoff
 
     assert install_fetch_backoff() > 0
     calls = 0
@@ -149,7 +149,7 @@ def test_aiokafka_consumer_stops_cleanly_while_paced(broker) -> None:
     from aiokafka import AIOKafkaConsumer
     from aiokafka.structs import TopicPartition as AioTopicPartition
 
-    from streams.app import install_fetch_backoff
+    from ctr.streams.app import install_fetch_backoff
 
     install_fetch_backoff(0.5)  # long enough that stop() lands inside the sleep
 

@@ -10,9 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from features.spec import SPEC, FeatureSpec, Window
-from infra.config import EMISSIONS
-from streams.agents.label_join import (
+from ctr.features.spec import SPEC, FeatureSpec, Window
+from ctr.infra.config import EMISSIONS
+from ctr.infra.schema import (
+    WATERMARK_HEADER,
+    Click,
+    Impression,
+    TrainingExample,
+    decode_training_example,
+    encode,
+    final_labels,
+)
+from ctr.streams.agents.label_join import (
     NEG_INF,
     DeltaBatch,
     JoinConfig,
@@ -28,19 +37,10 @@ from streams.agents.label_join import (
     split_deltas,
     watermark_of,
 )
-from streams.agents.windowed_features import FeatureRecord, FeatureShard, WindowPlan, inline_deltas
-from streams.agents.windowed_features import decode_record as decode_feature_record
-from streams.agents.windowed_features import encode_record as encode_feature_record
-from streams.datasets.base import interleave_clicks
-from streams.schema import (
-    WATERMARK_HEADER,
-    Click,
-    Impression,
-    TrainingExample,
-    decode_training_example,
-    encode,
-    final_labels,
-)
+from ctr.streams.agents.windowed_features import FeatureRecord, FeatureShard, WindowPlan, inline_deltas
+from ctr.streams.agents.windowed_features import decode_record as decode_feature_record
+from ctr.streams.agents.windowed_features import encode_record as encode_feature_record
+from ctr.streams.datasets.base import interleave_clicks
 from tests.kafka_helpers import make_records
 
 T0 = 1_700_000_000_000
@@ -237,7 +237,7 @@ def test_deltas_count_impressions_at_impression_time_and_clicks_at_click_time():
 
 
 def test_split_deltas_routes_every_entity_to_one_stable_partition():
-    from streams.agents.label_join import StepOutput
+    from ctr.streams.agents.label_join import StepOutput
 
     out = StepOutput(
         imp_keys=[(k, f"x{i}", 5) for i in range(200) for k in range(3)] * 2,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bench.quality import Stream, example_log_loss, load, run_ctr_stream, running_mean, score
-from online_learner.trainer import Trainer, TrainerConfig
-from streams.datasets import open_source
+from ctr.online_learner.trainer import Trainer, TrainerConfig
+from ctr.streams.datasets import open_source
 from tests.learner_helpers import produce_examples
 
 
@@ -59,7 +59,7 @@ def test_learns_the_signal_of_the_default_synthetic_stream() -> None:
 def test_a_count_field_is_learned_from_its_first_examples_by_its_linear_term() -> None:
     """Click odds that grow with a count (as Criteo's integer fields): the numeric field's linear
     term learns it from every example, where its log2 buckets each wait for their own clicks."""
-    from streams.schema import Impression, TrainingExample
+    from ctr.infra.schema import Impression, TrainingExample
 
     rng = np.random.default_rng(3)
     n = 3_000

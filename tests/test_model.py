@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from online_learner.embedding import PerFieldHashEmbedding, UnifiedEmbedding, allocate_field_rows
-from online_learner.encoding import EncodedBatch, FeatureEncoder
-from online_learner.hashing import MISSING_KEY, ProbeLayout, numeric_key, value_key
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import ProgressiveMetrics, roc_auc
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.optim import FlatAdagrad, RowWiseAdagrad, TouchedRows
-from streams.schema import Impression, TrainingExample
+from ctr.infra.schema import Impression, TrainingExample
+from ctr.online_learner.embedding import PerFieldHashEmbedding, UnifiedEmbedding, allocate_field_rows
+from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
+from ctr.online_learner.hashing import MISSING_KEY, ProbeLayout, numeric_key, value_key
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import ProgressiveMetrics, roc_auc
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.optim import FlatAdagrad, RowWiseAdagrad, TouchedRows
 
 CAT = ("site", "ad", "device")
 NUM = ("price", "hour")
@@ -174,7 +174,7 @@ def test_sparse_step_touches_only_batch_rows(embedding: str) -> None:
 
 
 def test_fused_cross_network_gradients() -> None:
-    from online_learner.heads import CrossNetworkV2, _LowRankCrossFn
+    from ctr.online_learner.heads import CrossNetworkV2, _LowRankCrossFn
 
     torch.manual_seed(0)
     cross = CrossNetworkV2(6, num_layers=3, rank=2).double()
@@ -239,7 +239,7 @@ def test_rowwise_adagrad_cpu_kernel_matches_torch_reference() -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 2**20 - 1), max_size=300), st.sampled_from([1, 7, 20, 31]))
 def test_unique_rows_matches_torch_unique(values: list[int], bits: int) -> None:
-    from online_learner.optim import unique_rows
+    from ctr.online_learner.optim import unique_rows
 
     ids = torch.tensor([v % (1 << bits) for v in values], dtype=torch.int32)
     uniq, inverse = unique_rows(ids, 1 << bits)
@@ -248,7 +248,7 @@ def test_unique_rows_matches_torch_unique(values: list[int], bits: int) -> None:
 
 
 def test_step_unique_equals_step_with_duplicates() -> None:
-    from online_learner.optim import unique_rows
+    from ctr.online_learner.optim import unique_rows
 
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 40, (500,), generator=gen)

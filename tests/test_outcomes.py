@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from online_learner.learner import OnlineCTR
-from online_learner.metrics import log_loss
-from online_learner.outcomes import ArrivalLearner, HeldLabels
-from streams.datasets import open_source
-from streams.schema import TrainingExample
+from ctr.infra.schema import TrainingExample
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.metrics import log_loss
+from ctr.online_learner.outcomes import ArrivalLearner, HeldLabels
+from ctr.streams.datasets import open_source
 
 
 def test_held_labels_release_rows_once_final_and_apply_corrections() -> None:

@@ -3,16 +3,16 @@
 The pins in constraints.txt hold these in place; when a pin moves, the test that names the
 internal fails and says what to re-check, instead of the worker misbehaving at run time.
 
-* ``streams.app.BulkConsumer._drain_messages`` mirrors ``faust.transport.consumer.Consumer.
+* ``ctr.streams.app.BulkConsumer._drain_messages`` mirrors ``faust.transport.consumer.Consumer.
   _drain_messages`` (bulk delivery needs the chunk, not message by message): its source is
   fingerprinted; a different fingerprint means the copy must be re-synced.
 * ``BulkConsumer._deliver_bulk`` / ``bulk_ack`` write the consumer's ack bookkeeping
   (``_acked``, ``_acked_index``, ``_n_acked``, ``_committed_offset``, ``_waiting_for_ack``) the
   way ``Consumer.ack`` does.
-* ``streams.app.install_fetch_backoff`` wraps ``aiokafka.consumer.fetcher.Fetcher.
+* ``ctr.streams.app.install_fetch_backoff`` wraps ``aiokafka.consumer.fetcher.Fetcher.
   _proc_fetch_request(assignment, node_id, request) -> bool``, called by
   ``_fetch_requests_routine``.
-* ``streams.app.send_changelog`` writes ``table.data`` (the store: a mapping) and sends on
+* ``ctr.streams.app.send_changelog`` writes ``table.data`` (the store: a mapping) and sends on
   ``table.changelog_topic``.
 """
 
@@ -37,7 +37,7 @@ def test_the_copied_drain_loop_matches_faust() -> None:
     got = _fingerprint(Consumer._drain_messages)
     assert got == DRAIN_MESSAGES_FINGERPRINT, (
         "faust changed Consumer._drain_messages (fingerprint "
-        f"{got}): re-sync streams.app.BulkConsumer._drain_messages with it, then update the fingerprint"
+        f"{got}): re-sync ctr.streams.app.BulkConsumer._drain_messages with it, then update the fingerprint"
     )
 
 
@@ -50,7 +50,7 @@ def test_faust_consumer_still_has_what_the_bulk_consumer_touches(name: str) -> N
 
     src = inspect.getsource(Consumer)
     assert f"self.{name}" in src or f"def {name}" in src, (
-        f"faust's Consumer no longer has {name!r}, which streams.app.BulkConsumer reads or writes"
+        f"faust's Consumer no longer has {name!r}, which ctr.streams.app.BulkConsumer reads or writes"
     )
 
 
@@ -67,7 +67,7 @@ def test_aiokafka_fetch_request_hook_has_its_shape() -> None:
 
     params = list(inspect.signature(Fetcher._proc_fetch_request).parameters)
     assert params == ["self", "assignment", "node_id", "request"], (
-        f"aiokafka Fetcher._proc_fetch_request is now {params}: re-check streams.app.install_fetch_backoff"
+        f"aiokafka Fetcher._proc_fetch_request is now {params}: re-check ctr.streams.app.install_fetch_backoff"
     )
     assert "self._proc_fetch_request(" in inspect.getsource(Fetcher._fetch_requests_routine), (
         "aiokafka's _fetch_requests_routine no longer calls _proc_fetch_request: the fetch backoff would do nothing"
@@ -80,5 +80,5 @@ def test_faust_tables_expose_a_mapping_store_and_a_changelog_topic() -> None:
 
     assert "self.data" in inspect.getsource(Store.__post_init__), "faust's memory Store no longer keeps .data"
     assert isinstance(getattr(faust.Table, "changelog_topic", None), property), (
-        "faust.Table.changelog_topic is gone: re-check streams.app.send_changelog"
+        "faust.Table.changelog_topic is gone: re-check ctr.streams.app.send_changelog"
     )

@@ -1,7 +1,7 @@
 """Pure logic of the freshness probe's summary (the probe itself runs in test_demo against the
 real pipeline)."""
 
-from infra.probe import ProbeResult, freshness_summary
+from ctr.probe import ProbeResult, freshness_summary
 
 
 def r(i: int, fresh: float | None) -> ProbeResult:

@@ -18,8 +18,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from streams.datasets import AvazuSource, BadRowError, CriteoSource, CsvMappedSource, ObdSource
-from streams.schema import SchemaError, decode_impression, encode
+from ctr.infra.schema import SchemaError, decode_impression, encode
+from ctr.streams.datasets import AvazuSource, BadRowError, CriteoSource, CsvMappedSource, ObdSource
 
 HOSTILE = st.one_of(
     st.sampled_from(["", '"', '""', "\t", ",", ";", "\r", "\n", "\r\n", "\x00", "nan", "inf", "-inf", "1e400",

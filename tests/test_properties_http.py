@@ -1,7 +1,7 @@
 """Property tests of the serving HTTP API: malformed, truncated, oversized and type-confused
 requests get a 4xx with a reason, never a 5xx, and never change the model being served.
 
-The property tests drive the real app (``serving.app.create_app``) in process through
+The property tests drive the real app (``ctr.serving.app.create_app``) in process through
 Starlette's ASGI client; the model registry is real (a snapshot and a delta on top), only
 the feature store is a fake (pure lookups). The last tests send raw bytes to the same app
 behind a real uvicorn server (httptools, as ``ctr serve`` runs it) on a free loopback port.
@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from features.spec import SPEC
-from infra.procs import free_port
-from online_learner.delta import delta_tensors, snapshot_tensors
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.update_format import UpdateHeader
+from ctr.features.spec import SPEC
+from ctr.infra.procs import free_port
+from ctr.online_learner.delta import delta_tensors, snapshot_tensors
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.update_format import UpdateHeader
 
 TOKEN = "prop-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -48,7 +48,7 @@ class StaticFeatures:
 
 
 def _registry():
-    from serving.registry import ModelRegistry
+    from ctr.serving.registry import ModelRegistry
 
     reg = ModelRegistry()
     model = CTRModel(MODEL)
@@ -63,7 +63,7 @@ def _registry():
 
 
 def _app(reg):
-    from serving.app import ServingConfig, create_app
+    from ctr.serving.app import ServingConfig, create_app
 
     cfg = ServingConfig(admin_token=TOKEN, max_candidates=MAX_CANDIDATES, max_body_bytes=MAX_BODY, cache_ttl_s=60)
     return create_app(cfg, registry=reg, features=StaticFeatures())

@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from online_learner.delta import delta_tensors, snapshot_tensors
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.update_format import MAGIC, UpdateHeader, encode_update, split_delta
-from serving.registry import ModelRegistry
-from serving.updates import UpdateConsumer
+from ctr.online_learner.delta import delta_tensors, snapshot_tensors
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.update_format import MAGIC, UpdateHeader, encode_update, split_delta
+from ctr.serving.registry import ModelRegistry
+from ctr.serving.updates import UpdateConsumer
 
 MODEL = ModelConfig(("site", "user_id", "item_id"), ("I1",), table_bits=9)
 SETTINGS = settings(max_examples=int(os.environ.get("CTR_HYPOTHESIS_EXAMPLES", "200")), deadline=None,

@@ -1,11 +1,11 @@
-"""``streams.kafka_io.read_range`` against the real brokers: what the label join reads back at
+"""``ctr.infra.kafka_io.read_range`` against the real brokers: what the label join reads back at
 a restore when its changelog references impressions by offset."""
 
 from __future__ import annotations
 
 import pytest
 
-from streams.kafka_io import DeliveryTracker, OffsetsGone, flush, make_producer, read_range
+from ctr.infra.kafka_io import DeliveryTracker, OffsetsGone, flush, make_producer, read_range
 
 TOPIC = "impressions"  # 4 partitions, created by the broker fixture
 

@@ -2,7 +2,7 @@
 kill -9'd mid-replay — and the end state equals an uninterrupted run.
 
 Real processes throughout: the embedded broker, a Faust worker, ``ctr learn`` and a serving
-replica (``python -m serving``), all on free loopback ports, stopped in teardown. Worker and
+replica (``python -m ctr.serving``), all on free loopback ports, stopped in teardown. Worker and
 learner kill -9 recovery have their own tests (test_stream_agents, test_trainer).
 
 What the broker fault promises (see docs/reliability.md):
@@ -32,13 +32,13 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from infra.broker import EmbeddedBroker
-from infra.procs import die_with_parent
-from streams.agents.label_join import send_watermark
-from streams.datasets import open_source
-from streams.datasets.base import interleave_clicks
-from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
-from streams.replay import replay_events
+from ctr.infra.broker import EmbeddedBroker
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.procs import die_with_parent
+from ctr.streams.agents.label_join import send_watermark
+from ctr.streams.datasets import open_source
+from ctr.streams.datasets.base import interleave_clicks
+from ctr.streams.replay import replay_events
 from tests.test_serving import Replica
 from tests.test_stream_agents import END_MARKER, SMALL, Worker, check_examples, read_examples, topic_size, truth_labels
 
@@ -53,7 +53,7 @@ class Learner:
     def __init__(self, bootstrap: str, tmp: Path) -> None:
         self.state = tmp / "learner"
         self.out = tmp / "learner.out"
-        self.args = [sys.executable, "-m", "infra.cli", "learn", "--bootstrap", bootstrap, "--state-dir",
+        self.args = [sys.executable, "-m", "ctr.cli", "learn", "--bootstrap", bootstrap, "--state-dir",
                      str(self.state), "--batch-size", "256", "--publish-interval", "0.5", "--checkpoint-interval",
                      "1", "--table-bits", "14", "--gate-margin", "1.0", "--categorical", ",".join(CATEGORICAL),
                      "--numeric", ",".join(NUMERIC)]

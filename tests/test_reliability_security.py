@@ -91,12 +91,12 @@ def _default(fn, name: str) -> object:
 
 
 def test_every_listener_binds_loopback_by_default() -> None:
-    from features.cli import serve as features_serve
-    from features.store import serve_command
-    from infra.broker import EmbeddedBroker, broker_command
-    from infra.cli import serve_cmd
-    from serving.__main__ import parse_args
-    from serving.app import ServingConfig
+    from ctr.cli import serve_cmd
+    from ctr.features.cli import serve as features_serve
+    from ctr.features.store import serve_command
+    from ctr.infra.broker import EmbeddedBroker, broker_command
+    from ctr.serving.__main__ import parse_args
+    from ctr.serving.app import ServingConfig
 
     assert ServingConfig().host == "127.0.0.1"
     assert parse_args([]).host == "127.0.0.1"
@@ -124,9 +124,9 @@ def test_metrics_and_faust_web_listeners_default_to_loopback() -> None:
 
 # ----------------------------------------------------------------------------- secrets
 def test_the_admin_token_comes_only_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from infra.cli import serve_cmd
-    from serving.__main__ import parse_args
-    from serving.app import ServingConfig, ServingState
+    from ctr.cli import serve_cmd
+    from ctr.serving.__main__ import parse_args
+    from ctr.serving.app import ServingConfig, ServingState
 
     assert ServingConfig().admin_token is None  # no built-in default
     assert not [p for p in inspect.signature(serve_cmd).parameters if "token" in p or "secret" in p]
@@ -156,10 +156,10 @@ def test_no_hard_coded_credentials_in_product_code() -> None:
 
 # ----------------------------------------------------------------------------- size limits
 def test_sizes_are_bounded_at_every_entry() -> None:
-    from online_learner.update_format import MAX_HEADER_BYTES, MAX_PART_BYTES
-    from serving.app import ServingConfig
-    from streams.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
-    from streams.schema import MAX_FIELDS, MAX_ID_LEN, MAX_MESSAGE_BYTES
+    from ctr.infra.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
+    from ctr.infra.schema import MAX_FIELDS, MAX_ID_LEN, MAX_MESSAGE_BYTES
+    from ctr.online_learner.update_format import MAX_HEADER_BYTES, MAX_PART_BYTES
+    from ctr.serving.app import ServingConfig
 
     assert MAX_MESSAGE_BYTES == 64 * 1024 and MAX_FIELDS == 256 and MAX_ID_LEN == 256
     assert ServingConfig().max_body_bytes <= 1 << 20 and ServingConfig().max_candidates <= 1000

@@ -16,12 +16,20 @@ from pathlib import Path
 
 import pytest
 
-from streams.datasets import AvazuSource, CriteoSource, CsvMappedSource, CsvMapping, ObdSource, csv_mapping, open_source
-from streams.datasets import base as datasets_base
-from streams.datasets.base import ORDER_MODES, LabeledImpression, OutOfOrderError
-from streams.datasets.csv_mapping import derive_time_fields
-from streams.replay import IMPRESSIONS_TOPIC
-from streams.schema import decode_impression
+from ctr.infra.schema import decode_impression
+from ctr.infra.topics import IMPRESSIONS_TOPIC
+from ctr.streams.datasets import (
+    AvazuSource,
+    CriteoSource,
+    CsvMappedSource,
+    CsvMapping,
+    ObdSource,
+    csv_mapping,
+    open_source,
+)
+from ctr.streams.datasets import base as datasets_base
+from ctr.streams.datasets.base import ORDER_MODES, LabeledImpression, OutOfOrderError
+from ctr.streams.datasets.csv_mapping import derive_time_fields
 from tests.kafka_helpers import end_offsets, read_topic_confluent
 
 OBD_ALL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "obd" / "random" / "all" / "all.csv"
@@ -338,7 +346,7 @@ def test_mapping_key_errors(extra: dict, message: str) -> None:
 def _cli(*args: str):
     from typer.testing import CliRunner
 
-    from infra.cli import app
+    from ctr.cli import app
 
     return CliRunner().invoke(app, ["replay", *args])
 
@@ -385,6 +393,6 @@ def test_cli_refuses_unsorted_file_then_sorts_it_whole(tmp_path: Path, broker, g
 
 def test_cli_replays_the_whole_file_by_default() -> None:
     """`--events` used to default to 100,000 and cut real files short without a word."""
-    from infra.cli import replay_cmd
+    from ctr.cli import replay_cmd
 
     assert inspect.signature(replay_cmd).parameters["events"].default is None

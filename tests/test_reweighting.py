@@ -14,7 +14,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from streams.agents.reweighting import (
+from ctr.infra.deadletter import read_dead_letter
+from ctr.infra.schema import Impression, decode_field_weights, encode
+from ctr.streams.agents.reweighting import (
     FieldImportance,
     ReweightConfig,
     SlidingWindow,
@@ -27,10 +29,8 @@ from streams.agents.reweighting import (
     psi,
     replay,
 )
-from streams.datasets import open_source
-from streams.deadletter import read_dead_letter
-from streams.reweighting import run_reweighter
-from streams.schema import Impression, decode_field_weights, encode
+from ctr.streams.datasets import open_source
+from ctr.streams.reweighting import run_reweighter
 from tests.kafka_helpers import read_topic_confluent
 from tests.learner_helpers import CATEGORICAL, NUMERIC, SMALL, examples, produce_examples
 
@@ -181,7 +181,7 @@ def _weights_messages(bootstrap: str, expect: int) -> list:
 
 
 def test_stage_publishes_versions_to_kafka_and_feast_dead_letters_and_resumes(broker, tmp_path, group_id) -> None:
-    from features.store import OnlineFeatures, open_store
+    from ctr.features.store import OnlineFeatures, open_store
 
     bad = [b'{"example_id": 1}', b"not json"]
     produce_examples(broker.bootstrap, examples(6_000, seed=3, drift=False), extra=bad)
@@ -220,7 +220,7 @@ def test_stage_publishes_versions_to_kafka_and_feast_dead_letters_and_resumes(br
 def test_sigterm_stops_the_stage_after_a_final_publication(broker, tmp_path, group_id) -> None:
     produce_examples(broker.bootstrap, examples(500, seed=5))
     err = tmp_path / "stderr.log"
-    cmd = [sys.executable, "-m", "streams.reweighting", "--bootstrap", broker.bootstrap, "--window", "1000"]
+    cmd = [sys.executable, "-m", "ctr.streams.reweighting", "--bootstrap", broker.bootstrap, "--window", "1000"]
     cmd += ["--publish-every", "100000", "--publish-interval-s", "3600", "--group-id", group_id]
     with err.open("w") as stderr:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)

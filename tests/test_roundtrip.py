@@ -6,9 +6,10 @@ from collections import Counter
 
 import pytest
 
-from streams.datasets import interleave_clicks
-from streams.replay import CLICKS_TOPIC, IMPRESSIONS_TOPIC, replay
-from streams.schema import decode_click, decode_impression
+from ctr.infra.schema import decode_click, decode_impression
+from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC
+from ctr.streams.datasets import interleave_clicks
+from ctr.streams.replay import replay
 from tests.kafka_helpers import make_records, read_topic_confluent, read_topic_kafka_python
 
 N = 5_000

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infra.traffic import impression_request
-from online_learner.metrics import log_loss, roc_auc
-from online_learner.model import ModelConfig
-from online_learner.trainer import Trainer, TrainerConfig
+from ctr.online_learner.metrics import log_loss, roc_auc
+from ctr.online_learner.model import ModelConfig
+from ctr.online_learner.trainer import Trainer, TrainerConfig
+from ctr.traffic import impression_request
 from tests.learner_helpers import CATEGORICAL, NUMERIC, examples, produce_examples
 from tests.test_serving import Replica
 

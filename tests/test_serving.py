@@ -35,13 +35,13 @@ import numpy as np
 import pytest
 import torch
 
-from features.spec import SPEC
-from infra.procs import die_with_parent, free_port, stop_process
-from online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
-from online_learner.learner import OnlineCTR
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.update_format import UpdateHeader, decode_update, encode_update, split_delta
-from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.features.spec import SPEC
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.procs import die_with_parent, free_port, stop_process
+from ctr.online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.update_format import UpdateHeader, decode_update, encode_update, split_delta
 from tests.kafka_helpers import end_offsets, read_topic_confluent
 from tests.learner_helpers import CATEGORICAL, NUMERIC, examples, produce_examples
 
@@ -56,13 +56,13 @@ T0_MS = 1_700_000_000_000
 
 # --------------------------------------------------------------------------- helpers
 class Replica:
-    """``python -m serving`` as a subprocess on a free loopback port."""
+    """``python -m ctr.serving`` as a subprocess on a free loopback port."""
 
     def __init__(self, tmp: Path, name: str, bootstrap: str, snapshots: Path, feast: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"replica-{name}.log"
-        self.args = [sys.executable, "-m", "serving", "--bootstrap", bootstrap, "--snapshot-dir", str(snapshots),
+        self.args = [sys.executable, "-m", "ctr.serving", "--bootstrap", bootstrap, "--snapshot-dir", str(snapshots),
                      "--feast-dir", str(feast), "--port", str(self.port), "--cache-ttl", "0.5",
                      "--max-candidates", "64", "--max-body-bytes", str(64 * 1024), "--log-level", "warning"]
         self.proc: subprocess.Popen | None = None
@@ -226,8 +226,8 @@ def assert_scores(resp: dict, req: dict, state: dict, ustats: dict, istats: dict
 # --------------------------------------------------------------------------- the scenario
 @pytest.mark.integration
 def test_live_refresh_end_to_end(broker, tmp_path: Path) -> None:
-    from features.store import FeatureWriter, open_store
-    from online_learner.trainer import Trainer, TrainerConfig
+    from ctr.features.store import FeatureWriter, open_store
+    from ctr.online_learner.trainer import Trainer, TrainerConfig
 
     bs = broker.bootstrap
     state_dir, feast_dir = tmp_path / "learner", tmp_path / "feast"
@@ -549,8 +549,8 @@ class FakeFeatures:
 def local_app():
     from fastapi.testclient import TestClient
 
-    from serving.app import ServingConfig, create_app
-    from serving.registry import ModelRegistry
+    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.registry import ModelRegistry
 
     reg = ModelRegistry()
     header = UpdateHeader(kind="snapshot", model_id="m", version=3, base_version=3, model_config=MODEL.to_dict())
@@ -606,7 +606,7 @@ def test_limits_and_auth_in_process(local_app) -> None:
 def test_admin_disabled_without_a_token() -> None:
     from fastapi.testclient import TestClient
 
-    from serving.app import ServingConfig, create_app
+    from ctr.serving.app import ServingConfig, create_app
 
     os.environ.pop("CTR_ADMIN_TOKEN", None)
     app = create_app(ServingConfig(admin_token=None), features=FakeFeatures())
@@ -625,9 +625,9 @@ def test_column_wise_encoding_equals_encoding_merged_rows(numeric_mode: str) -> 
     rows, including overrides: candidate over context, attributes and the store over both."""
     import msgspec
 
-    from serving.app import _request_type, encode_request, merged_rows
-    from serving.features import FeaturePlan, Lookup
-    from serving.registry import ModelRegistry
+    from ctr.serving.app import _request_type, encode_request, merged_rows
+    from ctr.serving.features import FeaturePlan, Lookup
+    from ctr.serving.registry import ModelRegistry
 
     cfg = ModelConfig(("C1", "C2", "C3", "user_id", "item_id", "position"),
                       ("I1", "I2", "user_ctr_1h", "item_ctr_1h"), table_bits=10, numeric_mode=numeric_mode)

@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from online_learner.delta import delta_tensors, snapshot_tensors
-from online_learner.learner import OnlineCTR
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.update_format import UpdateHeader, decode_update, encode_update, split_delta
-from serving.registry import ModelRegistry, RegistryError
-from serving.updates import UpdateConsumer
+from ctr.online_learner.delta import delta_tensors, snapshot_tensors
+from ctr.online_learner.learner import OnlineCTR
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.update_format import UpdateHeader, decode_update, encode_update, split_delta
+from ctr.serving.registry import ModelRegistry, RegistryError
+from ctr.serving.updates import UpdateConsumer
 
 CFG = ModelConfig(("site", "ad", "user_id"), ("price",), table_bits=8, mlp_dims=(16,), cross_rank=4)
 ROWS = [{"site": f"s{i % 3}", "ad": f"a{i % 5}", "user_id": f"u{i}", "price": float(i)} for i in range(16)]
 
 
 class Learner:
-    """A stand-in learner that publishes like online_learner.publisher (deltas on v-1)."""
+    """A stand-in learner that publishes like ctr.online_learner.publisher (deltas on v-1)."""
 
     def __init__(self, model_id: str = "m1", seed: int = 0) -> None:
         self.ctr = OnlineCTR(CFG, seed=seed, device="cpu")
@@ -348,7 +348,7 @@ def test_a_corrupt_snapshot_is_skipped_for_an_older_good_one(tmp_path: Path) -> 
 
 
 def uc_decision(reason: str):
-    from serving.registry import Decision
+    from ctr.serving.registry import Decision
 
     return Decision("rejected", reason, "test")
 

@@ -10,13 +10,13 @@ import time
 
 import httpx
 
-from infra.procs import free_port, pid_alive
+from ctr.infra.procs import free_port, pid_alive
 from tests.kafka_helpers import end_offsets
 
 
 def _ctr(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "infra.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "ctr.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )
 
 

@@ -22,15 +22,15 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from bench.ground_truth import brute_force_buckets, feast_mismatches, late_ids, truth_labels
-from infra.procs import die_with_parent, stop_process
-from streams.agents.label_join import LATE_REASON_HEADER, send_watermark
-from streams.app import CHANGELOG_TOPIC_CONFIGS
-from streams.datasets import open_source
-from streams.datasets.base import interleave_clicks
-from streams.deadletter import read_dead_letter
-from streams.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
-from streams.replay import replay, replay_events
-from streams.schema import decode_training_example, encode, final_labels
+from ctr.infra.deadletter import read_dead_letter
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.procs import die_with_parent, stop_process
+from ctr.infra.schema import decode_training_example, encode, final_labels
+from ctr.streams.agents.label_join import LATE_REASON_HEADER, send_watermark
+from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS
+from ctr.streams.datasets import open_source
+from ctr.streams.datasets.base import interleave_clicks
+from ctr.streams.replay import replay, replay_events
 from tests.kafka_helpers import make_records
 
 pytestmark = pytest.mark.integration
@@ -43,10 +43,10 @@ END_MARKER = 10**15  # watermark marker "end of stream" (event time far after th
 
 # ----------------------------------------------------------------------------- helpers
 class Worker:
-    """``python -m streams.worker`` as a child process (dies with the test run)."""
+    """``python -m ctr.streams.worker`` as a child process (dies with the test run)."""
 
     def __init__(self, bootstrap: str, tmp: Path, app_id: str, *extra: str, name: str = "worker") -> None:
-        self.args = [sys.executable, "-m", "streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
+        self.args = [sys.executable, "-m", "ctr.streams.worker", "--bootstrap", bootstrap, "--app-id", app_id,
                      "--feast-dir", str(tmp / "feast"), "--loglevel", "info",
                      "--instance-id", name, *extra]  # fmt: skip
         self.log = tmp / f"{name}.log"
@@ -142,7 +142,7 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 5.0) -> list:
 
 
 def wait_feast_exact(feast_dir: Path, expected: dict, timeout_s: float) -> None:
-    from features.store import open_store
+    from ctr.features.store import open_store
 
     store = open_store(feast_dir)
     deadline = time.monotonic() + timeout_s

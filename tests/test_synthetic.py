@@ -11,7 +11,8 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from streams.datasets import (
+from ctr.infra.schema import Impression, decode_impression, encode
+from ctr.streams.datasets import (
     ClickDelay,
     LabeledImpression,
     SyntheticConfig,
@@ -20,8 +21,7 @@ from streams.datasets import (
     open_source,
     roc_auc,
 )
-from streams.datasets.synthetic import POST, PRE, PROFILES
-from streams.schema import Impression, decode_impression, encode
+from ctr.streams.datasets.synthetic import POST, PRE, PROFILES
 
 # Small and strongly-drifting, so 100k events show every effect in about a second.
 SMALL = {

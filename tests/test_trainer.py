@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from online_learner.delta import apply_tensors
-from online_learner.model import CTRModel, ModelConfig
-from online_learner.publisher import latest_snapshot
-from online_learner.trainer import Trainer, TrainerConfig
-from online_learner.update_format import decode_update
+from ctr.online_learner.delta import apply_tensors
+from ctr.online_learner.model import CTRModel, ModelConfig
+from ctr.online_learner.publisher import latest_snapshot
+from ctr.online_learner.trainer import Trainer, TrainerConfig
+from ctr.online_learner.update_format import decode_update
 from tests.kafka_helpers import read_topic_confluent
 from tests.learner_helpers import CATEGORICAL, NUMERIC, examples, produce_examples
 
@@ -76,7 +76,7 @@ def _learn_proc(broker, state_dir, *extra: str) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "infra.cli",
+        "ctr.cli",
         "learn",
         "--bootstrap",
         broker.bootstrap,
@@ -240,7 +240,7 @@ def test_a_learner_started_during_a_broker_outage_waits_for_the_broker():
     learner's first broker call retries with backoff instead of exiting."""
     from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-    from online_learner.trainer import _watermarks_when_up
+    from ctr.online_learner.trainer import _watermarks_when_up
 
     class Down:
         calls = 0
@@ -263,7 +263,7 @@ def test_ctr_learn_builds_the_model_the_benchmarks_evaluate() -> None:
     ``ctr bench quality`` / ``ctr bench learner`` measure (``TrainerConfig()``) is what runs."""
     import typer
 
-    from infra.cli import model_options
+    from ctr.cli import model_options
 
     shipped = TrainerConfig(bootstrap="", state_dir=Path(".")).model_options
     assert model_options(18, 0.0, []) == shipped

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from online_learner.update_format import (
+from ctr.online_learner.update_format import (
     MAGIC,
     UpdateError,
     UpdateHeader,

@@ -1,8 +1,8 @@
-"""The Feast repository, generated from the one feature specification (:mod:`features.spec`).
+"""The Feast repository, generated from the one feature specification (:mod:`ctr.features.spec`).
 
 Nothing here is hand-copied: the windowed-statistics columns come from
 ``SPEC.feature_names(entity)`` and the names, join keys and field-weight columns from the
-feast-free layout in :mod:`features.store`, so the Faust agent, this repository and the
+feast-free layout in :mod:`ctr.features.store`, so the Faust agent, this repository and the
 serving tier cannot drift apart.
 
 * entities ``user`` (``user_id``), ``item`` (``item_id``), ``field_value`` (``field_value``,
@@ -15,7 +15,7 @@ serving tier cannot drift apart.
 * one push source per view (``<view>_push``), backed by a parquet file source under
   ``data/`` relative to the repository directory (only used by offline pushes/retrieval).
 
-``features.store.open_store`` applies :data:`OBJECTS`; ``feast -c features/repo apply`` finds
+``ctr.features.store.open_store`` applies :data:`OBJECTS`; ``feast -c features/repo apply`` finds
 the same objects by scanning this module.
 """
 
@@ -26,8 +26,8 @@ from datetime import timedelta
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Float64, Int64, PrimitiveFeastType, String
 
-from features.spec import SPEC
-from features.store import (
+from ctr.features.spec import SPEC
+from ctr.features.store import (
     FIELD_WEIGHT_FEATURES,
     FIELD_WEIGHTS_VIEW,
     JOIN_KEYS,
@@ -84,7 +84,7 @@ def _feature_view(view: str, entity: str, schema: list[Field], ttl: timedelta, d
         ttl=ttl,
         online=True,
         description=description,
-        tags={"generated_from": "features.spec"},
+        tags={"generated_from": "ctr.features.spec"},
     )
 
 

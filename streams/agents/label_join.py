@@ -57,7 +57,7 @@ The rules (pure logic in :class:`JoinPartition`, no Faust needed to test it):
   closed its window already, so its label depends on fetch timing. Found the hard way: a test
   that replayed a stream in two halves flushed the first half's pending (future) clicks at the
   split, and under CPU load, when the click fetch lagged, 64-158 clicked impressions came out
-  as negatives. Replays keep the order (:func:`streams.replay.replay_events` resumes a stream
+  as negatives. Replays keep the order (:func:`ctr.streams.replay.replay_events` resumes a stream
   at any event); producers are idempotent, so a retried batch cannot land after its successor.
 
 Windowed-count deltas for the feature agent are produced here, because only the join knows a
@@ -125,10 +125,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from features.spec import SPEC, FeatureSpec, field_value_key
-from infra.config import CHANGELOG_MODES, EMISSIONS
-from streams.kafka_io import DeliveryTracker
-from streams.schema import (
+from ctr.features.spec import SPEC, FeatureSpec, field_value_key
+from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
+from ctr.infra.kafka_io import DeliveryTracker
+from ctr.infra.schema import (
     WATERMARK_HEADER,
     Click,
     Impression,
@@ -137,6 +137,7 @@ from streams.schema import (
     decode_impression,
     encode,
 )
+from ctr.infra.topics import CLICKS_TOPIC, EXAMPLES_TOPIC, IMPRESSIONS_TOPIC, LATE_TOPIC
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ class _Pending:
 def example_bytes(
     event_id: str, label: int, raw_impression: bytes, click_ms: int | None, flag: bytes | None = None
 ) -> bytes:
-    """A :class:`~streams.schema.TrainingExample` as JSON, splicing the impression's validated
+    """A :class:`~ctr.infra.schema.TrainingExample` as JSON, splicing the impression's validated
     bytes instead of re-encoding it (same JSON a ``encode(TrainingExample(...))`` decodes to).
     ``flag``: ``b"provisional"`` or ``b"correction"``."""
     tail = b"" if click_ms is None else b',"click_time_ms":%d' % click_ms
@@ -362,7 +363,7 @@ def example_bytes(
 class JoinPartition:
     """The join state of one partition and the one deterministic step that advances it.
 
-    >>> from streams.schema import Impression, Click, decode_training_example
+    >>> from ctr.infra.schema import Impression, Click, decode_training_example
     >>> jp = JoinPartition(0, JoinConfig(window_ms=1000))
     >>> imp = Impression(event_id="e1", event_time_ms=10_000, user_id="u", item_id="a")
     >>> out, rec = jp.process([encode(imp)], [imp], [Click(impression_id="e1", event_time_ms=10_400)])
@@ -766,7 +767,7 @@ def send_watermark(
     """Send a watermark control message (header ``ctr.watermark``) to every partition of
     ``topics``: the join treats event time as having reached ``time_ms`` there. A replay sends
     one after its last event so the last windows close without waiting for more data."""
-    from streams.kafka_io import DeliveryTracker, flush, make_producer
+    from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer
 
     p = make_producer(bootstrap)
     tracker = DeliveryTracker()
@@ -797,16 +798,12 @@ def watermark_of(headers: Any) -> int | None:
 
 
 # ---------------------------------------------------------------------- the Faust agent
-IMPRESSIONS_TOPIC = "impressions"
-CLICKS_TOPIC = "clicks"
-EXAMPLES_TOPIC = "training-examples"
-LATE_TOPIC = "late-events"
 
 
 def _metrics() -> dict[str, Any]:
     from prometheus_client import Counter, Gauge
 
-    from streams.metrics import metric as get
+    from ctr.streams.metrics import metric as get
 
     return {
         "events": get("ctr_join_events_total", Counter, "Records consumed by the label join", ["topic"]),
@@ -846,8 +843,8 @@ class LabelJoinAgent:
         max_inflight: int = 2,
         bootstrap: str | None = None,
     ) -> None:
-        from streams.app import BulkAgentBase
-        from streams.deadletter import DeadLetterSink
+        from ctr.infra.deadletter import DeadLetterSink
+        from ctr.streams.app import BulkAgentBase
 
         self.cfg = config or JoinConfig()
         #: changelog records reference impressions by offset: restores read them from here
@@ -906,7 +903,7 @@ class LabelJoinAgent:
 
     # ---- (re)assignment
     async def build(self, partitions: set[int]) -> None:
-        from streams.app import table_items
+        from ctr.streams.app import table_items
 
         for p in sorted(partitions):
             recs = [decode_record(v) for _, v in table_items(self.table, partition_prefix(p))]
@@ -926,7 +923,7 @@ class LabelJoinAgent:
     async def _inline(self, p: int, recs: list[JoinRecord]) -> list[JoinRecord]:
         """Read back the impressions that records reference by offset (one range read per
         partition: the live records are a contiguous suffix of the log)."""
-        from streams.kafka_io import read_range
+        from ctr.infra.kafka_io import read_range
 
         ranged = [r for r in recs if r.by_offsets]
         if not ranged:
@@ -958,7 +955,7 @@ class LabelJoinAgent:
             await self._round(by_part, runner)
 
     async def _round(self, by_part: dict[int, list], runner: Any) -> None:
-        from streams.app import send_changelog
+        from ctr.streams.app import send_changelog
 
         work = []
         acks: list[tuple[Any, int, int]] = []
@@ -1122,8 +1119,8 @@ class LabelJoinAgent:
         Its (empty) delta batches go out too, after the record is acknowledged like any
         round's: every seq of a source reaches the feature agent, which applies a source's
         batches as an unbroken chain (a missing seq means a reordered batch, held until it
-        arrives -- :meth:`FeatureShard.apply <streams.agents.windowed_features.FeatureShard.apply>`)."""
-        from streams.app import send_changelog
+        arrives -- :meth:`FeatureShard.apply <ctr.streams.agents.windowed_features.FeatureShard.apply>`)."""
+        from ctr.streams.app import send_changelog
 
         if not self._unconfirmed and not self._inflight:
             return

@@ -1,6 +1,6 @@
 """Dynamic feature reweighting, pure logic (no Kafka): per-field importance and drift on a
 sliding window of labelled examples, turned into the normalised weights the learner's field
-gate applies. The streaming shell is :mod:`streams.reweighting`; the formulas and their
+gate applies. The streaming shell is :mod:`ctr.streams.reweighting`; the formulas and their
 measured behaviour are in ``streams/REWEIGHTING.md``.
 
 Per field ``f``, on the last ``W`` examples (the *current* window; the ``W`` before them are the
@@ -31,7 +31,7 @@ most ``max_values`` distinct values per field; a value that arrives while all sl
 values is counted in the field's "other" bucket, and a slot is recycled once its value left
 both windows.
 
->>> from streams.schema import Impression
+>>> from ctr.infra.schema import Impression
 >>> def imp(i, **cat):
 ...     return Impression(event_id=f"e{i}", event_time_ms=i, user_id="u", item_id="a", categorical=cat)
 >>> fi = FieldImportance(ReweightConfig(window=1_000, floor=0.1, smoothing=1.0))
@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streams.schema import MAX_FIELDS, FieldWeights, Impression, TrainingExample
+from ctr.infra.schema import MAX_FIELDS, FieldWeights, Impression, TrainingExample
 
 __all__ = [
     "FieldImportance",
@@ -545,7 +545,7 @@ class FieldScore:
 @dataclass(frozen=True)
 class Snapshot:
     """Everything one computation found; :meth:`FieldImportance.message` turns it into the
-    :class:`~streams.schema.FieldWeights` contract."""
+    :class:`~ctr.infra.schema.FieldWeights` contract."""
 
     window_examples: int
     previous_examples: int
@@ -584,8 +584,8 @@ class FieldImportance:
         self._ema: dict[str, float] = {}
 
     def add(self, rows: Sequence[Impression | TrainingExample], labels: Sequence[int] | None = None) -> None:
-        """Add :class:`~streams.schema.TrainingExample` s (labels read from them) or
-        :class:`~streams.schema.Impression` s with their ``labels``."""
+        """Add :class:`~ctr.infra.schema.TrainingExample` s (labels read from them) or
+        :class:`~ctr.infra.schema.Impression` s with their ``labels``."""
         if not rows:
             return
         if labels is None:

@@ -2,11 +2,11 @@
 per item and per (field, value), written to the Feast online store in micro-batches.
 
 Data flow: the label join turns each micro-batch into count deltas per (entity, hop bucket)
-and sends them, already re-keyed by entity (:func:`~streams.agents.label_join.entity_partition`),
-as one :class:`~streams.agents.label_join.DeltaBatch` per feature partition to the internal
+and sends them, already re-keyed by entity (:func:`~ctr.streams.agents.label_join.entity_partition`),
+as one :class:`~ctr.streams.agents.label_join.DeltaBatch` per feature partition to the internal
 topic ``<app id>-feature-deltas`` (4 partitions, co-partitioned with everything else). This
 agent sums them into per-entity buckets (:class:`FeatureShard`, pure logic, no Faust) and
-writes the touched entities' current window values (``features.spec.SPEC``: impressions,
+writes the touched entities' current window values (``ctr.features.spec.SPEC``: impressions,
 clicks and smoothed CTR for every window) to Feast.
 
 Windows. Counts live in buckets of the finest hop (60 s by default). The value of a window of
@@ -49,9 +49,9 @@ from typing import Any
 
 import msgspec
 
-from features.spec import SPEC, FeatureSpec
-from infra.config import CHANGELOG_MODES
-from streams.agents.label_join import (
+from ctr.features.spec import SPEC, FeatureSpec
+from ctr.infra.config import CHANGELOG_MODES
+from ctr.streams.agents.label_join import (
     ENTITY_KINDS,
     NEG_INF,
     DeltaBatch,
@@ -103,7 +103,7 @@ def inline_deltas(rec: FeatureRecord, batches: Mapping[int, bytes]) -> FeatureRe
     (offset -> value, read from its partition of the deltas topic); raises if one is missing
     or is not the version the record applied.
 
-    >>> from streams.agents.label_join import encode_deltas
+    >>> from ctr.streams.agents.label_join import encode_deltas
     >>> b = DeltaBatch(src=2, seq=7, max_time=0, rows=[(1, "ad7", 5, 3, 1)])
     >>> rec = FeatureRecord(1, {2: 7}, 0, 0, [], deltas=[(40, 2, 7)])
     >>> inline_deltas(rec, {39: b"junk", 40: encode_deltas(b)}).rows
@@ -155,7 +155,7 @@ class WindowPlan:
 class FeatureShard:
     """Counts of one feature partition: entity -> bucket -> [impressions, clicks].
 
-    >>> from streams.agents.label_join import DeltaBatch
+    >>> from ctr.streams.agents.label_join import DeltaBatch
     >>> shard = FeatureShard(0)
     >>> t = 1_700_000_000_000
     >>> b = t // 60_000
@@ -253,7 +253,7 @@ class FeatureShard:
         ``offsets`` (of each batch in the deltas topic) and ``reference`` the record references
         the batches applied instead of copying their rows.
 
-        >>> from streams.agents.label_join import DeltaBatch
+        >>> from ctr.streams.agents.label_join import DeltaBatch
         >>> shard = FeatureShard(0)
         >>> batch = lambda seq: DeltaBatch(src=3, seq=seq, max_time=0, rows=[(1, "ad7", 0, seq, 0)])
         >>> shard.apply([batch(1), batch(3)], [10, 11])[1].deltas   # 3 waits for 2
@@ -307,7 +307,7 @@ class FeatureShard:
     def rows(self, entities: Iterable[EntityKey]) -> list[dict[str, Any]]:
         """:meth:`values` of many entities at the current clock (the window ranges computed once:
         a flush after a fast replay asks for tens of thousands)."""
-        from features.store import JOIN_KEYS
+        from ctr.features.store import JOIN_KEYS
 
         join_keys = [JOIN_KEYS[e] for e in ENTITY_KINDS]
         ranges = self.plan.ranges(self.clock)
@@ -401,17 +401,17 @@ class FeatureShard:
 
 # ---------------------------------------------------------------------- Feast sink
 class FeastSink:
-    """Writes rows with :class:`features.store.FeatureWriter` (newest event time wins), in
+    """Writes rows with :class:`ctr.features.store.FeatureWriter` (newest event time wins), in
     this process."""
 
     def __init__(self, feast_dir: str | None, online: str = "sqlite", redis_url: str | None = None) -> None:
-        from features.store import FeatureWriter, open_store
+        from ctr.features.store import FeatureWriter, open_store
 
         self.store = open_store(feast_dir, online=online, redis_url=redis_url)  # type: ignore[arg-type]
         self.writer = FeatureWriter(self.store)
 
     def write(self, kind: int, rows: list[dict[str, Any]], times_ms: list[int]) -> int:
-        from features.store import STATS_VIEWS
+        from ctr.features.store import STATS_VIEWS
 
         return self.writer.write(STATS_VIEWS[ENTITY_KINDS[kind]], rows, times_ms)
 
@@ -423,7 +423,7 @@ _child_sink: FeastSink | None = None
 
 
 def _child_init(feast_dir: str | None, online: str, redis_url: str | None) -> None:
-    from infra.procs import die_with_parent
+    from ctr.infra.procs import die_with_parent
 
     die_with_parent()
     global _child_sink
@@ -569,7 +569,7 @@ class FeastWriterLoop:
 def _metrics() -> dict[str, Any]:
     from prometheus_client import Counter, Gauge
 
-    from streams.metrics import metric as get
+    from ctr.streams.metrics import metric as get
 
     return {
         "batches": get("ctr_features_delta_batches_total", Counter, "Feature delta batches", ["result"]),
@@ -598,8 +598,8 @@ class WindowedFeatureAgent:
         changelog: str = "offsets",
         bootstrap: str | None = None,
     ) -> None:
-        from streams.app import BulkAgentBase
-        from streams.deadletter import DeadLetterSink
+        from ctr.infra.deadletter import DeadLetterSink
+        from ctr.streams.app import BulkAgentBase
 
         if changelog not in CHANGELOG_MODES:
             raise ValueError(f"changelog must be one of {CHANGELOG_MODES}")
@@ -646,7 +646,7 @@ class WindowedFeatureAgent:
         await self.runner.run()
 
     async def build(self, partitions: set[int]) -> None:
-        from streams.app import table_items
+        from ctr.streams.app import table_items
 
         # Finish the write in flight before the shards it may confirm change owner.
         async with self.writer._busy:
@@ -671,7 +671,7 @@ class WindowedFeatureAgent:
     async def _inline(self, p: int, recs: list[FeatureRecord]) -> list[FeatureRecord]:
         """Read back the delta batches that records reference by offset (one range read per
         partition, from the oldest live reference to the newest)."""
-        from streams.kafka_io import read_range
+        from ctr.infra.kafka_io import read_range
 
         ranged = [r for r in recs if r.by_offsets]
         if not ranged:
@@ -688,7 +688,7 @@ class WindowedFeatureAgent:
         return [inline_deltas(r, batches) for r in recs]
 
     async def process(self, batch: Any, runner: Any) -> None:
-        from streams.app import send_changelog
+        from ctr.streams.app import send_changelog
 
         by_part: dict[int, list[DeltaBatch]] = {}
         offsets: dict[int, list[int]] = {}
@@ -759,7 +759,7 @@ class WindowedFeatureAgent:
 
     async def checkpoint(self) -> None:
         """When idle, record ``feast_confirmed`` progress so a restart rewrites less."""
-        from streams.app import send_changelog
+        from ctr.streams.app import send_changelog
 
         changelog = []
         for p, shard in self.shards.items():

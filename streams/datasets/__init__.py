@@ -4,14 +4,14 @@ known ground truth — all as one iterator of :class:`LabeledImpression`.
 Every source yields impressions in file (= event-time) order with their label and a click
 delay (real files carry no click times, so :class:`ClickDelay` draws one), streamed from
 disk in constant memory. File sources skip unparseable rows and count them in
-``source.skipped`` (or raise with ``strict=True``); see :class:`~streams.datasets.base.CsvSource`.
+``source.skipped`` (or raise with ``strict=True``); see :class:`~ctr.streams.datasets.base.CsvSource`.
 
 ===================== ====================================================================
 spec                  source
 ===================== ====================================================================
 ``synthetic``         :class:`SyntheticStream` (options: :class:`SyntheticConfig` fields)
 ``synthetic:PROFILE`` the same from a named profile of defaults (``default``, ``low-ctr``:
-                      see :data:`~streams.datasets.synthetic.PROFILES`); options override it
+                      see :data:`~ctr.streams.datasets.synthetic.PROFILES`); options override it
 ``criteo:PATH``       :class:`CriteoSource` (Kaggle DAC / 1TB layout, tab or comma)
 ``avazu:PATH``        :class:`AvazuSource` (Kaggle Avazu ``train``)
 ``obd:PATH``          :class:`ObdSource` (Open Bandit Dataset ``all.csv``)
@@ -40,8 +40,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from streams.datasets.avazu import AvazuSource
-from streams.datasets.base import (
+from ctr.streams.datasets.avazu import AvazuSource
+from ctr.streams.datasets.base import (
     DEFAULT_ATTRIBUTION_WINDOW_MS,
     MISSING_ID,
     BadRowError,
@@ -52,10 +52,10 @@ from streams.datasets.base import (
     Source,
     interleave_clicks,
 )
-from streams.datasets.criteo import CriteoSource
-from streams.datasets.csv_mapping import CsvMappedSource, CsvMapping
-from streams.datasets.obd import ObdSource
-from streams.datasets.synthetic import (
+from ctr.streams.datasets.criteo import CriteoSource
+from ctr.streams.datasets.csv_mapping import CsvMappedSource, CsvMapping
+from ctr.streams.datasets.obd import ObdSource
+from ctr.streams.datasets.synthetic import (
     GroundTruth,
     SyntheticChunk,
     SyntheticConfig,
@@ -99,7 +99,7 @@ def open_source(
     kind, sep, path = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "synthetic":
-        from streams.datasets.synthetic import PROFILES
+        from ctr.streams.datasets.synthetic import PROFILES
 
         named = path.strip() or None
         if named is not None and profile is not None and named != profile:

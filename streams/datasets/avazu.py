@@ -4,7 +4,7 @@ Layout (header required): ``id,click,hour,C1,banner_pos,site_id,site_domain,site
 app_id,app_domain,app_category,device_id,device_ip,device_model,device_type,
 device_conn_type,C14..C21``; ``hour`` is ``YYMMDDHH`` in UTC and the file is sorted by it.
 
-Mapping to :class:`~streams.schema.Impression`:
+Mapping to :class:`~ctr.infra.schema.Impression`:
 
 * **event time**: the start of ``hour`` plus an offset spreading the hour's rows by row
   order. A single pass cannot know how many rows an hour holds, so the step is
@@ -32,8 +32,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
-from streams.datasets.base import DEFAULT_SORT_RUN_ROWS, BadRow, ClickDelay, CsvSource, check_id, parse_label
-from streams.schema import MAX_ID_LEN, Impression
+from ctr.infra.schema import MAX_ID_LEN, Impression
+from ctr.streams.datasets.base import DEFAULT_SORT_RUN_ROWS, BadRow, ClickDelay, CsvSource, check_id, parse_label
 
 #: ``device_id`` value standing for "unknown device" in Avazu.
 NO_DEVICE_ID = "a99f214a"
@@ -44,7 +44,7 @@ _EXCLUDED = frozenset({"id", "click", "hour"})
 
 
 class AvazuSource(CsvSource):
-    """Stream an Avazu file as :class:`~streams.datasets.base.LabeledImpression` (see module doc).
+    """Stream an Avazu file as :class:`~ctr.streams.datasets.base.LabeledImpression` (see module doc).
 
     ``rows_per_hour`` only seeds the within-hour spread of the first hour. ``delay``,
     ``events``, ``strict``, ``seed``, ``order`` behave as for every :class:`CsvSource`.

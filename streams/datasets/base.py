@@ -6,7 +6,7 @@ joins impressions with *delayed* clicks inside an attribution window. :class:`Cl
 fills that gap with a seeded delay model that includes a small fraction of clicks arriving
 after the window, so the late-click path of the joiner is exercised by every source.
 
->>> from streams.schema import Impression
+>>> from ctr.infra.schema import Impression
 >>> imp = Impression(event_id="e0", event_time_ms=1_000, user_id="u1", item_id="ad1")
 >>> ex = LabeledImpression(imp, clicked=True, click_delay_ms=2_500)
 >>> ex.click()
@@ -34,7 +34,7 @@ from typing import IO, Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from streams.schema import MAX_FIELDS, MAX_ID_LEN, Click, Impression, TrainingExample
+from ctr.infra.schema import MAX_FIELDS, MAX_ID_LEN, Click, Impression, TrainingExample
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class LabeledImpression(NamedTuple):
     ``click_delay_ms`` is ``None`` exactly when ``clicked`` is false. It may exceed the
     attribution window: such a click is *late* and the joiner must treat it as such.
 
-    >>> from streams.schema import Impression
+    >>> from ctr.infra.schema import Impression
     >>> imp = Impression(event_id="e1", event_time_ms=10, user_id="u", item_id="i")
     >>> LabeledImpression(imp, True, 40_000).is_late()
     True
@@ -83,7 +83,7 @@ class LabeledImpression(NamedTuple):
     click_delay_ms: int | None
 
     def click(self) -> Click | None:
-        """The :class:`~streams.schema.Click` event this impression produces, if any."""
+        """The :class:`~ctr.infra.schema.Click` event this impression produces, if any."""
         if not self.clicked or self.click_delay_ms is None:
             return None
         return Click(
@@ -222,7 +222,7 @@ def interleave_clicks(examples: Iterable[LabeledImpression]) -> Iterator[Impress
     event-time ordered when the input is. Memory holds only pending clicks (bounded by
     click rate x delay tail), never the stream.
 
-    >>> from streams.schema import Impression
+    >>> from ctr.infra.schema import Impression
     >>> imps = [Impression(event_id=f"e{i}", event_time_ms=i * 1_000, user_id="u", item_id="a")
     ...         for i in range(3)]
     >>> evs = interleave_clicks([LabeledImpression(imps[0], True, 1_500),

@@ -9,7 +9,7 @@ Layout: the label, then 13 integer features ``I1..I13``, then 26 hashed categori
   column named ``I<n>`` is numeric and every ``C<n>`` categorical, so subsets work too);
 * ``.gz`` / ``.bz2`` / ``.xz`` compression.
 
-Mapping to :class:`~streams.schema.Impression` (Criteo has neither timestamps nor users):
+Mapping to :class:`~ctr.infra.schema.Impression` (Criteo has neither timestamps nor users):
 
 * an empty categorical value omits that field; an empty numeric omits it (missing is not 0);
   numerics are kept raw (no log transform: that is the feature pipeline's job);
@@ -28,7 +28,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from streams.datasets.base import (
+from ctr.infra.schema import MAX_ID_LEN, Impression
+from ctr.streams.datasets.base import (
     DEFAULT_SORT_RUN_ROWS,
     BadRow,
     ClickDelay,
@@ -37,7 +38,6 @@ from streams.datasets.base import (
     parse_label,
     parse_numbers,
 )
-from streams.schema import MAX_ID_LEN, Impression
 
 #: 2014-01-01T00:00:00Z: an arbitrary, documented origin (the Kaggle data is from 2014).
 CRITEO_START_MS = 1_388_534_400_000
@@ -51,7 +51,7 @@ _CATEGORICAL_NAME = re.compile(r"^C\d+$", re.IGNORECASE)
 
 
 class CriteoSource(CsvSource):
-    """Stream a Criteo file as :class:`~streams.datasets.base.LabeledImpression` (see module doc).
+    """Stream a Criteo file as :class:`~ctr.streams.datasets.base.LabeledImpression` (see module doc).
 
     Parameters: ``user_column`` / ``item_column`` name the categorical columns used as ids,
     ``start_ms`` / ``events_per_second`` place rows in event time, ``delay`` gives clicks

@@ -32,7 +32,7 @@ events_per_second  no         rate when there is no timestamp (default 1000)
 Unknown keys are an error (a typo would otherwise silently drop a feature), and so is a
 mapped column missing from the header or a derived field named like a mapped column.
 Event-time order is not a mapping key but an option of the source (``order``, see
-:class:`~streams.datasets.base.CsvSource`). Values are stripped of surrounding whitespace;
+:class:`~ctr.streams.datasets.base.CsvSource`). Values are stripped of surrounding whitespace;
 quoted fields (with delimiters or newlines inside) follow RFC 4180 via :mod:`csv`.
 """
 
@@ -45,7 +45,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from streams.datasets.base import (
+from ctr.infra.schema import MAX_ID_LEN, Impression
+from ctr.streams.datasets.base import (
     DEFAULT_SORT_RUN_ROWS,
     BadRow,
     ClickDelay,
@@ -56,8 +57,7 @@ from streams.datasets.base import (
     parse_number,
     parse_numbers,
 )
-from streams.datasets.obd import parse_timestamp_ms
-from streams.schema import MAX_ID_LEN, Impression
+from ctr.streams.datasets.obd import parse_timestamp_ms
 
 TIMESTAMP_FORMATS = ("epoch_ms", "epoch_s", "iso")
 _MAX_FIELD_NAME = 64

@@ -5,7 +5,7 @@ click,propensity_score,user_feature_0..3,user-item_affinity_0..K``; the file is 
 ``timestamp`` (ISO 8601 with offset, e.g. ``2019-11-24 00:00:34.762830+00:00``). An
 ``item_context.csv`` next to it (``item_id,item_feature_0..3``) is joined when present.
 
-Mapping to :class:`~streams.schema.Impression`:
+Mapping to :class:`~ctr.infra.schema.Impression`:
 
 * **event time**: the real ``timestamp`` (naive times are read as UTC), in ms;
 * **item**: ``item_id`` as is (``"0"``-``"79"``);
@@ -29,7 +29,8 @@ from functools import lru_cache
 from hashlib import blake2b
 from pathlib import Path
 
-from streams.datasets.base import (
+from ctr.infra.schema import MAX_ID_LEN, Impression
+from ctr.streams.datasets.base import (
     DEFAULT_SORT_RUN_ROWS,
     BadRow,
     ClickDelay,
@@ -38,7 +39,6 @@ from streams.datasets.base import (
     parse_label,
     parse_number,
 )
-from streams.schema import MAX_ID_LEN, Impression
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)

@@ -23,7 +23,7 @@ became informative. This stream does, so the pipeline can be graded against the 
   ``drift_fields`` is their union. Also ``n_new_ads`` new ads appear and take
   ``new_ad_share`` of the traffic. The mean CTR stays at ``base_ctr`` on both sides, so
   only a model that tracks *which* fields matter can follow it;
-* **delayed clicks** from :class:`~streams.datasets.base.ClickDelay`: log-normal with mean
+* **delayed clicks** from :class:`~ctr.streams.datasets.base.ClickDelay`: log-normal with mean
   ``click_delay_mean_ms`` of event time, plus ``late_click_fraction`` of clicks after the
   ``attribution_window_ms``;
 * **event time**: a Poisson process at ``events_per_second`` from ``start_ms``.
@@ -43,7 +43,7 @@ profile     stream
 =========== ===============================================================================
 
 Generation is vectorised with numpy in chunks of ``chunk_size`` events and only then turned
-into :class:`~streams.schema.Impression` objects, one chunk at a time (constant memory).
+into :class:`~ctr.infra.schema.Impression` objects, one chunk at a time (constant memory).
 :meth:`SyntheticStream.chunks` exposes the numpy chunks directly for vectorised consumers.
 
 >>> stream = SyntheticStream(SyntheticConfig(seed=1, n_events=20_000, n_categorical=6,
@@ -69,8 +69,8 @@ from typing import Any
 
 import numpy as np
 
-from streams.datasets.base import DEFAULT_ATTRIBUTION_WINDOW_MS, ClickDelay, LabeledImpression, Source
-from streams.schema import Impression
+from ctr.infra.schema import Impression
+from ctr.streams.datasets.base import DEFAULT_ATTRIBUTION_WINDOW_MS, ClickDelay, LabeledImpression, Source
 
 #: Distinct values per field in the Kaggle Criteo training set (C1..C26), the default vocabulary.
 CRITEO_CARDINALITIES: tuple[int, ...] = (
@@ -488,7 +488,7 @@ def _solve_bias(z: np.ndarray, target: float) -> float:
 
 
 class SyntheticStream(Source):
-    """Seeded synthetic Criteo-like stream of :class:`~streams.datasets.base.LabeledImpression`.
+    """Seeded synthetic Criteo-like stream of :class:`~ctr.streams.datasets.base.LabeledImpression`.
 
     Pass a :class:`SyntheticConfig`, or its fields as keywords. Same config -> identical
     events. Iterating consumes the stream (like every source); :meth:`chunks` restarts

@@ -15,10 +15,10 @@ from pathlib import Path
 import psutil
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
-from infra.broker import create_topics
-from infra.config import TopicSpec
-from infra.procs import die_with_parent, stop_process
-from streams.kafka_io import make_consumer
+from ctr.infra.broker import create_topics
+from ctr.infra.kafka_io import make_consumer
+from ctr.infra.procs import die_with_parent, stop_process
+from ctr.infra.topics import TopicSpec
 
 REPO = Path(__file__).resolve().parents[2]
 FLINK_VENV = REPO / ".venv-flink"

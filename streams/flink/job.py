@@ -2,7 +2,7 @@
 
 Runs on the embedded mini-cluster (``python streams/flink/job.py --bootstrap HOST:PORT``)
 and on a cluster (``flink run -py streams/flink/job.py --bootstrap kafka:9092``). All the
-work is Flink SQL (:mod:`streams.flink.sql`, generated from ``features/spec.py``); Python only
+work is Flink SQL (:mod:`ctr.streams.flink.sql`, generated from ``features/spec.py``); Python only
 assembles it -- Python UDFs or DataStream windows would be 5-50x slower (platform notes).
 
 Imports only the stdlib, pyflink and the stdlib-only spec: this runs in ``.venv-flink``,
@@ -22,11 +22,17 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script (``python job.py``, ``flink run -py``): make ``features`` importable.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    # Run as a script (``python job.py``, ``flink run -py``) by Flink's own Python, where the
+    # project is not installed: map the checkout's folders under ``ctr`` as the wheel does
+    # (features/ -> ctr.features, streams/ -> ctr.streams). Both modules used here are pure.
+    import types
 
-from features.spec import SPEC, FeatureSpec  # noqa: E402
-from streams.flink.sql import DEFAULT_ATTRIBUTION_MS, DEFAULT_OUTPUT_TOPIC, JobConfig, statements  # noqa: E402
+    _ctr = types.ModuleType("ctr")
+    _ctr.__path__ = [str(Path(__file__).resolve().parents[2])]
+    sys.modules.setdefault("ctr", _ctr)
+
+from ctr.features.spec import SPEC, FeatureSpec  # noqa: E402
+from ctr.streams.flink.sql import DEFAULT_ATTRIBUTION_MS, DEFAULT_OUTPUT_TOPIC, JobConfig, statements  # noqa: E402
 
 
 def default_jars() -> list[Path]:

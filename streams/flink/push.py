@@ -1,5 +1,5 @@
 """Pusher: the Flink job's window rows (topic ``flink-features``) into the Feast online store.
-Main venv (Feast); ``python -m streams.flink.push --bootstrap HOST:PORT --feast-dir DIR``.
+Main venv (Feast); ``python -m ctr.streams.flink.push --bootstrap HOST:PORT --feast-dir DIR``.
 
 A Flink row carries ONE window of one entity, closed at ``window_end_ms``; a Feast row holds
 every window of the entity (``<entity>_impressions_5m``, ..., ``_ctr_1h``). Rows of the same
@@ -9,7 +9,7 @@ CTR -- which is also how an entity's 5 m values drop back to zero while its 1 h 
 open. The Feast event time is ``window_end_ms - 1``: under the Faust agent's convention a row at
 event time ``t`` holds the windows ending at the first hop boundary after ``t``, so readers
 find the same window with either producer. Offsets are committed after the Feast write
-(at-least-once; :class:`features.store.FeatureWriter` lets an equal event time overwrite, so a
+(at-least-once; :class:`ctr.features.store.FeatureWriter` lets an equal event time overwrite, so a
 replayed row is harmless).
 
 >>> m = RowMerger()
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from features.spec import SPEC, FeatureSpec
+from ctr.features.spec import SPEC, FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class RowMerger:
 
     def take(self) -> dict[str, list[tuple[dict[str, Any], int]]]:
         """entity_type -> [(Feast row, event time ms)] of the entities touched since the last call."""
-        from features.store import JOIN_KEYS
+        from ctr.features.store import JOIN_KEYS
 
         empty = (0, 0, self.spec.smoothed_ctr(0, 0))
         out: dict[str, list[tuple[dict[str, Any], int]]] = {}
@@ -95,9 +95,9 @@ def push(
     entity's next end)."""
     from confluent_kafka import TopicPartition
 
-    from features.store import STATS_VIEWS, FeatureWriter, open_store
-    from streams.flink.harness import end_offsets
-    from streams.kafka_io import make_consumer
+    from ctr.features.store import STATS_VIEWS, FeatureWriter, open_store
+    from ctr.infra.kafka_io import make_consumer
+    from ctr.streams.flink.harness import end_offsets
 
     writer = FeatureWriter(open_store(feast_dir, online=online, redis_url=redis_url))  # type: ignore[arg-type]
     ends = end_offsets(bootstrap, (topic,))[topic] if until_end else {}

@@ -1,4 +1,4 @@
-"""The Flink SQL of the windowed-feature job, generated from :mod:`features.spec` (stdlib only).
+"""The Flink SQL of the windowed-feature job, generated from :mod:`ctr.features.spec` (stdlib only).
 
 Why generated: the Faust agent and this job must compute the same numbers. Windows (size,
 hop), the stat fields and the Beta prior all come from one ``FeatureSpec``, so changing the
@@ -15,7 +15,7 @@ Semantics (mirroring ``streams/agents/label_join.py`` + ``windowed_features.py``
   HOP windows and the Faust agent's buckets align the same way); smoothed CTR
   ``(clicks + k*p) / (impressions + k)``.
 
->>> from features.spec import FeatureSpec
+>>> from ctr.features.spec import FeatureSpec
 >>> s = statements(FeatureSpec(stat_fields=("C1",)), JobConfig(bootstrap="b:9092"))
 >>> [line.split("(")[0].strip() for line in s][:3]
 ['CREATE TABLE impressions', 'CREATE TABLE clicks', 'CREATE TABLE features_sink']
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from features.spec import FeatureSpec, field_value_key
+from ctr.features.spec import FeatureSpec, field_value_key
 
-#: Same default as the label join (``streams.agents.label_join.DEFAULT_WINDOW_MS``); that
+#: Same default as the label join (``ctr.streams.agents.label_join.DEFAULT_WINDOW_MS``); that
 #: module imports msgspec/Faust pieces, which the Flink environment does not have.
 DEFAULT_ATTRIBUTION_MS = 30_000
 DEFAULT_OUTPUT_TOPIC = "flink-features"

@@ -8,15 +8,15 @@ from typing import TypeVar
 
 from confluent_kafka import Message
 
-from streams.deadletter import DeadLetterSink
-from streams.schema import WATERMARK_HEADER, SchemaError
+from ctr.infra.deadletter import DeadLetterSink
+from ctr.infra.schema import WATERMARK_HEADER, SchemaError
 
 T = TypeVar("T")
 
 
 def decode_batch(msgs: Sequence[Message], decode: Callable[[bytes], T], sink: DeadLetterSink) -> list[T]:
     """Decode each message; a :class:`SchemaError` sends it to ``sink`` and the batch goes on.
-    Watermark control messages (:data:`~streams.schema.WATERMARK_HEADER`) are not data: skipped."""
+    Watermark control messages (:data:`~ctr.infra.schema.WATERMARK_HEADER`) are not data: skipped."""
     out: list[T] = []
     for m in msgs:
         if m.headers() and any(k == WATERMARK_HEADER for k, _ in m.headers()):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from infra.config import state_dir
-from infra.procs import pid_alive, stop_process
-from infra.supervisor import Service, Supervisor, ctr_argv
+from ctr.infra.config import state_dir
+from ctr.infra.procs import pid_alive, stop_process
+from ctr.supervisor import Service, Supervisor, ctr_argv
 
 #: Stop order: consumers before what they consume from.
 STOP_ORDER = ("serve", "learner", "reweighter", "worker", "broker")
@@ -22,7 +22,7 @@ def _state_path() -> Path:
 
 def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000) -> dict:
     """Start broker, worker, reweighter, learner and serving detached; returns the recorded state."""
-    from infra.broker import EmbeddedBroker
+    from ctr.infra.broker import EmbeddedBroker
 
     path = _state_path()
     if path.exists() and any(pid_alive(s["pid"]) for s in json.loads(path.read_text())["services"].values()):
@@ -77,7 +77,7 @@ def down() -> dict[str, str]:
     path = _state_path()
     if not path.exists():
         return {}
-    from infra.broker import stop_broker
+    from ctr.infra.broker import stop_broker
 
     state = json.loads(path.read_text())
     broker_file = state_dir() / "broker.json"

@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")  # no display; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
+try:  # the [report] extra; without it the report holds the summary table and no figures
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot
+    import matplotlib.pyplot as plt
+except ModuleNotFoundError:  # pragma: no cover - the dev install has it
+    plt = None
 
 
 def _png(fig) -> str:
@@ -37,7 +41,7 @@ _MODELS = (("", "live model", "-"), ("frozen_", "frozen copy", "--"), ("oracle_"
 def live_window_rows(rows: list[dict], live_examples: int | None) -> list[dict]:
     """Learner rows with window metrics written while the stream was live (``examples <=
     live_examples``): after its end the final watermark flushes the last window's negatives at
-    once, so a sliding window over them holds one class only (see ``infra.demo.summarise``)."""
+    once, so a sliding window over them holds one class only (see ``ctr.demo.summarise``)."""
     return [r for r in rows if r.get("examples") and r.get("window_auc") is not None
             and (live_examples is None or r["examples"] <= live_examples)]  # fmt: skip
 
@@ -166,19 +170,22 @@ def write_report(path: Path, summary: dict, rows: list[dict], weights: list[dict
     tl = tl or Timeline()
     drift = summary.get("drift_event_time_ms")
     t0 = next((r["event_time_ms"] for r in rows if r.get("examples")), None)
-    quality = quality_figure(rows, drift, summary.get("live_examples"))
-    figures = [
-        ("Model quality over event time", quality, "quality"),
-        ("Dynamic feature reweighting", weights_figure(weights, drift, t0), "weights"),
-        ("Live refresh and freshness", versions_figure(rows, tl), "freshness"),
-        ("Throughput and serving latency", throughput_figure(rows, tl), "throughput"),
-    ]
+    figures = []
+    if plt is not None:
+        figures = [
+            ("Model quality over event time", quality_figure(rows, drift, summary.get("live_examples")), "quality"),
+            ("Dynamic feature reweighting", weights_figure(weights, drift, t0), "weights"),
+            ("Live refresh and freshness", versions_figure(rows, tl), "freshness"),
+            ("Throughput and serving latency", throughput_figure(rows, tl), "throughput"),
+        ]
     for _, img, name in figures:  # also as files, for READMEs and slides
         (path.parent / f"{name}.png").write_bytes(base64.b64decode(img))
     table = "".join(
         f"<tr><td>{html.escape(k)}</td><td>{html.escape(json.dumps(v))}</td></tr>" for k, v in summary.items()
     )
     body = "".join(f"<h2>{html.escape(t)}</h2><img src='data:image/png;base64,{img}'/>" for t, img, _ in figures)
+    if plt is None:
+        body = "<p>No figures: install the report extra (<code>pip install 'ctr-stream[report]'</code>).</p>"
     path.write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>ctr demo report</title>"
         "<style>body{font-family:sans-serif;max-width:1400px;margin:2em auto}td{padding:2px 12px}"

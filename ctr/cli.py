@@ -6,6 +6,7 @@ should answer instantly.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import signal
@@ -16,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from infra.config import CHANGELOG_MODES, EMISSIONS
+from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
 
 
 def _one_of(choices: tuple[str, ...]):
@@ -36,13 +37,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 broker_app = typer.Typer(help="The embedded Kafka-protocol broker (no Docker needed).", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: print a table and write JSON under bench/results/.", no_args_is_help=True)
 app.add_typer(broker_app, name="broker")
 
 
 def _mount_features() -> None:
     # features/cli.py imports nothing heavy at module level (feast is imported per command)
-    from features.cli import features_app
+    from ctr.features.cli import features_app
 
     app.add_typer(features_app, name="features", help="The Feast feature store: apply, get, serve.")
 
@@ -50,26 +50,27 @@ def _mount_features() -> None:
 _mount_features()
 
 
-@bench_app.callback()
-def bench_options(
-    busy_cores: Annotated[
-        int,
-        typer.Option(
-            help="Keep N cores busy with spinning processes for the whole run (the loaded variant: "
-            "what to expect on a shared machine). Recorded in the result."
-        ),
-    ] = 0,
-) -> None:
-    """Benchmarks: print a table and write JSON under bench/results/."""
-    if busy_cores:
-        from bench.common import keep_cores_busy
+def _mount_bench() -> None:
+    # The benchmarks are the checkout's bench/ (the layer above this one, not in the wheel):
+    # mounted by name when this ctr runs from a checkout (an editable install), so `ctr bench
+    # ...` works there and the installed product neither needs nor imports it.
+    checkout = Path(__file__).resolve().parents[1]
+    if not (checkout / "bench" / "cli.py").is_file():
+        return
+    if str(checkout) not in sys.path:
+        sys.path.append(str(checkout))
+    bench_cli = importlib.import_module("bench.cli")
+    app.add_typer(bench_cli.bench_app, name="bench")
 
-        keep_cores_busy(busy_cores)
-app.add_typer(bench_app, name="bench")
+
+_mount_bench()
+
+
+
 
 # The Feast online store of the worker, reweighter and serving: the same flags (and env vars,
 # CTR_ONLINE_STORE / REDIS_CONNECTION_STRING, which docker-compose sets) as `ctr features`.
-from features.cli import OnlineOpt, RedisUrl, check_online  # noqa: E402 - after the app, as above
+from ctr.features.cli import OnlineOpt, RedisUrl, check_online  # noqa: E402 - after the app, as above
 
 Bootstrap = Annotated[
     str | None,
@@ -88,7 +89,7 @@ def _fail(msg: str) -> None:
 
 
 def _bootstrap(explicit: str | None) -> str:
-    from infra.config import resolve_bootstrap
+    from ctr.infra.config import resolve_bootstrap
 
     try:
         return resolve_bootstrap(explicit)
@@ -106,15 +107,15 @@ def broker_start(
     foreground: Annotated[bool, typer.Option("--foreground", help="Run until Ctrl-C instead of detaching.")] = False,
 ) -> None:
     """Start the embedded broker on loopback, wait until it accepts connections, create the topics."""
-    from infra.broker import KINDS, EmbeddedBroker
-    from infra.config import state_dir
+    from ctr.infra.broker import KINDS, EmbeddedBroker
+    from ctr.infra.config import state_dir
 
     if kind not in KINDS:
         _fail(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
     state = state_dir() / "broker.json"
     if state.exists() and not foreground:
         info = json.loads(state.read_text())
-        from infra.procs import pid_alive
+        from ctr.infra.procs import pid_alive
 
         if pid_alive(info["pid"]):
             _fail(
@@ -147,8 +148,8 @@ def broker_start(
 @broker_app.command("stop")
 def broker_stop() -> None:
     """Stop the broker started by `ctr broker start` (nothing acknowledged is lost)."""
-    from infra.broker import stop_broker
-    from infra.config import state_dir
+    from ctr.infra.broker import stop_broker
+    from ctr.infra.config import state_dir
 
     state = state_dir() / "broker.json"
     if not state.exists():
@@ -165,8 +166,8 @@ def broker_status(bootstrap: Bootstrap = None) -> None:
     """Show the broker's address and each topic's partitions and end offsets."""
     from confluent_kafka import TopicPartition
 
-    from infra.config import TOPICS
-    from streams.kafka_io import make_consumer
+    from ctr.infra.kafka_io import make_consumer
+    from ctr.infra.topics import TOPICS
 
     bs = _bootstrap(bootstrap)
     try:
@@ -192,8 +193,8 @@ app.add_typer(topics_app, name="topics")
 @topics_app.command("create")
 def topics_create(bootstrap: Bootstrap = None) -> None:
     """Create the pipeline's topics with their partition counts on any Kafka (idempotent)."""
-    from infra.broker import create_topics
-    from infra.config import TOPICS
+    from ctr.infra.broker import create_topics
+    from ctr.infra.topics import TOPICS
 
     bs = _bootstrap(bootstrap)
     create_topics(bs)
@@ -214,7 +215,7 @@ def replay_cmd(
     order: Annotated[
         str,
         typer.Option(
-            callback=_one_of(("check", "sort", "trust")),  # streams.datasets.base.ORDER_MODES (lazy import)
+            callback=_one_of(("check", "sort", "trust")),  # ctr.streams.datasets.base.ORDER_MODES (lazy import)
             help="A file's rows out of event-time order: check (refuse, with their count), sort (external "
             "merge sort via temporary files), trust (replay as is, counted).",
         ),
@@ -226,9 +227,9 @@ def replay_cmd(
     final JSON line adds the rows skipped (by reason) and, for timestamped files, the order handling."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from streams.datasets import open_source
-    from streams.datasets.base import OutOfOrderError
-    from streams.replay import replay
+    from ctr.streams.datasets import open_source
+    from ctr.streams.datasets.base import OutOfOrderError
+    from ctr.streams.replay import replay
 
     bs = _bootstrap(bootstrap)
     # The synthetic stream is in order by construction and takes no file options.
@@ -302,7 +303,7 @@ def worker_cmd(
     ] = "offsets",
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
-    from streams.worker import default_instance_id, run_worker
+    from ctr.streams.worker import default_instance_id, run_worker
 
     raise typer.Exit(
         run_worker(
@@ -338,7 +339,7 @@ def reweight_cmd(
     metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
 ) -> None:
     """Dynamic feature reweighting: OutRank importance and PSI drift per field -> field-weights + Feast."""
-    from streams.reweighting import run_reweighter
+    from ctr.streams.reweighting import run_reweighter
 
     result = run_reweighter(
         _bootstrap(bootstrap),
@@ -370,7 +371,7 @@ def serve_cmd(
     redis_url: RedisUrl = None,
 ) -> None:
     """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
-    from serving.app import ServingConfig, run_server
+    from ctr.serving.app import ServingConfig, run_server
 
     run_server(
         ServingConfig(
@@ -440,7 +441,7 @@ def learn_cmd(
     ] = None,
 ) -> None:
     """Train the unified-embedding model online from training-examples; publish versions."""
-    from online_learner.trainer import TrainerConfig, run_trainer
+    from ctr.online_learner.trainer import TrainerConfig, run_trainer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     def names(option: str | None) -> tuple[str, ...] | None:
@@ -471,8 +472,8 @@ def model_options(table_bits: int, prior_strength: float, overrides: list[str]) 
     quality`` and ``ctr bench learner`` evaluate) with the flags and ``--model-option`` over them."""
     import dataclasses
 
-    from online_learner.model import ModelConfig
-    from online_learner.trainer import DEFAULT_MODEL_OPTIONS
+    from ctr.online_learner.model import ModelConfig
+    from ctr.online_learner.trainer import DEFAULT_MODEL_OPTIONS
 
     options = {**DEFAULT_MODEL_OPTIONS, "table_bits": table_bits, "prior_strength": prior_strength}
     known = {f.name for f in dataclasses.fields(ModelConfig)} - {"categorical_fields", "numeric_fields"}
@@ -501,7 +502,7 @@ def demo_cmd(
     seed: int = 0,
 ) -> None:
     """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
-    from infra.demo import run_demo
+    from ctr.demo import run_demo
 
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     try:
@@ -528,7 +529,7 @@ def up_cmd(
     port: Annotated[int, typer.Option(help="Serving port on 127.0.0.1.")] = 8000,
 ) -> None:
     """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
-    from infra.stack import up
+    from ctr.stack import up
 
     try:
         state = up(kind=kind, feast_dir=feast_dir, serve_port=port)
@@ -541,7 +542,7 @@ def up_cmd(
 @app.command("down")
 def down_cmd() -> None:
     """Stop what `ctr up` started (SIGTERM, SIGKILL after a grace period)."""
-    from infra.stack import down
+    from ctr.stack import down
 
     typer.echo(json.dumps(down() or {"up": False}, indent=2))
 
@@ -549,201 +550,9 @@ def down_cmd() -> None:
 @app.command("status")
 def status_cmd() -> None:
     """Show the services `ctr up` started, their pids, liveness and log files."""
-    from infra.stack import status
+    from ctr.stack import status
 
     typer.echo(json.dumps(status(), indent=2))
-
-
-# --------------------------------------------------------------------------- bench
-@bench_app.command("quality")
-def bench_quality(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/quality.json"
-    ),
-    data: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Dataset spec, repeatable: synthetic | synthetic:low-ctr | obd:PATH | criteo:PATH | avazu:PATH | "
-            "csv:PATH. Default: every real log in ../shared/data and both synthetic profiles."
-        ),
-    ] = None,
-    mapping: Annotated[Path | None, typer.Option(help="Mapping file for csv:PATH.")] = None,
-    events: Annotated[int | None, typer.Option(help="Cap on events per file (default: the whole file).")] = None,
-    synthetic_events: Annotated[
-        int | None, typer.Option(help="Events per synthetic stream (default: 100k, 500k for low-ctr).")
-    ] = None,
-    peers: Annotated[bool, typer.Option(help="Run Vowpal Wabbit and River too.")] = True,
-) -> None:
-    """Progressive log loss, AUC and calibration on real click logs, from the first event: the
-    learner as `ctr learn` runs it vs the running click rate, Vowpal Wabbit and River."""
-    from bench.quality import main
-
-    main(json_path, data or (), mapping, events, synthetic_events, peers)
-
-
-@bench_app.command("ablation")
-def bench_ablation(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/ablation.json"
-    ),
-    data: Annotated[
-        list[str] | None, typer.Option(help="Dataset spec, repeatable (as `ctr bench quality`). Default: the same.")
-    ] = None,
-    synthetic_events: Annotated[
-        int | None, typer.Option(help="Events per synthetic stream (default: 100k, 500k for low-ctr).")
-    ] = None,
-) -> None:
-    """What each model option buys: log loss vs the running click rate per dataset, and the
-    model step's time, for the shipped model and with one part added or removed."""
-    from bench.ablation import main
-
-    main(json_path, data or (), synthetic_events)
-
-
-@bench_app.command("replay")
-def bench_replay(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/replay.json"
-    ),
-    events: Annotated[int, typer.Option(help="Events per client.")] = 100_000,
-    kind: Annotated[str, typer.Option(help="Embedded broker kind to run against.")] = "noida",
-    bootstrap: Annotated[str | None, typer.Option(help="Use this broker instead of starting one.")] = None,
-) -> None:
-    """Events/s into the broker per client (confluent-kafka, aiokafka, kafka-python) and of the
-    full replay path (generate + validate + encode + produce)."""
-    from bench.replay import main
-
-    main(json_path=json_path, events=events, kind=kind, bootstrap=bootstrap)
-
-
-@bench_app.command("learner")
-def bench_learner(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/learner.json"
-    ),
-    events: Annotated[int, typer.Option(help="Examples in the synthetic stream.")] = 200_000,
-    river_events: Annotated[int, typer.Option(help="Prefix River runs on (it is slow).")] = 20_000,
-    batch_size: Annotated[int, typer.Option(help="Our micro-batch size.")] = 2048,
-    threads: Annotated[int, typer.Option(help="torch threads for our learner.")] = 1,
-    skip_peers: Annotated[bool, typer.Option(help="Only our learner.")] = False,
-) -> None:
-    """Examples/s, progressive AUC and log loss: ours vs Vowpal Wabbit and River, same stream."""
-    from bench.learner import main
-
-    main(
-        json_path=json_path,
-        events=events,
-        river_events=river_events,
-        batch_size=batch_size,
-        skip_peers=skip_peers,
-        threads=threads,
-    )
-
-
-@bench_app.command("flink")
-def bench_flink(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/flink.json"
-    ),
-    events: Annotated[int, typer.Option(help="Impressions to replay (clicks come on top).")] = 200_000,
-    parallelism: Annotated[list[int] | None, typer.Option(help="Flink parallelism; repeat for several.")] = None,
-    skip_faust: Annotated[bool, typer.Option(help="Only the Flink job.")] = False,
-) -> None:
-    """Events/s of the PyFlink windowed-feature job on the mini-cluster (needs `make flink-setup`),
-    next to the Faust agents on the same input."""
-    from bench.flink import main
-
-    main(json_path, events, tuple(parallelism or (1, 2)), "noida", skip_faust)
-
-
-@bench_app.command("reliability")
-def bench_reliability(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/reliability.json"
-    ),
-    seconds: Annotated[float, typer.Option(help="Seconds of serving load (a delta every second).")] = 30.0,
-    events: Annotated[int, typer.Option(help="Events of the max-rate replay (peak RSS per stage).")] = 60_000,
-) -> None:
-    """Faults injected (broker restart/outage/kill -9, serving kill -9), load held, bad inputs tried;
-    counts lost and crashes (target: zero)."""
-    from bench.reliability import main
-
-    main(json_path=json_path, seconds=seconds, events=events)
-
-
-@bench_app.command("chaos")
-def bench_chaos(
-    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
-        "bench/results/chaos.json"
-    ),
-    seeds: Annotated[int, typer.Option(help="Seeds (runs), each with its own fault schedule.")] = 5,
-    events: Annotated[int, typer.Option(help="Impressions per seed (their clicks come on top).")] = 200_000,
-    rate: Annotated[float, typer.Option(help="Replay rate, events/s (the demo's).")] = 2_000.0,
-    out: Annotated[Path | None, typer.Option(help="Run folders (default: a temporary one).")] = None,
-) -> None:
-    """The whole pipeline with one core busy, the broker restarted twice and worker, learner and
-    serving kill -9'd at seeded moments; labels, Feast counts, training counts and the served
-    version checked against the generator (target: zero discrepancies)."""
-    from bench.chaos import main
-
-    main(json_path, seeds, events, rate, out)
-
-
-_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
-
-
-@bench_app.command("report")
-def bench_report(
-    check: Annotated[bool, typer.Option("--check", help="Fail if a table differs from its result.")] = False,
-) -> None:
-    """Write the README's benchmark tables from the committed results in bench/results/."""
-    from bench import report
-
-    if check:
-        found = report.problems()
-        for p in found:
-            typer.echo(p, err=True)
-        raise typer.Exit(1 if found else 0)
-    changed = report.write()
-    typer.echo(f"rewrote {', '.join(changed)}" if changed else "every table already true to its result")
-    for p in report.problems():
-        typer.echo(p, err=True)
-
-
-@bench_app.command("pacing", context_settings=_PASS_THROUGH, add_help_option=False)
-def bench_pacing(ctx: typer.Context) -> None:
-    """Idle consumers' CPU and fetches/s with and without fetch pacing, per broker and client
-    (`ctr bench pacing --help` for its options)."""
-    from bench.pacing import cli
-
-    cli(ctx.args)
-
-
-@bench_app.command("stream", context_settings=_PASS_THROUGH, add_help_option=False)
-def bench_stream(ctx: typer.Context) -> None:
-    """Faust agents events/s vs raw aiokafka, Feast write rows/s, feature freshness
-    (`ctr bench stream --help` for its options)."""
-    from bench.stream import cli
-
-    cli(ctx.args)
-
-
-@bench_app.command("serving", context_settings=_PASS_THROUGH, add_help_option=False)
-def bench_serving(ctx: typer.Context) -> None:
-    """/predict latency p50/p99 for 1, 10, 100 candidates, features included, while versions
-    apply (`ctr bench serving --help` for its options)."""
-    from bench.serving import main
-
-    main(ctx.args)
-
-
-@bench_app.command("freshness", context_settings=_PASS_THROUGH, add_help_option=False)
-def bench_freshness(ctx: typer.Context) -> None:
-    """Click entering Kafka -> a served score that reflects it, p50/p99 over repeated trials
-    (`ctr bench freshness --help` for its options)."""
-    from bench.freshness import main
-
-    main(ctx.args)
 
 
 def main() -> None:  # pragma: no cover

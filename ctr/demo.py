@@ -1,7 +1,7 @@
 """``ctr demo``: the whole pipeline on the embedded default, for a bounded time, with a live
 view and an honest summary.
 
-Stages, each its own process under :class:`~infra.supervisor.Supervisor` (logs in the run
+Stages, each its own process under :class:`~ctr.supervisor.Supervisor` (logs in the run
 folder, restarted if they crash, stopped with SIGTERM then SIGKILL):
 
     replay (this process, paced) -> broker -> ctr worker (label join, windowed features -> Feast)
@@ -25,14 +25,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from infra.broker import EmbeddedBroker
-from infra.probe import FreshnessProbe, ProbeLoop, freshness_summary
-from infra.procs import free_port
-from infra.supervisor import Service, Supervisor, ctr_argv
-from infra.traffic import ServedImpressions, SteadyClient, TrafficLog
-from streams.agents.label_join import DEFAULT_WINDOW_MS
-from streams.datasets import open_source
-from streams.replay import ReplaySummary, replay
+from ctr.infra.broker import EmbeddedBroker
+from ctr.infra.procs import free_port
+from ctr.infra.topics import DEAD_LETTER_TOPIC, FIELD_WEIGHTS_TOPIC
+from ctr.probe import FreshnessProbe, ProbeLoop, freshness_summary
+from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
+from ctr.streams.datasets import open_source
+from ctr.streams.replay import ReplaySummary, replay
+from ctr.supervisor import Service, Supervisor, ctr_argv
+from ctr.traffic import ServedImpressions, SteadyClient, TrafficLog
 
 
 class _DriftProbe:
@@ -137,7 +138,7 @@ def run_demo(
         # The learner learns every field of the data -- the fields `ctr learn` would discover
         # from its first examples, read here up front so that the first model (and serving's
         # warm-up) exists before the stream starts and every event can show up in served scores.
-        from online_learner.encoding import discover_fields
+        from ctr.online_learner.encoding import discover_fields
 
         fields = discover_fields([r.impression for r in open_source(data, mapping=mapping, seed=seed, events=1_000)])
         port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields)
@@ -225,7 +226,7 @@ def run_demo(
         result["served_impressions_scored"] = scorer.scored
         result["dead_letters"] = _dead_letters(bs)
         weights = _field_weights(bs)
-        from infra.report import Timeline, write_report
+        from ctr.report import Timeline, write_report
 
         tl = Timeline(progress=timeline, probes=list(zip(prober.times, prober.probe.results, strict=False)),
                       served=client.log.versions, latency_ms=client.log.latency_ms)  # fmt: skip
@@ -296,11 +297,11 @@ def serving_summary(log: TrafficLog) -> dict:
 def _dead_letters(bootstrap: str) -> int:
     from confluent_kafka import TopicPartition
 
-    from streams.kafka_io import make_consumer
+    from ctr.infra.kafka_io import make_consumer
 
     c = make_consumer(bootstrap, "demo-dlq-count")
     try:
-        lo, hi = c.get_watermark_offsets(TopicPartition("dead-letter", 0), timeout=10)
+        lo, hi = c.get_watermark_offsets(TopicPartition(DEAD_LETTER_TOPIC, 0), timeout=10)
         return hi - lo
     finally:
         c.close()
@@ -311,14 +312,14 @@ def _field_weights(bootstrap: str) -> list[dict]:
     import msgspec
     from confluent_kafka import TopicPartition
 
-    from streams.kafka_io import make_consumer
-    from streams.schema import SchemaError, decode_field_weights
+    from ctr.infra.kafka_io import make_consumer
+    from ctr.infra.schema import SchemaError, decode_field_weights
 
     c = make_consumer(bootstrap, "demo-field-weights")
     out = []
     try:
-        lo, hi = c.get_watermark_offsets(TopicPartition("field-weights", 0), timeout=10)
-        c.assign([TopicPartition("field-weights", 0, lo)])
+        lo, hi = c.get_watermark_offsets(TopicPartition(FIELD_WEIGHTS_TOPIC, 0), timeout=10)
+        c.assign([TopicPartition(FIELD_WEIGHTS_TOPIC, 0, lo)])
         idle = time.monotonic()
         while time.monotonic() - idle < 1.0:
             for m in c.consume(500, 0.2):
@@ -352,7 +353,7 @@ def summarise(
     replay has not yet reached the drift's consequences when the replay ends."""
     trained = [r for r in rows if r.get("examples")]
     last = trained[-1] if trained else {}
-    from infra.report import live_window_rows
+    from ctr.report import live_window_rows
 
     live = live_window_rows(trained, live_examples)
     end = live[-1] if live else {}

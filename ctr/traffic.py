@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from streams.datasets import open_source
+from ctr.streams.datasets import open_source
 
 
 @dataclass

@@ -8,13 +8,13 @@ Why these settings:
 * ``acks=all`` and delivery reports on every message — a producer never reports success
   for a message the broker did not accept (:class:`DeliveryTracker`).
 * ``enable.idempotence`` — per-partition order survives retries (below).
-* ``compression.type`` from :func:`infra.config.kafka_compression` (zstd unless
+* ``compression.type`` from :func:`ctr.infra.config.kafka_compression` (zstd unless
   ``CTR_KAFKA_COMPRESSION`` says otherwise): a third of the bytes on the wire and in the broker.
 * ``linger.ms=20`` -- at the demo's rate a shorter linger sends batches of a few records,
   which compress poorly and cost the broker a request each; feature freshness improved with
   the longer linger (streams/README.md). A message waits at most 20 ms more.
 * :class:`PacedConsumer` -- after a fetch that found nothing it pauses its partitions for
-  :func:`infra.config.fetch_backoff_s`: noida-db answers empty fetches at once instead of
+  :func:`ctr.infra.config.fetch_backoff_s`: noida-db answers empty fetches at once instead of
   holding them, and librdkafka then re-fetches in a tight loop that keeps a core busy per idle
   consumer (README "Embedded broker" has the measurement); new data waits at most one backoff.
 * session timeout 10 s — some Kafka-protocol brokers make group joins wait for the full
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from infra.config import fetch_backoff_s, kafka_compression
+from ctr.infra.config import fetch_backoff_s, kafka_compression
 
 PRODUCER_DEFAULTS: dict[str, object] = {
     "partitioner": "murmur2_random",

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infra.procs import die_with_parent, stop_process
+from ctr.infra.procs import die_with_parent, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Service:
 
 def ctr_argv(*args: str) -> list[str]:
     """argv running ``ctr ARGS`` with this interpreter (works without the console script)."""
-    return [sys.executable, "-m", "infra.cli", *args]
+    return [sys.executable, "-m", "ctr.cli", *args]
 
 
 class Supervisor:

@@ -3,7 +3,7 @@
 The format follows Kafka Connect's dead-letter convention: the message value is the
 **original bytes, unchanged** (so nothing is lost, whatever was wrong with them) and the
 reason and provenance travel in headers (``ctr.dlq.*``). :func:`read_dead_letter` turns a
-consumed message back into a :class:`~streams.schema.DeadLetter`.
+consumed message back into a :class:`~ctr.infra.schema.DeadLetter`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 
 from prometheus_client import Counter
 
-from streams.schema import DeadLetter
+from ctr.infra.schema import DeadLetter
+from ctr.infra.topics import DEAD_LETTER_TOPIC
 
 DEAD_LETTERS = Counter("ctr_dead_letters_total", "Messages sent to the dead-letter topic", ["stage", "source_topic"])
-DEAD_LETTER_TOPIC = "dead-letter"
 _PREFIX = "ctr.dlq."
 
 #: ``send(topic, key, value, headers)`` — a confluent-kafka produce or a Faust topic send.

@@ -40,9 +40,9 @@ from dataclasses import asdict, dataclass
 import httpx
 import msgspec
 
-from streams.kafka_io import DeliveryTracker, flush, make_producer, produce
-from streams.replay import CLICKS_TOPIC, IMPRESSIONS_TOPIC
-from streams.schema import Click, Impression, encode
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
+from ctr.infra.schema import Click, Impression, encode
+from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class FreshnessProbe:
         self.bootstrap, self.url, self.event_clock = bootstrap, predict_url, event_clock
         self.impressions = impressions
         if templates is None:  # the demo's default stream
-            from streams.datasets import open_source
+            from ctr.streams.datasets import open_source
 
             templates = [r.impression for r in open_source("synthetic", seed=0, events=20 * impressions)]
         self.templates = list(templates)

@@ -3,7 +3,7 @@
 Every message is JSON encoded by msgspec (see ``bench/replay.py`` for the measured cost).
 Decoding is strict: a wrong type, a missing field, an unknown event shape or an oversize
 message raises :class:`SchemaError` with a human-readable reason, which the caller routes
-to the dead-letter topic (:mod:`streams.deadletter`) together with the original bytes.
+to the dead-letter topic (:mod:`ctr.infra.deadletter`) together with the original bytes.
 
 >>> imp = Impression(event_id="i1", event_time_ms=1_700_000_000_000, user_id="u1",
 ...                  item_id="ad7", position=0, categorical={"site": "news"}, numeric={"I1": 3.0})
@@ -12,7 +12,7 @@ True
 >>> decode_click(b'{"impression_id": "i1"}')  # doctest: +IGNORE_EXCEPTION_DETAIL
 Traceback (most recent call last):
 ...
-streams.schema.SchemaError: Object missing required field `event_time_ms`
+ctr.infra.schema.SchemaError: Object missing required field `event_time_ms`
 """
 
 from __future__ import annotations
