@@ -71,7 +71,9 @@ def broker_command(kind: str, host: str, port: int, data_dir: Path) -> list[str]
     raise ValueError(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
 
 
-def stop_broker(proc: subprocess.Popen | int, kind: str, data_dir: Path | str | None, grace_s: float = 10.0) -> None:
+def stop_broker(
+    proc: subprocess.Popen[bytes] | int, kind: str, data_dir: Path | str | None, grace_s: float = 10.0
+) -> None:
     """Stop a broker without losing what it acknowledged.
 
     noida-db answers produce requests for a few tens of milliseconds after its SIGTERM handler
@@ -99,7 +101,8 @@ def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeou
     label join relies on impressions and clicks being co-partitioned.
     """
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it without saying so
 
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = admin.list_topics(timeout=timeout_s).topics
@@ -132,7 +135,7 @@ def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeou
             raise RuntimeError(f"topic {t.name} has {have} partitions, expected {t.partitions}")
 
 
-def wait_ready(bootstrap: str, timeout_s: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+def wait_ready(bootstrap: str, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None) -> None:
     """Block until the broker answers a metadata request."""
     from confluent_kafka.admin import AdminClient
 
@@ -164,7 +167,7 @@ class EmbeddedBroker:
     log_path: Path | None = None
     detach: bool = False
     create: bool = True
-    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: str | None = field(default=None, init=False, repr=False)
 
     @property

@@ -70,7 +70,7 @@ def resolve_bootstrap(explicit: str | None = None) -> str:
         return env
     state = state_dir() / "broker.json"
     if state.exists():
-        return json.loads(state.read_text())["bootstrap"]
+        return str(json.loads(state.read_text())["bootstrap"])
     raise RuntimeError(
         "no Kafka bootstrap address: pass --bootstrap HOST:PORT, set CTR_BOOTSTRAP, "
         "or start the embedded broker with `ctr broker start --detach`"

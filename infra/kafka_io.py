@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -97,7 +98,7 @@ class PacedConsumer(Consumer):
     """
 
     def __init__(
-        self, config: dict, *, backoff_s: float | None = None, window_s: float = 0.0005, settle_s: float = 0.5
+        self, config: dict[str, Any], *, backoff_s: float | None = None, window_s: float = 0.0005, settle_s: float = 0.5
     ) -> None:
         super().__init__(config)
         self.backoff_s = fetch_backoff_s() if backoff_s is None else backoff_s
@@ -117,7 +118,7 @@ class PacedConsumer(Consumer):
         except KafkaException:
             pass  # the fetch still starts, on the broker thread's own schedule
 
-    def _settling(self, parts: list) -> bool:
+    def _settling(self, parts: list[TopicPartition]) -> bool:
         """Whether ``parts`` became the assignment less than ``settle_s`` ago."""
         key = frozenset((tp.topic, tp.partition) for tp in parts)
         now = time.monotonic()
@@ -161,7 +162,7 @@ def produce(
     value: bytes,
     key: bytes | None,
     on_delivery: DeliveryTracker,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: list[tuple[str, str | bytes | None]] | None = None,
 ) -> None:
     """Enqueue one message, waiting for room instead of failing when the local queue is full."""
     while True:
@@ -232,9 +233,11 @@ def read_range(
                     if err.code() == KafkaError._PARTITION_EOF:
                         raise OffsetsGone(f"{topic}[{partition}] ends at {m.offset()}, before offset {last}")
                     raise KafkaException(err)
-                if not out and m.offset() > first:
-                    raise OffsetsGone(f"{topic}[{partition}] starts at {m.offset()} now; offset {first} is gone")
-                if m.offset() > last:
+                offset = m.offset()
+                assert offset is not None  # a consumed record always has one
+                if not out and offset > first:
+                    raise OffsetsGone(f"{topic}[{partition}] starts at {offset} now; offset {first} is gone")
+                if offset > last:
                     return out
                 out.append(m)
                 if m.offset() == last:

@@ -23,7 +23,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     """A currently free TCP port on ``host`` (the OS picks; a tiny race is accepted)."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
         s.bind((host, 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -34,13 +35,14 @@ def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def stop_process(proc: subprocess.Popen | int, grace_s: float = 10.0) -> int | None:
+def stop_process(proc: subprocess.Popen[bytes] | int, grace_s: float = 10.0) -> int | None:
     """SIGTERM, wait ``grace_s``, then SIGKILL. Accepts a Popen or a bare pid.
 
     Returns the exit code when it is known (Popen), else None.
     """
     if isinstance(proc, int):
-        return _stop_pid(proc, grace_s)
+        _stop_pid(proc, grace_s)
+        return None
     if proc.poll() is not None:
         return proc.returncode
     proc.send_signal(signal.SIGTERM)

@@ -19,12 +19,14 @@ def decode_batch(msgs: Sequence[Message], decode: Callable[[bytes], T], sink: De
     Watermark control messages (:data:`~ctr.infra.schema.WATERMARK_HEADER`) are not data: skipped."""
     out: list[T] = []
     for m in msgs:
-        if m.headers() and any(k == WATERMARK_HEADER for k, _ in m.headers()):
+        headers = m.headers()
+        if isinstance(headers, list) and any(k == WATERMARK_HEADER for k, _ in headers):
             continue
+        value = m.value() or b""  # a tombstone is not an event: the decoder refuses b""
         try:
-            out.append(decode(m.value()))
+            out.append(decode(value))
         except SchemaError as err:
             sink.send(
-                str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset(), key=m.key()
+                str(err), value, source_topic=m.topic() or "", partition=m.partition(), offset=m.offset(), key=m.key()
             )
     return out

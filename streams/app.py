@@ -269,9 +269,9 @@ def install_fetch_backoff(backoff_s: float | None = None) -> float:
         backoff_s = fetch_backoff_s()
     original = getattr(Fetcher, "_ctr_original_proc_fetch_request", None)
     if original is None:
-        original = Fetcher._ctr_original_proc_fetch_request = Fetcher._proc_fetch_request  # type: ignore[attr-defined]
+        original = Fetcher._ctr_original_proc_fetch_request = Fetcher._proc_fetch_request
     if backoff_s <= 0:
-        Fetcher._proc_fetch_request = original  # type: ignore[method-assign]
+        Fetcher._proc_fetch_request = original
         return 0.0
 
     async def _proc_fetch_request(self: Any, assignment: Any, node_id: Any, request: Any) -> bool:
@@ -285,7 +285,7 @@ def install_fetch_backoff(backoff_s: float | None = None) -> float:
                 return got_records
         return got_records
 
-    Fetcher._proc_fetch_request = _proc_fetch_request  # type: ignore[method-assign]
+    Fetcher._proc_fetch_request = _proc_fetch_request
     return backoff_s
 
 

@@ -13,6 +13,7 @@ Bottom to top (docs/architecture.md draws it):
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -106,11 +107,15 @@ def test_pyproject_maps_every_package_folder():
 
 @pytest.mark.slow
 def test_the_wheel_installs_one_top_level_name(tmp_path):
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
-         str(ROOT)],
-        check=True, capture_output=True, timeout=300,
-    )  # fmt: skip
+    # built from a copy: setuptools builds in-tree, and a stale build/ would hide a missing file
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("ctr", *PACKAGES):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*pip_wheel, "-w", str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("ctr_stream-*.whl")
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
