@@ -176,9 +176,9 @@ def _rss(pid: int) -> float:
 
 def memory_under_replay(tmp: Path, events: int) -> list[dict]:
     """Peak RSS per stage while a replay runs at maximum rate through worker and learner."""
-    from ctr.streams.agents.label_join import send_watermark
     from ctr.streams.datasets import open_source
     from ctr.streams.replay import replay
+    from ctr.streams.watermarks import send_watermark
 
     broker = EmbeddedBroker(kind="noida", data_dir=tmp / "mem-broker").start()
     bs = broker.bootstrap

@@ -153,7 +153,8 @@ def _static_app():
     from ctr.online_learner.delta import snapshot_tensors
     from ctr.online_learner.model import CTRModel, ModelConfig
     from ctr.online_learner.update_format import UpdateHeader
-    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.app import create_app
+    from ctr.serving.config import ServingConfig
     from ctr.serving.registry import ModelRegistry
 
     class Static:

@@ -342,9 +342,9 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
     """For each agent variant: replay ``events`` synthetic impressions (same seed) to the
     broker ``broker_for(i)`` returns, time a raw consume and then the variant on them."""
     from ctr.features.store import ensure_applied
-    from ctr.streams.agents.label_join import send_watermark
     from ctr.streams.datasets import open_source
     from ctr.streams.replay import replay
+    from ctr.streams.watermarks import send_watermark
 
     # Applied once up front, as a deployment does (`ctr features apply`): otherwise the worker's
     # Feast process spends its first ~8 s of CPU applying the repo inside the measured window.

@@ -17,19 +17,9 @@ from typing import Annotated
 
 import typer
 
-from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
-
-
-def _one_of(choices: tuple[str, ...]):
-    """An option callback that refuses anything but ``choices`` (a usage error, exit 2)."""
-
-    def check(value: str) -> str:
-        if value not in choices:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(choices)}")
-        return value
-
-    return check
-
+from ctr.infra.cli_options import Bootstrap, bootstrap_or_exit, fail, one_of
+from ctr.serving.cli import serve_command
+from ctr.streams.cli import reweight_command, worker_command
 
 app = typer.Typer(
     help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
@@ -66,38 +56,6 @@ def _mount_bench() -> None:
 _mount_bench()
 
 
-
-
-# The Feast online store of the worker, reweighter and serving: the same flags (and env vars,
-# CTR_ONLINE_STORE / REDIS_CONNECTION_STRING, which docker-compose sets) as `ctr features`.
-from ctr.features.cli import OnlineOpt, RedisUrl, check_online  # noqa: E402 - after the app, as above
-
-Bootstrap = Annotated[
-    str | None,
-    typer.Option(
-        "--bootstrap",
-        envvar="CTR_BOOTSTRAP",
-        help="Kafka bootstrap HOST:PORT (external Apache Kafka, or the embedded broker; "
-        "default: the broker started by `ctr broker start`).",
-    ),
-]
-
-
-def _fail(msg: str) -> None:
-    typer.secho(msg, fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-def _bootstrap(explicit: str | None) -> str:
-    from ctr.infra.config import resolve_bootstrap
-
-    try:
-        return resolve_bootstrap(explicit)
-    except RuntimeError as err:
-        _fail(str(err))
-        raise
-
-
 # --------------------------------------------------------------------------- broker
 @broker_app.command("start")
 def broker_start(
@@ -111,14 +69,14 @@ def broker_start(
     from ctr.infra.config import state_dir
 
     if kind not in KINDS:
-        _fail(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
+        fail(f"unknown broker kind {kind!r}; choose one of {', '.join(KINDS)}")
     state = state_dir() / "broker.json"
     if state.exists() and not foreground:
         info = json.loads(state.read_text())
         from ctr.infra.procs import pid_alive
 
         if pid_alive(info["pid"]):
-            _fail(
+            fail(
                 f"a broker is already running: {info['kind']} at {info['bootstrap']} (pid {info['pid']}); "
                 "`ctr broker stop` first"
             )
@@ -138,7 +96,7 @@ def broker_start(
     try:
         while broker.proc.poll() is None:
             time.sleep(0.5)
-        _fail(f"broker exited with code {broker.proc.returncode}; log: {data_dir / 'broker.log'}")
+        fail(f"broker exited with code {broker.proc.returncode}; log: {data_dir / 'broker.log'}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -169,12 +127,12 @@ def broker_status(bootstrap: Bootstrap = None) -> None:
     from ctr.infra.kafka_io import make_consumer
     from ctr.infra.topics import TOPICS
 
-    bs = _bootstrap(bootstrap)
+    bs = bootstrap_or_exit(bootstrap)
     try:
         consumer = make_consumer(bs, "ctr-status")
         meta = consumer.list_topics(timeout=5)
     except Exception as err:  # noqa: BLE001 - report any client error as "not reachable"
-        _fail(f"broker at {bs} not reachable: {err}")
+        fail(f"broker at {bs} not reachable: {err}")
     typer.echo(f"broker at {bs}: reachable")
     for t in TOPICS:
         if t.name not in meta.topics:
@@ -196,7 +154,7 @@ def topics_create(bootstrap: Bootstrap = None) -> None:
     from ctr.infra.broker import create_topics
     from ctr.infra.topics import TOPICS
 
-    bs = _bootstrap(bootstrap)
+    bs = bootstrap_or_exit(bootstrap)
     create_topics(bs)
     for t in TOPICS:
         typer.echo(f"{t.name:<18} partitions={t.partitions}  {t.purpose}")
@@ -215,7 +173,7 @@ def replay_cmd(
     order: Annotated[
         str,
         typer.Option(
-            callback=_one_of(("check", "sort", "trust")),  # ctr.streams.datasets.base.ORDER_MODES (lazy import)
+            callback=one_of(("check", "sort", "trust")),  # ctr.streams.datasets.base.ORDER_MODES (lazy import)
             help="A file's rows out of event-time order: check (refuse, with their count), sort (external "
             "merge sort via temporary files), trust (replay as is, counted).",
         ),
@@ -231,7 +189,7 @@ def replay_cmd(
     from ctr.streams.datasets.base import OutOfOrderError
     from ctr.streams.replay import replay
 
-    bs = _bootstrap(bootstrap)
+    bs = bootstrap_or_exit(bootstrap)
     # The synthetic stream is in order by construction and takes no file options.
     options = {} if data.partition(":")[0].strip().lower() == "synthetic" else {"order": order}
     try:
@@ -239,7 +197,7 @@ def replay_cmd(
         # An unsorted file is refused here (order=check), before anything is produced.
         records = open_source(data, mapping=mapping, seed=seed, events=events, **options)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     # The bar's length: the count asked for, else the synthetic stream's own; a whole file's
     # row count is unknown until read (the bar then pulses).
     total = events if events is not None else getattr(getattr(records, "config", None), "n_events", None)
@@ -259,132 +217,15 @@ def replay_cmd(
         try:
             summary = replay(records, bs, rate=per_s, on_progress=on_progress)
         except OutOfOrderError as err:  # past a capped check's prefix: rare, but say it plainly
-            _fail(str(err))
+            fail(str(err))
     typer.echo(json.dumps({**summary.as_dict(), **records.report()}))
 
 
-# --------------------------------------------------------------------------- worker
-@app.command("worker")
-def worker_cmd(
-    bootstrap: Bootstrap = None,
-    feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default: .ctr/feast).")] = None,
-    app_id: Annotated[str, typer.Option(help="Faust app id (workers with one id share partitions).")] = "ctr-stream",
-    instance_id: Annotated[
-        str | None, typer.Option(help="Stable group.instance.id; each worker on a host needs its own.")
-    ] = None,
-    window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = 30_000,
-    lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness before the watermark.")] = 0,
-    emission: Annotated[
-        str,
-        typer.Option(
-            callback=_one_of(EMISSIONS),
-            help="provisional: every impression leaves at once (a provisional negative unless clicked), a "
-            "later click sends a correction; click: positives at their click, negatives at window close; "
-            "window: all at window close.",
-        ),
-    ] = "provisional",
-    negative_after_ms: Annotated[
-        int, typer.Option(help="provisional: how long after its impression (event time) a first example leaves.")
-    ] = 5_000,
-    features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
-    online: OnlineOpt = "sqlite",
-    redis_url: RedisUrl = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
-    wait_for_store: Annotated[
-        bool, typer.Option(help="Consume only once the Feast writer process is ready (~6 s: import feast).")
-    ] = False,
-    changelog: Annotated[
-        str,
-        typer.Option(
-            callback=_one_of(CHANGELOG_MODES),
-            help="offsets: changelog records reference the impressions / delta batches they consumed "
-            "(read back at restore); inline: they copy them.",
-        ),
-    ] = "offsets",
-) -> None:
-    """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
-    from ctr.streams.worker import default_instance_id, run_worker
-
-    raise typer.Exit(
-        run_worker(
-            _bootstrap(bootstrap),
-            feast_dir=feast_dir,
-            app_id=app_id,
-            window_ms=window_ms,
-            allowed_lateness_ms=lateness_ms,
-            emission=emission,
-            negative_after_ms=negative_after_ms,
-            features=features,
-            online=check_online(online),
-            redis_url=redis_url,
-            metrics_port=metrics_port,
-            instance_id=instance_id or default_instance_id(),
-            wait_for_store=wait_for_store,
-            changelog=changelog,
-        )
-    )
-
-
-# --------------------------------------------------------------------------- reweight
-@app.command("reweight")
-def reweight_cmd(
-    bootstrap: Bootstrap = None,
-    feast_dir: Annotated[Path | None, typer.Option(help="Also write the weights to this Feast store.")] = None,
-    window: Annotated[int, typer.Option(help="Sliding window of labelled examples.")] = 50_000,
-    publish_every: Annotated[int, typer.Option(help="Publish a version every N examples.")] = 5_000,
-    publish_interval: Annotated[float, typer.Option(help="...or every this many seconds.")] = 60.0,
-    floor: Annotated[float, typer.Option(help="Smallest weight a field can get.")] = 0.1,
-    online: OnlineOpt = "sqlite",
-    redis_url: RedisUrl = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")] = None,
-) -> None:
-    """Dynamic feature reweighting: OutRank importance and PSI drift per field -> field-weights + Feast."""
-    from ctr.streams.reweighting import run_reweighter
-
-    result = run_reweighter(
-        _bootstrap(bootstrap),
-        feast_dir=feast_dir,
-        window=window,
-        publish_every=publish_every,
-        publish_interval_s=publish_interval,
-        floor=floor,
-        online=check_online(online),
-        redis_url=redis_url,
-        metrics_port=metrics_port,
-    )
-    typer.echo(json.dumps(result, default=str))
-
-
-# --------------------------------------------------------------------------- serve
-@app.command("serve")
-def serve_cmd(
-    bootstrap: Bootstrap = None,
-    snapshot_dir: Annotated[Path, typer.Option(help="The learner's snapshot directory.")] = Path(
-        ".ctr/learner/snapshots"
-    ),
-    feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default .ctr/feast).")] = None,
-    host: Annotated[str, typer.Option(help="Bind address (loopback unless told otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
-    keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = 5,
-    no_updates: Annotated[bool, typer.Option("--no-updates", help="Serve the newest snapshot only.")] = False,
-    online: OnlineOpt = "sqlite",
-    redis_url: RedisUrl = None,
-) -> None:
-    """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
-    from ctr.serving.app import ServingConfig, run_server
-
-    run_server(
-        ServingConfig(
-            bootstrap=None if no_updates else _bootstrap(bootstrap),
-            snapshot_dir=snapshot_dir,
-            feast_dir=feast_dir,
-            online=check_online(online),
-            redis_url=redis_url,
-            host=host,
-            port=port,
-            keep_versions=keep_versions,
-        )
-    )
+# --------------------------------------------------------------------------- the stages' commands
+# Each stage owns its command (also run by `python -m` of its module); the order is the pipeline's.
+app.command("worker")(worker_command)
+app.command("reweight")(reweight_command)
+app.command("serve")(serve_command)
 
 
 # --------------------------------------------------------------------------- learn
@@ -448,7 +289,7 @@ def learn_cmd(
         return None if option is None else tuple(f.strip() for f in option.split(",") if f.strip())
 
     cfg = TrainerConfig(
-        bootstrap=_bootstrap(bootstrap),
+        bootstrap=bootstrap_or_exit(bootstrap),
         state_dir=state_dir,
         batch_size=batch_size,
         max_latency_s=max_latency,
@@ -518,7 +359,7 @@ def demo_cmd(
             seed=seed,
         )
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -534,7 +375,7 @@ def up_cmd(
     try:
         state = up(kind=kind, feast_dir=feast_dir, serve_port=port)
     except RuntimeError as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(json.dumps(state, indent=2))
     typer.echo("feed it with `ctr replay`, inspect with `ctr status` and `ctr features get`, stop with `ctr down`")
 

@@ -108,7 +108,7 @@ def replay_events(
         limiter.wait(summary.events)
     flush(producer, tracker)
     if close_after_ms is not None and summary.events:
-        from ctr.streams.agents.label_join import send_watermark
+        from ctr.streams.watermarks import send_watermark
 
         send_watermark(bootstrap, last_ms + close_after_ms)
     summary.seconds = time.perf_counter() - start

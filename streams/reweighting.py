@@ -33,13 +33,10 @@ Run: ``python -m ctr.streams.reweighting --bootstrap HOST:PORT [--feast-dir DIR]
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -49,6 +46,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
+from ctr.infra.cli_options import run_command
 from ctr.infra.deadletter import DeadLetterSink
 from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 from ctr.infra.schema import (
@@ -376,50 +374,11 @@ def run_reweighter(
             signal.signal(sig, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctr.streams.reweighting", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bootstrap", help="Kafka bootstrap (default: CTR_BOOTSTRAP or the detached broker)")
-    ap.add_argument("--feast-dir", type=Path, help="also write the field_weights feature view of this store")
-    ap.add_argument("--window", type=int, default=50_000, help="examples in the sliding window")
-    ap.add_argument("--publish-every", type=int, default=5_000, help="new examples between publications")
-    ap.add_argument(
-        "--publish-interval-s", type=float, default=60.0, help="publish pending examples at least this often"
-    )
-    ap.add_argument("--fields", help="comma-separated fields (default: every categorical and numeric field seen)")
-    ap.add_argument("--group-id", default="ctr-reweighting")
-    ap.add_argument("--max-values", type=int, default=4096, help="distinct values tracked per field")
-    ap.add_argument("--psi-bins", type=int, default=20)
-    ap.add_argument("--floor", type=float, default=0.1, help="lowest weight before renormalisation")
-    ap.add_argument("--smoothing", type=float, default=0.5, help="EMA weight of a new computation (1 = none)")
-    ap.add_argument("--significance", type=float, default=2.0, help="null standard deviations MI must clear")
-    ap.add_argument("--metrics-port", type=int)
-    ap.add_argument("--max-examples", type=int)
-    ap.add_argument("--idle-exit-s", type=float)
-    ap.add_argument("--log-level", default="INFO")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ctr.infra.config import resolve_bootstrap
+def main(argv: Sequence[str] | None = None) -> None:
+    from ctr.streams.cli import reweight_command
 
-    summary = run_reweighter(
-        resolve_bootstrap(args.bootstrap),
-        feast_dir=args.feast_dir,
-        window=args.window,
-        publish_every=args.publish_every,
-        publish_interval_s=args.publish_interval_s,
-        fields=[f for f in args.fields.split(",") if f] if args.fields else None,
-        group_id=args.group_id,
-        max_values=args.max_values,
-        psi_bins=args.psi_bins,
-        floor=args.floor,
-        smoothing=args.smoothing,
-        significance=args.significance,
-        metrics_port=args.metrics_port,
-        max_examples=args.max_examples,
-        idle_exit_s=args.idle_exit_s,
-    )
-    print(json.dumps(summary), file=sys.stdout, flush=True)
-    return 0
+    run_command(reweight_command, "python -m ctr.streams.reweighting", argv)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -11,15 +11,14 @@ not exited after a grace period, SIGKILL it -- nothing is lost either way (see
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
+from ctr.infra.cli_options import run_command
 from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC, TOPICS, TopicSpec
 from ctr.streams.agents.label_join import JoinConfig
 from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
@@ -60,30 +59,59 @@ async def _subscribe_only(stream: Any, name: str) -> None:
         log.warning("%s: a record reached the per-event stream; bulk delivery is not active", name)
 
 
-def build(
-    bootstrap: str,
-    *,
-    feast_dir: str | Path | None = None,
-    app_id: str = "ctr-stream",
-    window_ms: int = 30_000,
-    allowed_lateness_ms: int = 0,
-    emission: str = "provisional",
-    negative_after_ms: int = 5_000,
-    features: bool = True,
-    online: str = "sqlite",
-    redis_url: str | None = None,
-    web_port: int | None = None,
-    feast_interval_s: float = 0.1,
-    sink: Any = None,
-    instance_id: str | None = None,
-    changelog: str = "offsets",
-) -> CtrApp:
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker runs with (``ctr worker`` / ``python -m ctr.streams.worker``).
+
+    ``bootstrap`` is ``HOST:PORT`` (or ``kafka://HOST:PORT``); ``feast_dir`` the Feast repo
+    directory (``ctr.features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
+    ``metrics_port`` serves Prometheus metrics on 127.0.0.1 (``$CTR_BIND``); ``web_port``
+    enables Faust's web server. ``features=False`` runs the label join only. ``wait_for_store``
+    holds consumption until the Feast writer process has opened the store (``import feast`` is
+    ~6 s of CPU): by default the join starts at once, so examples reach the learner while the
+    writer starts. ``changelog``: ``offsets`` (the changelogs reference the records they
+    consumed, the join's its impressions and the feature agent's its delta batches; a restore
+    reads them back, so the impressions topic must keep its records for the attribution window
+    and the deltas topic for the longest feature window plus its hop) or ``inline`` (copies
+    them: ~660 changelog bytes per event instead of ~2, measured by ``ctr bench stream``).
+    """
+
+    bootstrap: str
+    feast_dir: str | Path | None = None
+    app_id: str = "ctr-stream"
+    window_ms: int = 30_000
+    allowed_lateness_ms: int = 0
+    emission: str = "provisional"
+    negative_after_ms: int = 5_000
+    features: bool = True
+    online: str = "sqlite"
+    redis_url: str | None = None
+    web_port: int | None = None
+    metrics_port: int | None = None
+    loglevel: str = "info"
+    instance_id: str | None = None
+    wait_for_store: bool = False
+    changelog: str = "offsets"
+
+    def join_config(self) -> JoinConfig:
+        from ctr.features.spec import SPEC
+
+        return JoinConfig(
+            window_ms=self.window_ms, allowed_lateness_ms=self.allowed_lateness_ms, emission=self.emission,
+            negative_after_ms=self.negative_after_ms, spec=SPEC, changelog_impressions=self.changelog,
+        )  # fmt: skip
+
+
+def build(config: WorkerConfig, *, feast_interval_s: float = 0.1, sink: Any = None) -> CtrApp:
     """Create the app with its topics, tables and agents (the worker is not started)."""
     from ctr.features.spec import SPEC
-    from ctr.streams.agents.label_join import LabelJoinAgent
+    from ctr.streams.agents.label_join_agent import LabelJoinAgent
     from ctr.streams.agents.windowed_features import ProcessFeastSink, WindowedFeatureAgent
 
-    app = create_app(bootstrap, app_id=app_id, web_port=web_port, instance_id=instance_id)
+    cfg = config
+    bootstrap = cfg.bootstrap.split("://", 1)[-1]
+    app_id, features, changelog = cfg.app_id, cfg.features, cfg.changelog
+    app = create_app(bootstrap, app_id=app_id, web_port=cfg.web_port, instance_id=cfg.instance_id)
     output = OutputProducer(bootstrap)
     deltas_name = deltas_topic_name(app_id)
     source = app.topic(IMPRESSIONS_TOPIC, CLICKS_TOPIC, key_serializer="raw", value_serializer="raw")
@@ -100,10 +128,7 @@ def build(
         join_table,
         output,
         deltas_name,
-        JoinConfig(
-            window_ms=window_ms, allowed_lateness_ms=allowed_lateness_ms, emission=emission,
-            negative_after_ms=negative_after_ms, spec=SPEC, changelog_impressions=changelog,
-        ),
+        cfg.join_config(),
         bootstrap=bootstrap,
     )  # fmt: skip
     app.ctr_join = join  # type: ignore[attr-defined]
@@ -125,7 +150,8 @@ def build(
             extra_topic_configs=CHANGELOG_TOPIC_CONFIGS,
         )
         if sink is None:
-            sink = ProcessFeastSink(str(feast_dir) if feast_dir else None, online=online, redis_url=redis_url)
+            feast_dir = str(cfg.feast_dir) if cfg.feast_dir else None
+            sink = ProcessFeastSink(feast_dir, online=cfg.online, redis_url=cfg.redis_url)
         feat = WindowedFeatureAgent(
             app, feature_table, deltas_name, sink, output, SPEC, interval_s=feast_interval_s, changelog=changelog,
             bootstrap=bootstrap,
@@ -161,42 +187,12 @@ def build(
     return app
 
 
-def run_worker(
-    bootstrap: str,
-    *,
-    feast_dir: str | Path | None = None,
-    app_id: str = "ctr-stream",
-    window_ms: int = 30_000,
-    allowed_lateness_ms: int = 0,
-    emission: str = "provisional",
-    negative_after_ms: int = 5_000,
-    features: bool = True,
-    online: str = "sqlite",
-    redis_url: str | None = None,
-    metrics_port: int | None = None,
-    web_port: int | None = None,
-    loglevel: str = "info",
-    instance_id: str | None = None,
-    wait_for_store: bool = False,
-    changelog: str = "offsets",
-) -> int:
-    """Run one worker in the foreground until SIGTERM/SIGINT; returns its exit code.
-
-    ``bootstrap`` is ``HOST:PORT`` (or ``kafka://HOST:PORT``); ``feast_dir`` the Feast repo
-    directory (``ctr.features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
-    ``metrics_port`` serves Prometheus metrics on 127.0.0.1 (``$CTR_BIND``); ``web_port`` enables Faust's web
-    server. ``features=False`` runs the label join only. ``wait_for_store`` holds consumption
-    until the Feast writer process has opened the store (``import feast`` is ~6 s of CPU): by
-    default the join starts at once, so examples reach the learner while the writer starts.
-    ``changelog``: ``offsets`` (the changelogs reference the records they consumed, the join's
-    its impressions and the feature agent's its delta batches; a restore reads them back, so the
-    impressions topic must keep its records for the attribution window and the deltas topic for
-    the longest feature window plus its hop) or ``inline`` (copies them: ~660 changelog bytes
-    per event instead of ~2, measured by ``ctr bench stream``).
-    """
+def run_worker(config: WorkerConfig) -> int:
+    """Run one worker in the foreground until SIGTERM/SIGINT; returns its exit code."""
     import faust
 
-    bootstrap = bootstrap.split("://", 1)[-1]
+    cfg = config
+    bootstrap, loglevel = cfg.bootstrap.split("://", 1)[-1], cfg.loglevel
     logging.basicConfig(
         level=getattr(logging, loglevel.upper(), logging.INFO),
         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s",
@@ -206,33 +202,19 @@ def run_worker(
             logging.getLogger(noisy).setLevel(logging.WARNING)
     for name in filter(None, os.environ.get("CTR_DEBUG_LOGGERS", "").split(",")):
         logging.getLogger(name).setLevel(logging.DEBUG)
-    ensure_topics(bootstrap, app_id)
-    app = build(
-        bootstrap,
-        feast_dir=feast_dir,
-        app_id=app_id,
-        window_ms=window_ms,
-        allowed_lateness_ms=allowed_lateness_ms,
-        emission=emission,
-        negative_after_ms=negative_after_ms,
-        features=features,
-        online=online,
-        redis_url=redis_url,
-        web_port=web_port,
-        instance_id=instance_id,
-        changelog=changelog,
-    )
-    if wait_for_store and features:
+    ensure_topics(bootstrap, cfg.app_id)
+    app = build(cfg)
+    if cfg.wait_for_store and cfg.features:
         # ProcessFeastSink opens the store in its helper process; an in-process sink has no wait
         ready = getattr(app.ctr_features.writer.sink, "ready", None)  # type: ignore[attr-defined]
         if ready is not None:
             log.info("waiting for the Feast writer process before consuming")
             ready.result(timeout=600)
-    if metrics_port:
+    if cfg.metrics_port:
         from prometheus_client import start_http_server
 
         # CTR_BIND=0.0.0.0 in a container, so Prometheus can scrape it (like the learner, reweighter)
-        start_http_server(metrics_port, addr=os.environ.get("CTR_BIND", "127.0.0.1"))
+        start_http_server(cfg.metrics_port, addr=os.environ.get("CTR_BIND", "127.0.0.1"))
     quiet_faust = loglevel.lower() in ("info", "debug") and not os.environ.get("CTR_FAUST_DEBUG")
     faust_level = "warn" if quiet_faust else loglevel
     worker = faust.Worker(app, loglevel=faust_level, quiet=True, override_logging=False)
@@ -254,55 +236,11 @@ def run_worker(
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ctr.streams.worker", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bootstrap", default=os.environ.get("CTR_BOOTSTRAP"), help="Kafka HOST:PORT")
-    ap.add_argument("--feast-dir", default=os.environ.get("CTR_FEAST_DIR"), help="Feast repo dir")
-    ap.add_argument("--app-id", default="ctr-stream")
-    ap.add_argument("--window-ms", type=int, default=30_000, help="attribution window (event time)")
-    ap.add_argument("--lateness-ms", type=int, default=0, help="allowed out-of-orderness of each topic")
-    ap.add_argument("--emission", choices=EMISSIONS, default="provisional",
-                    help="when examples leave the join (streams/agents/label_join.py)")
-    ap.add_argument("--negative-after-ms", type=int, default=5_000,
-                    help="provisional: how long after its impression a first example leaves")  # fmt: skip
-    ap.add_argument("--online", choices=("sqlite", "redis"), default="sqlite")
-    ap.add_argument("--redis-url", default=None)
-    ap.add_argument("--no-features", action="store_true", help="run the label join only")
-    ap.add_argument("--wait-for-store", action="store_true", help="consume only once the Feast writer is ready")
-    ap.add_argument("--changelog", choices=CHANGELOG_MODES, default="offsets",
-                    help="changelog records reference the impressions / delta batches they consumed by "
-                         "offset (read back at restore), or copy them")  # fmt: skip
-    ap.add_argument("--metrics-port", type=int, default=None)
-    ap.add_argument("--web-port", type=int, default=None)
-    ap.add_argument("--loglevel", default="info")
-    ap.add_argument(
-        "--instance-id",
-        default=os.environ.get("CTR_WORKER_ID") or default_instance_id(),
-        help="stable consumer group.instance.id (static membership): a restarted worker "
-        "takes over its old place at once instead of waiting for it to time out",
-    )
-    a = ap.parse_args(argv)
-    if not a.bootstrap:
-        ap.error("--bootstrap (or CTR_BOOTSTRAP) is required")
-    return run_worker(
-        a.bootstrap,
-        feast_dir=a.feast_dir,
-        app_id=a.app_id,
-        window_ms=a.window_ms,
-        allowed_lateness_ms=a.lateness_ms,
-        emission=a.emission,
-        negative_after_ms=a.negative_after_ms,
-        features=not a.no_features,
-        online=a.online,
-        redis_url=a.redis_url,
-        metrics_port=a.metrics_port,
-        web_port=a.web_port,
-        loglevel=a.loglevel,
-        instance_id=a.instance_id,
-        wait_for_store=a.wait_for_store,
-        changelog=a.changelog,
-    )
+def main(argv: list[str] | None = None) -> None:
+    from ctr.streams.cli import worker_command
+
+    run_command(worker_command, "python -m ctr.streams.worker", argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -318,10 +318,10 @@ def exposed_metric_names() -> set[str]:
     import ctr.serving.features  # noqa: F401
     import ctr.serving.updates  # noqa: F401
     import ctr.streams.reweighting  # noqa: F401
-    from ctr.streams.agents import label_join, windowed_features
+    from ctr.streams.agents import label_join_agent, windowed_features
     from ctr.streams.metrics import changelog_bytes
 
-    label_join._metrics()  # registered lazily, when the worker builds its agents
+    label_join_agent._metrics()  # registered lazily, when the worker builds its agents
     windowed_features._metrics()
     changelog_bytes()
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("_sum", "_count")}

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from ctr.features.spec import SPEC
-from ctr.streams.agents.label_join import ENTITY_KINDS
+from ctr.streams.agents.deltas import ENTITY_KINDS
 from ctr.streams.agents.windowed_features import FeatureShard, WindowPlan, decode_record, inline_deltas
 from ctr.streams.datasets import open_source
 from ctr.streams.flink import KAFKA_PRODUCER_CONFIG

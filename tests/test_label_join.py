@@ -21,26 +21,21 @@ from ctr.infra.schema import (
     encode,
     final_labels,
 )
-from ctr.streams.agents.label_join import (
-    NEG_INF,
+from ctr.streams.agents.deltas import (
     DeltaBatch,
-    JoinConfig,
-    JoinPartition,
     decode_deltas,
-    decode_record,
     encode_deltas,
-    encode_record,
     entity_partition,
-    example_bytes,
     impression_entities,
-    inline_impressions,
     split_deltas,
-    watermark_of,
 )
+from ctr.streams.agents.join_records import decode_record, encode_record, inline_impressions
+from ctr.streams.agents.label_join import NEG_INF, JoinConfig, JoinPartition, example_bytes
 from ctr.streams.agents.windowed_features import FeatureRecord, FeatureShard, WindowPlan, inline_deltas
 from ctr.streams.agents.windowed_features import decode_record as decode_feature_record
 from ctr.streams.agents.windowed_features import encode_record as encode_feature_record
 from ctr.streams.datasets.base import interleave_clicks
+from ctr.streams.watermarks import watermark_of
 from tests.kafka_helpers import make_records
 
 T0 = 1_700_000_000_000

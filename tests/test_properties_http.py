@@ -63,7 +63,8 @@ def _registry():
 
 
 def _app(reg):
-    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.app import create_app
+    from ctr.serving.config import ServingConfig
 
     cfg = ServingConfig(admin_token=TOKEN, max_candidates=MAX_CANDIDATES, max_body_bytes=MAX_BODY, cache_ttl_s=60)
     return create_app(cfg, registry=reg, features=StaticFeatures())

@@ -35,10 +35,10 @@ from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 from ctr.infra.broker import EmbeddedBroker
 from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 from ctr.infra.procs import die_with_parent
-from ctr.streams.agents.label_join import send_watermark
 from ctr.streams.datasets import open_source
 from ctr.streams.datasets.base import interleave_clicks
 from ctr.streams.replay import replay_events
+from ctr.streams.watermarks import send_watermark
 from tests.test_serving import Replica
 from tests.test_stream_agents import END_MARKER, SMALL, Worker, check_examples, read_examples, topic_size, truth_labels
 

@@ -91,18 +91,17 @@ def _default(fn, name: str) -> object:
 
 
 def test_every_listener_binds_loopback_by_default() -> None:
-    from ctr.cli import serve_cmd
     from ctr.features.cli import serve as features_serve
-    from ctr.features.store import serve_command
+    from ctr.features.store import serve_command as feast_serve_command
     from ctr.infra.broker import EmbeddedBroker, broker_command
-    from ctr.serving.__main__ import parse_args
-    from ctr.serving.app import ServingConfig
+    from ctr.serving.cli import serve_command
+    from ctr.serving.config import ServingConfig
 
     assert ServingConfig().host == "127.0.0.1"
-    assert parse_args([]).host == "127.0.0.1"
-    assert _default(serve_cmd, "host") == "127.0.0.1"
-    assert _default(features_serve, "host") == "127.0.0.1"
+    # `ctr serve` and `python -m ctr.serving` are one function
     assert _default(serve_command, "host") == "127.0.0.1"
+    assert _default(features_serve, "host") == "127.0.0.1"
+    assert _default(feast_serve_command, "host") == "127.0.0.1"
     assert EmbeddedBroker().host == "127.0.0.1"
     for kind in ("noida", "tansu"):
         argv = " ".join(broker_command(kind, "127.0.0.1", 9, Path("/tmp/x")))
@@ -124,14 +123,16 @@ def test_metrics_and_faust_web_listeners_default_to_loopback() -> None:
 
 # ----------------------------------------------------------------------------- secrets
 def test_the_admin_token_comes_only_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctr.cli import serve_cmd
-    from ctr.serving.__main__ import parse_args
-    from ctr.serving.app import ServingConfig, ServingState
+    from ctr.infra.cli_options import run_command
+    from ctr.serving.cli import serve_command
+    from ctr.serving.config import ServingConfig
+    from ctr.serving.state import ServingState
 
     assert ServingConfig().admin_token is None  # no built-in default
-    assert not [p for p in inspect.signature(serve_cmd).parameters if "token" in p or "secret" in p]
-    with pytest.raises(SystemExit):  # not a command-line option (it would show in ps)
-        parse_args(["--admin-token", "x"])
+    assert not [p for p in inspect.signature(serve_command).parameters if "token" in p or "secret" in p]
+    with pytest.raises(SystemExit) as exit_:  # not a command-line option (it would show in ps)
+        run_command(serve_command, "python -m ctr.serving", ["--admin-token", "x"])
+    assert exit_.value.code == 2
     monkeypatch.setenv("CTR_ADMIN_TOKEN", "from-env")
     assert ServingState(ServingConfig(), features=object()).admin_token == "from-env"
     monkeypatch.setenv("CTR_ADMIN_TOKEN", "")
@@ -159,7 +160,7 @@ def test_sizes_are_bounded_at_every_entry() -> None:
     from ctr.infra.kafka_io import CONSUMER_DEFAULTS, PRODUCER_DEFAULTS
     from ctr.infra.schema import MAX_FIELDS, MAX_ID_LEN, MAX_MESSAGE_BYTES
     from ctr.online_learner.update_format import MAX_HEADER_BYTES, MAX_PART_BYTES
-    from ctr.serving.app import ServingConfig
+    from ctr.serving.config import ServingConfig
 
     assert MAX_MESSAGE_BYTES == 64 * 1024 and MAX_FIELDS == 256 and MAX_ID_LEN == 256
     assert ServingConfig().max_body_bytes <= 1 << 20 and ServingConfig().max_candidates <= 1000

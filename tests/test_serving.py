@@ -549,7 +549,8 @@ class FakeFeatures:
 def local_app():
     from fastapi.testclient import TestClient
 
-    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.app import create_app
+    from ctr.serving.config import ServingConfig
     from ctr.serving.registry import ModelRegistry
 
     reg = ModelRegistry()
@@ -606,7 +607,8 @@ def test_limits_and_auth_in_process(local_app) -> None:
 def test_admin_disabled_without_a_token() -> None:
     from fastapi.testclient import TestClient
 
-    from ctr.serving.app import ServingConfig, create_app
+    from ctr.serving.app import create_app
+    from ctr.serving.config import ServingConfig
 
     os.environ.pop("CTR_ADMIN_TOKEN", None)
     app = create_app(ServingConfig(admin_token=None), features=FakeFeatures())
@@ -625,9 +627,10 @@ def test_column_wise_encoding_equals_encoding_merged_rows(numeric_mode: str) -> 
     rows, including overrides: candidate over context, attributes and the store over both."""
     import msgspec
 
-    from ctr.serving.app import _request_type, encode_request, merged_rows
     from ctr.serving.features import FeaturePlan, Lookup
     from ctr.serving.registry import ModelRegistry
+    from ctr.serving.request_encoding import encode_request, merged_rows
+    from ctr.serving.schema import request_type
 
     cfg = ModelConfig(("C1", "C2", "C3", "user_id", "item_id", "position"),
                       ("I1", "I2", "user_ctr_1h", "item_ctr_1h"), table_bits=10, numeric_mode=numeric_mode)
@@ -636,7 +639,7 @@ def test_column_wise_encoding_equals_encoding_merged_rows(numeric_mode: str) -> 
     mv = reg.install_snapshot(header, snapshot_tensors(CTRModel(cfg)))
     plan = FeaturePlan.for_fields(cfg.numeric_fields)
     rng = np.random.default_rng(1)
-    decode = msgspec.json.Decoder(_request_type(100)).decode
+    decode = msgspec.json.Decoder(request_type(100)).decode
     for trial in range(30):
         def fields(names, p=0.5):
             return {f: f"v{rng.integers(4)}" for f in names if rng.random() < p}

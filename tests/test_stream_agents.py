@@ -26,11 +26,12 @@ from ctr.infra.deadletter import read_dead_letter
 from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
 from ctr.infra.procs import die_with_parent, stop_process
 from ctr.infra.schema import decode_training_example, encode, final_labels
-from ctr.streams.agents.label_join import LATE_REASON_HEADER, send_watermark
+from ctr.streams.agents.label_join import LATE_REASON_HEADER
 from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS
 from ctr.streams.datasets import open_source
 from ctr.streams.datasets.base import interleave_clicks
 from ctr.streams.replay import replay, replay_events
+from ctr.streams.watermarks import send_watermark
 from tests.kafka_helpers import make_records
 
 pytestmark = pytest.mark.integration

@@ -2,8 +2,8 @@
 per item and per (field, value), written to the Feast online store in micro-batches.
 
 Data flow: the label join turns each micro-batch into count deltas per (entity, hop bucket)
-and sends them, already re-keyed by entity (:func:`~ctr.streams.agents.label_join.entity_partition`),
-as one :class:`~ctr.streams.agents.label_join.DeltaBatch` per feature partition to the internal
+and sends them, already re-keyed by entity (:func:`~ctr.streams.agents.deltas.entity_partition`),
+as one :class:`~ctr.streams.agents.deltas.DeltaBatch` per feature partition to the internal
 topic ``<app id>-feature-deltas`` (4 partitions, co-partitioned with everything else). This
 agent sums them into per-entity buckets (:class:`FeatureShard`, pure logic, no Faust) and
 writes the touched entities' current window values (``ctr.features.spec.SPEC``: impressions,
@@ -51,15 +51,9 @@ import msgspec
 
 from ctr.features.spec import SPEC, FeatureSpec
 from ctr.infra.config import CHANGELOG_MODES
-from ctr.streams.agents.label_join import (
-    ENTITY_KINDS,
-    NEG_INF,
-    DeltaBatch,
-    bucket_ms,
-    decode_deltas,
-    partition_prefix,
-    record_key,
-)
+from ctr.streams.agents.changelog_keys import partition_prefix, record_key
+from ctr.streams.agents.deltas import ENTITY_KINDS, DeltaBatch, bucket_ms, decode_deltas
+from ctr.streams.agents.label_join import NEG_INF
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +97,7 @@ def inline_deltas(rec: FeatureRecord, batches: Mapping[int, bytes]) -> FeatureRe
     (offset -> value, read from its partition of the deltas topic); raises if one is missing
     or is not the version the record applied.
 
-    >>> from ctr.streams.agents.label_join import encode_deltas
+    >>> from ctr.streams.agents.deltas import encode_deltas
     >>> b = DeltaBatch(src=2, seq=7, max_time=0, rows=[(1, "ad7", 5, 3, 1)])
     >>> rec = FeatureRecord(1, {2: 7}, 0, 0, [], deltas=[(40, 2, 7)])
     >>> inline_deltas(rec, {39: b"junk", 40: encode_deltas(b)}).rows
@@ -155,7 +149,7 @@ class WindowPlan:
 class FeatureShard:
     """Counts of one feature partition: entity -> bucket -> [impressions, clicks].
 
-    >>> from ctr.streams.agents.label_join import DeltaBatch
+    >>> from ctr.streams.agents.deltas import DeltaBatch
     >>> shard = FeatureShard(0)
     >>> t = 1_700_000_000_000
     >>> b = t // 60_000
@@ -253,7 +247,7 @@ class FeatureShard:
         ``offsets`` (of each batch in the deltas topic) and ``reference`` the record references
         the batches applied instead of copying their rows.
 
-        >>> from ctr.streams.agents.label_join import DeltaBatch
+        >>> from ctr.streams.agents.deltas import DeltaBatch
         >>> shard = FeatureShard(0)
         >>> batch = lambda seq: DeltaBatch(src=3, seq=seq, max_time=0, rows=[(1, "ad7", 0, seq, 0)])
         >>> shard.apply([batch(1), batch(3)], [10, 11])[1].deltas   # 3 waits for 2

@@ -1,0 +1,46 @@
+"""What a serving replica can be configured with (``ctr serve`` / ``python -m ctr.serving``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ctr.infra.topics import MODEL_UPDATES_TOPIC
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingConfig:
+    """Everything ``ctr serve`` / ``python -m ctr.serving`` can set.
+
+    ``bootstrap=None`` serves the newest snapshot of ``snapshot_dir`` without live updates.
+    ``admin_token=None`` reads ``$CTR_ADMIN_TOKEN``; unset or empty disables admin calls (403).
+    """
+
+    bootstrap: str | None = None
+    snapshot_dir: Path | None = None
+    feast_dir: Path | None = None
+    online: str = "sqlite"
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    topic: str = MODEL_UPDATES_TOPIC
+    keep_versions: int = 5
+    feature_cache: bool = True
+    #: Read Feast in a worker process (default) or in this process's threads (the baseline).
+    feast_process: bool = True
+    cache_ttl_s: float = 5.0
+    cache_max_stale_s: float = 60.0
+    max_candidates: int = 500
+    max_body_bytes: int = 1 << 20
+    admin_token: str | None = None
+    torch_threads: int = 1
+    #: sys.setswitchinterval: how long a background thread may hold the GIL before a waiting
+    #: request thread gets it (CPython's default 5 ms would show up directly in p99).
+    gil_switch_interval_s: float = 0.0005
+    log_level: str = "info"
+    replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")

@@ -1,0 +1,78 @@
+"""The body-size guard: ASGI middleware that refuses an oversized body (413) before or while
+reading it, and records every request's latency per endpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from starlette.exceptions import HTTPException
+
+from ctr.serving.metrics import (
+    ENDPOINTS,
+    observe,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PayloadTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+class Guard:
+    """ASGI middleware: body-size limit (413 before reading when Content-Length says so, else
+    while streaming) and the per-endpoint latency histogram."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_body_bytes: int) -> None:
+        self.app, self.max = app, max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = [500]
+        limit = self.max
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > limit:
+                    status[0] = 413 if value.isdigit() else 400
+                    msg = f"request body exceeds {limit} bytes" if value.isdigit() else "bad Content-Length"
+                    await _send_json(send, status[0], {"detail": msg})
+                    observe(endpoint, status[0], t0)
+                    return
+                break
+        received = 0
+
+        async def limited_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(limit)
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        finally:
+            observe(endpoint, status[0], t0)
+
+
+async def _send_json(send: Callable, status: int, body: dict) -> None:
+    data = msgspec.json.encode(body)
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": data})

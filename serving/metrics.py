@@ -1,0 +1,79 @@
+"""The serving tier's Prometheus metrics, and the gauges bound to a replica's registry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from ctr.serving.state import ServingState
+
+log = logging.getLogger(__name__)
+
+
+_LAT_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0)
+REQUEST_SECONDS = Histogram("ctr_serving_request_seconds", "HTTP request latency in the server (first byte "
+                            "received -> response sent)", ["endpoint"], buckets=_LAT_BUCKETS)
+SCORE_SECONDS = Histogram("ctr_serving_score_seconds", "Encode + model forward per /predict",
+                          buckets=_LAT_BUCKETS)
+REQUESTS = Counter("ctr_serving_requests_total", "HTTP requests", ["endpoint", "status"])
+CANDIDATES = Histogram("ctr_serving_candidates", "Candidates per /predict",
+                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
+MODEL_VERSION = Gauge("ctr_serving_model_version", "Model version: current (serving), head (newest applied), "
+                      "learner (newest seen on model-updates)", ["which"])
+VERSIONS_BEHIND = Gauge("ctr_serving_versions_behind", "Learner version seen minus head version applied")
+MODEL_AGE = Gauge("ctr_serving_model_age_seconds", "Now minus the serving version's created_ms (learner clock)")
+EVENT_LAG = Gauge("ctr_serving_event_lag_seconds", "Now minus the newest event time the serving version "
+                  "was trained on (freshness hook)")
+PINNED = Gauge("ctr_serving_pinned", "1 while a rolled-back version is pinned")
+READY = Gauge("ctr_serving_ready", "1 when /readyz answers 200")
+
+ENDPOINTS = {"/predict", "/model", "/model/rollback", "/model/unpin", "/healthz", "/readyz", "/metrics"}
+
+
+
+
+def observe(endpoint: str, status: int, t0: float) -> None:
+    REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - t0)
+    REQUESTS.labels(endpoint, str(status)).inc()
+
+
+
+def bind_gauges(state: ServingState) -> None:
+    reg = state.registry
+
+    def version(which: str) -> Callable[[], float]:
+        def get() -> float:
+            if which == "current":
+                mv = reg.current
+                return float(mv.version) if mv else -1.0
+            if which == "head":
+                return float(reg.head.version) if reg.head else -1.0
+            head = reg.head
+            return float(reg.newest_seen.get(head.model_id, head.version)) if head else -1.0
+        return get
+
+    for which in ("current", "head", "learner"):
+        MODEL_VERSION.labels(which).set_function(version(which))
+
+    def behind() -> float:
+        head = reg.head
+        return float(reg.newest_seen.get(head.model_id, head.version) - head.version) if head else 0.0
+
+    def age() -> float:
+        mv = reg.current
+        return max(0.0, time.time() - mv.created_ms / 1000) if mv and mv.created_ms else 0.0
+
+    def event_lag() -> float:
+        mv = reg.current
+        return max(0.0, time.time() - mv.event_time_ms / 1000) if mv and mv.event_time_ms else 0.0
+
+    VERSIONS_BEHIND.set_function(behind)
+    MODEL_AGE.set_function(age)
+    EVENT_LAG.set_function(event_lag)
+    PINNED.set_function(lambda: 1.0 if reg.pinned is not None else 0.0)

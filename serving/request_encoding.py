@@ -1,0 +1,110 @@
+"""A ``/predict`` request as model inputs: context, candidates and the store's values merged
+column-wise (:func:`encode_request`), with the row-wise reference (:func:`merged_rows`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from ctr.online_learner.encoding import EncodedBatch
+from ctr.online_learner.hashing import MISSING_KEY, numeric_keys
+from ctr.serving.features import (
+    DEFAULTS,
+    FeaturePlan,
+    Lookup,
+)
+from ctr.serving.registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+
+#: Impression attributes set per request/candidate; a same-named categorical field is overridden.
+_ATTRIBUTES = frozenset({"user_id", "item_id", "position"})
+
+
+def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) -> EncodedBatch:
+    """Model inputs, one row per candidate, with the semantics of encoding, per candidate, the
+    merged row (what :func:`merged_rows` builds)::
+
+        {**context fields, **candidate fields, user_id, item_id, position (default: index),
+         **the store's values for the fields the plan fills}
+
+    i.e. the candidate wins over the context, the impression attributes and the store win
+    over both. Computed column-wise instead: the context (+ user, + the user's store values)
+    is encoded once by the version's ``FeatureEncoder`` and repeated, then only the columns
+    the candidates carry are encoded (``ValueKeyer`` / ``numeric_keys``, the encoder's own
+    parts) and written over it where a candidate has a value. For 100 candidates that is ~18
+    columns instead of all 47 of the bench model: encoding took ~2 ms per request in the server
+    before, the forward pass ~1.5 ms. ``tests/test_serving.py`` checks the equivalence on random
+    requests and end to end against the learner's encoder."""
+    cfg, enc = mv.config, mv.encoder
+    cands = req.candidates
+    n = len(cands)
+    user = req.user_id
+    ctx_num = dict(req.context.numeric)
+    if plan.user:
+        uvals = look.values.get("user", {}).get(user) or DEFAULTS["user"]
+        ctx_num.update({f: uvals[f] for f in plan.user})
+    ctx = enc.encode([{"categorical": {**req.context.categorical, "user_id": user}, "numeric": ctx_num}])
+    keys = np.repeat(ctx.keys, n, axis=0)
+    numeric = np.repeat(ctx.numeric, n, axis=0) if ctx.numeric is not None else None
+    col = {name: j for j, name in enumerate(cfg.hashed_fields)}
+    keyer = enc.keyer
+
+    def put_keys(name: str, k: np.ndarray) -> None:
+        j = col[name]
+        keys[:, j] = np.where(k == MISSING_KEY, keys[:, j], k)
+
+    categorical = set(cfg.categorical_fields)
+    present: set[str] = set()
+    for c in cands:
+        present.update(c.categorical)
+    for name in present & categorical - _ATTRIBUTES:
+        values = [c.categorical.get(name) for c in cands]
+        if enc.empty_is_missing:
+            values = [None if v == "" else v for v in values]
+        put_keys(name, keyer(values))
+    if "item_id" in categorical:
+        keys[:, col["item_id"]] = keyer([c.item_id for c in cands])
+    if "position" in categorical:
+        keys[:, col["position"]] = keyer([str(c.position if c.position is not None else i)
+                                          for i, c in enumerate(cands)])
+
+    store_fields = set(plan.user) | set(plan.item)
+    numeric_present: set[str] = set()
+    for c in cands:
+        numeric_present.update(c.numeric)
+    columns: dict[str, np.ndarray] = {}
+    nan = float("nan")
+    for name in numeric_present & set(cfg.numeric_fields) - store_fields:
+        columns[name] = np.array([c.numeric.get(name, nan) for c in cands], dtype=np.float64)
+    if plan.item:
+        items = look.values.get("item", {})
+        rows = [items.get(c.item_id) or DEFAULTS["item"] for c in cands]
+        for name in plan.item:
+            columns[name] = np.array([r[name] for r in rows], dtype=np.float64)
+    index = {name: j for j, name in enumerate(cfg.numeric_fields)}
+    for name, column in columns.items():
+        if cfg.numeric_mode == "bucket":
+            put_keys(name, numeric_keys(column, cfg.numeric_resolution))
+        if numeric is not None:  # dense mode, or the numeric fields' linear term
+            j = index[name]
+            numeric[:, j] = np.where(np.isnan(column), numeric[:, j], column)
+    return EncodedBatch(keys, numeric)
+
+
+def merged_rows(req: Any, plan: FeaturePlan, look: Lookup) -> list[dict[str, Any]]:
+    """The reference semantics of :func:`encode_request`: one merged row per candidate."""
+    uvals = look.values.get("user", {}).get(req.user_id) or DEFAULTS["user"]
+    items = look.values.get("item", {})
+    out = []
+    for i, c in enumerate(req.candidates):
+        ivals = items.get(c.item_id) or DEFAULTS["item"]
+        num = {**req.context.numeric, **c.numeric, **{f: uvals[f] for f in plan.user},
+               **{f: ivals[f] for f in plan.item}}
+        cat = {**req.context.categorical, **c.categorical, "user_id": req.user_id, "item_id": c.item_id,
+               "position": str(c.position if c.position is not None else i)}
+        out.append({"categorical": cat, "numeric": num})
+    return out
