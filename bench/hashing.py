@@ -28,6 +28,7 @@ from ctr.online_learner.hashing import (
     spec_bucket_ids,
     value_keys,
 )
+from ctr.streams.datasets.criteo import CATEGORICAL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_CPU_HASHES_PER_S = 200e6
@@ -74,7 +75,7 @@ def _row(name: str, hashes: int, times: list[float], **extra: object) -> dict:
 
 def run(rows: int, repeats: int) -> tuple[list[dict], dict]:
     torch.set_num_threads(1)  # per-core numbers for every CPU implementation
-    layout = ProbeLayout.build([f"C{i}" for i in range(1, 27)], probes=2, table_bits=20)
+    layout = ProbeLayout.build(list(CATEGORICAL), probes=2, table_bits=20)
     rng = np.random.default_rng(0)
     keys = rng.integers(0, 2**64, size=(rows, layout.num_fields), dtype=np.uint64)
     out = np.empty((rows, layout.total_probes), dtype=np.int32)

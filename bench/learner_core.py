@@ -38,10 +38,10 @@ from ctr.online_learner.learner import OnlineCTR
 from ctr.online_learner.metrics import ProgressiveMetrics, roc_auc
 from ctr.online_learner.model import ModelConfig
 from ctr.online_learner.optim import RowWiseAdagrad
+from ctr.streams.datasets.criteo import CATEGORICAL, NUMERIC
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CAT = tuple(f"C{i}" for i in range(1, 27))
-NUM = tuple(f"I{i}" for i in range(1, 14))
+CAT, NUM = CATEGORICAL, NUMERIC  # the Criteo fields
 TARGET_EXAMPLES_PER_S = 100_000
 
 

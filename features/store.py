@@ -47,11 +47,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ctr.features.spec import ENTITIES, SPEC, FeatureSpec
+from ctr.features.sqlite_direct import NotSqlite, SqliteDirect, datetime_to_us
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -262,10 +262,6 @@ def open_store(
 
 
 # --------------------------------------------------------------------------- timestamps
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
-
 def _event_times_us(event_time_ms: int | float | Sequence[int | float], n: int) -> list[int]:
     """Event times in ms (one for all rows, or one per row) -> integer µs since the epoch."""
     if isinstance(event_time_ms, (int, float)):
@@ -274,12 +270,6 @@ def _event_times_us(event_time_ms: int | float | Sequence[int | float], n: int) 
     if len(times) != n:
         raise ValueError(f"{len(times)} event times for {n} rows")
     return times
-
-
-def _datetime_to_us(ts: datetime) -> int:
-    if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return (ts - _EPOCH) // _US
 
 
 # --------------------------------------------------------------------------- writes
@@ -326,10 +316,6 @@ class _View:
         return b
 
 
-class _NotSqlite(Exception):
-    pass
-
-
 class FeatureWriter:
     """Micro-batched online writes with newest-event-time-wins, for SQLite and Redis alike.
 
@@ -366,8 +352,9 @@ class FeatureWriter:
         #: Rows written / dropped as older than the stored value / dropped as superseded in-call.
         self.counts = {"written": 0, "stale": 0, "superseded": 0}
         self._views: dict[str, _View] = {}
+        #: the SQLite fast path: None untried, False off (not SQLite, or Feast moved), True working
         self._sqlite_fast: bool | None = None
-        self._wal = False
+        self._direct = SqliteDirect(store)
         self._lock = threading.Lock()
 
     def _view(self, name: str) -> _View:
@@ -437,9 +424,9 @@ class FeatureWriter:
     ) -> None:
         if self._sqlite_fast is not False:
             try:
-                if self._write_sqlite(v, rows, times, chunk):
+                if self._direct.write(v, rows, times, chunk):
                     return
-            except _NotSqlite:
+            except NotSqlite:
                 self._sqlite_fast = False
             except (KeyError, ValueError, TypeError):
                 raise
@@ -448,97 +435,12 @@ class FeatureWriter:
                 self._sqlite_fast = False
         self.store.write_to_online_store(v.name, self._frame(v, rows, times, chunk))
 
-    def _write_sqlite(
-        self, v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]
-    ) -> bool:
-        """SQLite: the rows ``write_to_online_store`` would write, built straight from the dicts.
-
-        Feast's path goes DataFrame -> Arrow -> one ``Value`` proto per cell -> one
-        ``execute`` per (entity, feature); two thirds of its time is the conversion. Here
-        each cell is serialised once and the whole chunk is one ``executemany`` of Feast's own
-        upsert statement, in one transaction -- same table, same bytes (a test compares both
-        paths row for row), 3-4x the rows/s. Returns False (nothing written) for a value this
-        path does not encode exactly like Feast (None, NaN, inf), so the caller falls back.
-        """
-        import math
-
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-
-        online, cfg = self.store.provider.online_store, self.store.config
-        # only the plain store: subclasses, vector search or value_num columns write other columns
-        if (
-            type(online) is not SqliteOnlineStore
-            or cfg.online_store.vector_enabled
-            or getattr(cfg.online_store, "enable_openai_compatible_store", False)
-        ):
-            raise _NotSqlite
-        table = _table_id(cfg.project, v.fv, cfg.registry.enable_online_feature_view_versioning)
-        version = cfg.entity_key_serialization_version
-        Value = v._value
-        ints = v.int_features
-        params: list[tuple] = []
-        for key, i in chunk:
-            row = rows[i]
-            key_bin = v.key_bin(key, version)
-            # what Feast's registered datetime adapter stores: whole seconds
-            ts = times[i] // 1_000_000
-            for f in v.features:
-                try:
-                    x = row[f]
-                except KeyError:
-                    raise ValueError(f"a row for {v.name} lacks feature {f!r}; needs {v.features}") from None
-                if x is None or not math.isfinite(x):
-                    return False
-                if f in ints:
-                    x = round(x)
-                    params.append((key_bin, f, Value(int64_val=x).SerializeToString(), str(x), ts, None))
-                else:
-                    x = float(x)
-                    params.append((key_bin, f, Value(double_val=x).SerializeToString(), str(x), ts, None))
-            us = times[i]
-            params.append((key_bin, v.time_feature, Value(int64_val=us).SerializeToString(), str(us), ts, None))
-        conn = online._get_conn(cfg)
-        if not self._wal:
-            self._setup_wal(conn)
-        with conn:
-            conn.executemany(
-                f'INSERT INTO "{table}" (entity_key, feature_name, value, value_text, event_ts, created_ts) '
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(entity_key, feature_name) DO UPDATE SET "
-                "value = excluded.value, value_text = excluded.value_text, "
-                "event_ts = excluded.event_ts, created_ts = excluded.created_ts",
-                params,
-            )
-        return True
-
-    def _setup_wal(self, conn: Any) -> None:
-        """WAL, and ``synchronous`` from ``CTR_SQLITE_SYNCHRONOUS`` (default OFF).
-
-        WAL: readers (feast serve, the serving tier) never block the writer. OFF: SQLite never
-        fsyncs. With NORMAL it fsyncs at every checkpoint, which it runs inside the commit that
-        crosses ``wal_autocheckpoint`` -- and beside the embedded broker, which rewrites its
-        whole state file on the same disk every few seconds, that fsync waited on the broker's
-        writeback: a 7,000-row write took 3 s at 0.4 CPU. Feature freshness at 2,000 events/s
-        over 30 s, with fetch pacing: OFF p50 0.7 s / p99 1.5 s; NORMAL with a thread
-        checkpointing every second, p50 1.3 s / p99 2.5 s (features/README.md). What OFF
-        risks: a killed process loses nothing (the OS has the pages); an OS crash or power loss
-        may corrupt ``online.db``. This store is derived data: delete the file and restart the
-        worker; every entity's row comes back, with exact counts from the agent's restored
-        state, at its next event (those of unconfirmed batches at once).
-        ``CTR_SQLITE_SYNCHRONOUS=NORMAL`` trades freshness for that risk.
-        """
-        mode = os.environ.get("CTR_SQLITE_SYNCHRONOUS", "OFF").upper()
-        if mode not in ("OFF", "NORMAL", "FULL"):
-            raise ValueError(f"CTR_SQLITE_SYNCHRONOUS={mode!r}: choose OFF, NORMAL or FULL")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={mode}")
-        self._wal = True
-
     def _stored_times(self, v: _View, keys: list[str]) -> dict[str, int]:
         """Stored event time (µs) per key, for the keys that have one: one read per batch."""
         if self._sqlite_fast is not False:
             try:
-                return self._stored_times_sqlite(v, keys)
-            except _NotSqlite:
+                return self._direct.stored_times(v, keys)
+            except NotSqlite:
                 self._sqlite_fast = False
             except Exception as err:  # noqa: BLE001 - Feast internals moved: use the public path
                 log.warning("SQLite fast path for stored event times failed (%s); using online_read", err)
@@ -556,42 +458,8 @@ class FeatureWriter:
             if ts is None:
                 continue
             us = (values or {}).get(v.time_feature)
-            out[k] = us.int64_val if us is not None and us.HasField("int64_val") else _datetime_to_us(ts)
+            out[k] = us.int64_val if us is not None and us.HasField("int64_val") else datetime_to_us(ts)
         return out
-
-    def _stored_times_sqlite(self, v: _View, keys: list[str]) -> dict[str, int]:
-        """SQLite: select only the event-time rows (plus one feature row, for rows written
-        without it) instead of every feature of every key -- 5-10x cheaper than online_read,
-        which on SQLite reads and parses all features whatever ``requested_features`` says."""
-        from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
-        from feast.protos.feast.types.Value_pb2 import Value
-
-        online, cfg = self.store.provider.online_store, self.store.config
-        if not isinstance(online, SqliteOnlineStore):
-            raise _NotSqlite
-        table = _table_id(cfg.project, v.fv, cfg.registry.enable_online_feature_view_versioning)
-        conn = online._get_conn(cfg)
-        version = cfg.entity_key_serialization_version
-        by_bin = {v.key_bin(k, version): k for k in keys}
-        bins = list(by_bin)
-        exact: dict[str, int] = {}
-        coarse: dict[str, int] = {}
-        for start in range(0, len(bins), 5000):
-            part = bins[start : start + 5000]
-            cur = conn.execute(
-                f'SELECT entity_key, feature_name, value, event_ts FROM "{table}" '
-                f"WHERE feature_name IN (?, ?) AND entity_key IN ({','.join('?' * len(part))})",
-                [v.time_feature, v.features[0], *part],
-            )
-            for key_bin, name, value, ts in cur.fetchall():
-                key = by_bin[key_bin]
-                if name == v.time_feature:
-                    val = Value()
-                    val.ParseFromString(value)
-                    exact[key] = val.int64_val
-                elif ts is not None:
-                    coarse[key] = _datetime_to_us(ts)
-        return {**coarse, **exact}
 
     @staticmethod
     def _frame(v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]):

@@ -25,6 +25,7 @@ from ctr.streams.datasets import (
     CsvMapping,
     LabeledImpression,
     ObdSource,
+    criteo,
     interleave_clicks,
     open_source,
 )
@@ -187,7 +188,7 @@ def test_strict_mode_names_the_line(tmp_path: Path) -> None:
 
 
 def test_criteo_header_variants(tmp_path: Path) -> None:
-    header = ["label", *(f"I{i}" for i in range(1, 14)), *(f"C{i}" for i in range(1, 27))]
+    header = ["label", *criteo.NUMERIC, *criteo.CATEGORICAL]
     plain = tmp_path / "with_header.csv"
     plain.write_text(",".join(header) + "\n" + _criteo_line(CRITEO_ROW, ",") + "\n")
     with_id = tmp_path / "with_id.csv"

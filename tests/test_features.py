@@ -239,7 +239,7 @@ def test_direct_sqlite_writes_store_exactly_what_feast_would(env: Env) -> None:
         for k in keys:
             assert got_fast[f"fa-{k}"], (view, k)
             assert got_fast[f"fa-{k}"] == got_feast[f"fe-{k}"], (view, k)
-    assert fast._sqlite_fast is not False and fast._wal
+    assert fast._sqlite_fast is not False and fast._direct.wal
     conn = env.store.provider.online_store._get_conn(env.store.config)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -14,6 +14,9 @@ internal fails and says what to re-check, instead of the worker misbehaving at r
   ``_fetch_requests_routine``.
 * ``ctr.streams.app.send_changelog`` writes ``table.data`` (the store: a mapping) and sends on
   ``table.changelog_topic``.
+* ``ctr.features.sqlite_direct.SqliteDirect`` (Feast's SQLite online table, written directly)
+  names ``feast.infra.online_stores.sqlite._table_id(project, table, enable_versioning)`` and
+  ``SqliteOnlineStore._get_conn(config)``, and repeats the upsert of ``online_write_batch``.
 """
 
 from __future__ import annotations
@@ -82,3 +85,15 @@ def test_faust_tables_expose_a_mapping_store_and_a_changelog_topic() -> None:
     assert isinstance(getattr(faust.Table, "changelog_topic", None), property), (
         "faust.Table.changelog_topic is gone: re-check ctr.streams.app.send_changelog"
     )
+
+
+def test_feast_sqlite_internals_the_direct_writer_names() -> None:
+    from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
+
+    assert list(inspect.signature(_table_id).parameters)[:2] == ["project", "table"], (
+        "feast changed _table_id: re-check ctr.features.sqlite_direct (table names)"
+    )
+    assert list(inspect.signature(SqliteOnlineStore._get_conn).parameters)[:2] == ["self", "config"]
+    upsert = inspect.getsource(SqliteOnlineStore.online_write_batch)
+    for column in ("entity_key", "feature_name", "value_text", "event_ts", "created_ts", "ON CONFLICT"):
+        assert column in upsert, f"feast's SQLite upsert no longer names {column!r}: re-sync ctr.features.sqlite_direct"

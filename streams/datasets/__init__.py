@@ -61,7 +61,6 @@ from ctr.streams.datasets.synthetic import (
     SyntheticConfig,
     SyntheticStream,
     best_auc,
-    roc_auc,
 )
 
 _FILE_SOURCES: dict[str, type[CsvSource]] = {
@@ -166,5 +165,4 @@ __all__ = [
     "best_auc",
     "interleave_clicks",
     "open_source",
-    "roc_auc",
 ]

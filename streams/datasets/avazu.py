@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Unpack
 
 from ctr.infra.schema import MAX_ID_LEN, Impression
-from ctr.streams.datasets.base import DEFAULT_SORT_RUN_ROWS, BadRow, ClickDelay, CsvSource, check_id, parse_label
+from ctr.streams.datasets.base import BadRow, CsvSource, SourceOptions, check_id, parse_label
 
 #: ``device_id`` value standing for "unknown device" in Avazu.
 NO_DEVICE_ID = "a99f214a"
@@ -72,26 +73,9 @@ class AvazuSource(CsvSource):
         path: str | Path,
         *,
         rows_per_hour: int = 170_000,
-        seed: int = 0,
-        delay: ClickDelay | None = None,
-        events: int | None = None,
-        strict: bool = False,
-        id_prefix: str | None = None,
-        delimiter: str | None = None,
-        order: str = "check",
-        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            path,
-            seed=seed,
-            delay=delay,
-            events=events,
-            strict=strict,
-            id_prefix=id_prefix,
-            delimiter=delimiter,
-            order=order,
-            sort_run_rows=sort_run_rows,
-        )
+        super().__init__(path, **options)
         if rows_per_hour < 1:
             raise ValueError(f"rows_per_hour must be >= 1, got {rows_per_hour}")
         names = [c.strip() for c in self.first_row]

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from operator import itemgetter
 from pathlib import Path
-from typing import IO, Any, ClassVar, NamedTuple
+from typing import IO, Any, ClassVar, NamedTuple, TypedDict
 
 import numpy as np
 
@@ -440,6 +440,22 @@ def check_id(name: str, value: str) -> str:
     if len(value) > MAX_ID_LEN:
         raise BadRow("value too long", f"{name} has {len(value)} chars > {MAX_ID_LEN}")
     return value
+
+
+class SourceOptions(TypedDict, total=False):
+    """What every file reader takes besides its own options, passed through to
+    :class:`CsvSource` (which holds the defaults): ``seed`` of the click-delay draws, ``delay``
+    (a :class:`ClickDelay`), ``events`` (a cap), ``strict`` (raise on the first bad row),
+    ``id_prefix``, ``delimiter``, ``order`` (``check`` | ``sort`` | ``trust``), ``sort_run_rows``."""
+
+    seed: int
+    delay: ClickDelay | None
+    events: int | None
+    strict: bool
+    id_prefix: str | None
+    delimiter: str | None
+    order: str
+    sort_run_rows: int
 
 
 class CsvSource(Source):

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Unpack
 
 from ctr.infra.schema import MAX_ID_LEN, Impression
 from ctr.streams.datasets.base import (
-    DEFAULT_SORT_RUN_ROWS,
     BadRow,
-    ClickDelay,
     CsvSource,
+    SourceOptions,
     check_id,
     parse_label,
     parse_numbers,
@@ -83,26 +83,9 @@ class CriteoSource(CsvSource):
         item_column: str = "C15",
         start_ms: int = CRITEO_START_MS,
         events_per_second: float = CRITEO_EVENTS_PER_SECOND,
-        seed: int = 0,
-        delay: ClickDelay | None = None,
-        events: int | None = None,
-        strict: bool = False,
-        id_prefix: str | None = None,
-        delimiter: str | None = None,
-        order: str = "check",
-        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            path,
-            seed=seed,
-            delay=delay,
-            events=events,
-            strict=strict,
-            id_prefix=id_prefix,
-            delimiter=delimiter,
-            order=order,
-            sort_run_rows=sort_run_rows,
-        )
+        super().__init__(path, **options)
         if events_per_second <= 0:
             raise ValueError(f"events_per_second must be positive, got {events_per_second}")
         self.start_ms = int(start_ms)

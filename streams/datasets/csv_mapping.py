@@ -43,14 +43,13 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from ctr.infra.schema import MAX_ID_LEN, Impression
 from ctr.streams.datasets.base import (
-    DEFAULT_SORT_RUN_ROWS,
     BadRow,
-    ClickDelay,
     CsvSource,
+    SourceOptions,
     check_field_count,
     check_id,
     parse_label,
@@ -219,27 +218,14 @@ class CsvMappedSource(CsvSource):
         path: str | Path,
         *,
         mapping: CsvMapping | str | Path,
-        seed: int = 0,
-        delay: ClickDelay | None = None,
-        events: int | None = None,
-        strict: bool = False,
-        id_prefix: str | None = None,
-        order: str = "check",
-        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
+        **options: Unpack[SourceOptions],
     ) -> None:
+        if "delimiter" in options:
+            raise TypeError("the delimiter of a csv: source is the mapping's (delimiter = ...)")
         self.mapping = mapping if isinstance(mapping, CsvMapping) else CsvMapping.load(mapping)
         m = self.mapping
-        super().__init__(
-            path,
-            seed=seed,
-            delay=delay,
-            events=events,
-            strict=strict,
-            id_prefix=id_prefix,
-            delimiter=m.delimiter,
-            order=order,
-            sort_run_rows=sort_run_rows,
-        )
+        options["delimiter"] = m.delimiter
+        super().__init__(path, **options)
         names = list(m.columns) if m.columns is not None else [c.strip() for c in self.first_row]
         self.has_header = m.columns is None
         wanted = [m.label, m.user, m.item, m.timestamp, m.position, *m.categorical, *m.numeric]

@@ -28,13 +28,13 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from hashlib import blake2b
 from pathlib import Path
+from typing import Unpack
 
 from ctr.infra.schema import MAX_ID_LEN, Impression
 from ctr.streams.datasets.base import (
-    DEFAULT_SORT_RUN_ROWS,
     BadRow,
-    ClickDelay,
     CsvSource,
+    SourceOptions,
     open_text,
     parse_label,
     parse_number,
@@ -96,26 +96,9 @@ class ObdSource(CsvSource):
         item_context: str | Path | bool | None = None,
         position_base: int = 1,
         all_affinities: bool = False,
-        seed: int = 0,
-        delay: ClickDelay | None = None,
-        events: int | None = None,
-        strict: bool = False,
-        id_prefix: str | None = None,
-        delimiter: str | None = None,
-        order: str = "check",
-        sort_run_rows: int = DEFAULT_SORT_RUN_ROWS,
+        **options: Unpack[SourceOptions],
     ) -> None:
-        super().__init__(
-            path,
-            seed=seed,
-            delay=delay,
-            events=events,
-            strict=strict,
-            id_prefix=id_prefix,
-            delimiter=delimiter,
-            order=order,
-            sort_run_rows=sort_run_rows,
-        )
+        super().__init__(path, **options)
         names = [c.strip() for c in self.first_row]
         missing = [
             c for c in ("timestamp", "item_id", "position", "click", *_USER_FEATURES) if c not in names

@@ -70,6 +70,7 @@ from typing import Any
 import numpy as np
 
 from ctr.infra.schema import Impression
+from ctr.online_learner.metrics import roc_auc
 from ctr.streams.datasets.base import DEFAULT_ATTRIBUTION_WINDOW_MS, ClickDelay, LabeledImpression, Source
 
 #: Distinct values per field in the Kaggle Criteo training set (C1..C26), the default vocabulary.
@@ -728,28 +729,6 @@ class SyntheticStream(Source):
 
 
 # --------------------------------------------------------------------------- metrics
-
-
-def roc_auc(scores: Sequence[float] | np.ndarray, labels: Sequence[bool] | np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with tied scores averaged).
-
-    >>> roc_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
-    0.75
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    y = np.asarray(labels, dtype=bool)
-    n_pos = int(y.sum())
-    n_neg = y.shape[0] - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("AUC needs both clicked and non-clicked examples")
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    # Average 1-based rank of each distinct score, then of each example.
-    upper = np.cumsum(counts)
-    avg_rank = upper - (counts - 1) / 2.0
-    rank_sum = float(avg_rank[inverse][y].sum())
-    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
-
-
 def best_auc(examples: Iterable[LabeledImpression]) -> float:
     """The best AUC any model can expect on ``examples``: the AUC of the true click
     probability (``impression.oracle_ctr``, set by the synthetic stream) against the labels.
@@ -769,7 +748,7 @@ def best_auc(examples: Iterable[LabeledImpression]) -> float:
             )
         scores.append(p)
         labels.append(ex.clicked)
-    return roc_auc(scores, labels)
+    return roc_auc(np.asarray(labels, dtype=bool), np.asarray(scores))
 
 
 __all__ = [
@@ -782,5 +761,4 @@ __all__ = [
     "SyntheticConfig",
     "SyntheticStream",
     "best_auc",
-    "roc_auc",
 ]
