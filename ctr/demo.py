@@ -127,7 +127,7 @@ def run_demo(
     if events is None:
         events = int((rate or 2_000.0) * minutes * 60 / 1.1)  # ~10 % of events are clicks
     broker = None if bootstrap else EmbeddedBroker(kind=kind, data_dir=out / "broker").start()
-    bs = bootstrap or broker.bootstrap
+    bs = broker.bootstrap if broker is not None else str(bootstrap)
     sup = Supervisor(out / "logs")
     learner_dir = out / "learner"
     metrics_path = learner_dir / "learner_metrics.jsonl"

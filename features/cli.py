@@ -15,9 +15,12 @@ import json
 import signal
 import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from ctr.features.store import Online
 
 features_app = typer.Typer(
     help="The Feast feature store: windowed stats per user/item/field value, and field weights.",
@@ -46,11 +49,14 @@ RedisUrl = Annotated[
 ]
 
 
-def check_online(online: str) -> str:
-    if online not in ("sqlite", "redis"):
-        typer.secho(f"--online must be sqlite or redis, not {online!r}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
-    return online
+def check_online(online: str) -> Online:
+    """``online`` as the store's type, or a usage error (exit 2)."""
+    if online == "sqlite":
+        return "sqlite"
+    if online == "redis":
+        return "redis"
+    typer.secho(f"--online must be sqlite or redis, not {online!r}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
 
 
 @features_app.command("apply")

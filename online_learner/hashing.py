@@ -421,10 +421,10 @@ def value_keys(values: Sequence[str | None]) -> np.ndarray:
     values = values if isinstance(values, list) else list(values)
     n = len(values)
     try:
-        text = "".join(values)
+        text = "".join(values)  # type: ignore[arg-type]  # the common case: all strings
     except TypeError:  # None, or a non-string
-        values = [ABSENT_TEXT if v is None else v if isinstance(v, str) else str(v) for v in values]
-        text = "".join(values)
+        strings = [ABSENT_TEXT if v is None else v if isinstance(v, str) else str(v) for v in values]
+        values, text = strings, "".join(strings)
     buf = text.encode("utf-8")
     if len(buf) == len(text):
         lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)

@@ -75,11 +75,12 @@ class CrossNetworkV2(nn.Module):
 
     def __init__(self, dim: int, num_layers: int = 2, rank: int = 16) -> None:
         super().__init__()
-        self.down = nn.ModuleList(nn.Linear(dim, rank, bias=False) for _ in range(num_layers))
-        self.up = nn.ModuleList(nn.Linear(rank, dim) for _ in range(num_layers))
-        for up in self.up:  # start as identity: x_{l+1} = x_l
+        ups = [nn.Linear(rank, dim) for _ in range(num_layers)]
+        for up in ups:  # start as identity: x_{l+1} = x_l
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
+        self.down = nn.ModuleList(nn.Linear(dim, rank, bias=False) for _ in range(num_layers))
+        self.up = nn.ModuleList(ups)
 
     def forward(self, x0: Tensor) -> Tensor:
         if not torch.is_grad_enabled():  # inference: plain ops, nothing to save

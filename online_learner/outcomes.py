@@ -128,8 +128,8 @@ class HeldLabels:
             b.ids = [b.ids[i] for i in keep]
             b.event_ms = b.event_ms[keep]
             b.columns = {k: v[keep] for k, v in b.columns.items()}
-            for i, eid in enumerate(b.ids):
-                where[eid] = (b, i)
+            for row, eid in enumerate(b.ids):
+                where[eid] = (b, row)
             break
         if not out:
             return None

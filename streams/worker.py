@@ -230,7 +230,7 @@ def run_worker(config: WorkerConfig) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
-        if profiler is not None:
+        if profiler is not None and profile_path:
             profiler.disable()
             profiler.dump_stats(profile_path)
     return 0

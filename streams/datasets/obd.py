@@ -120,13 +120,16 @@ class ObdSource(CsvSource):
             [(f"affinity_{k}", j) for k, j in self._affinity.items()] if all_affinities else []
         )
         self.position_base = position_base
-        if item_context is None:
-            candidate = self.path.with_name("item_context.csv")
-            item_context = candidate if candidate.is_file() else False
+        beside = self.path.with_name("item_context.csv")
+        context: Path | None
+        if item_context is None:  # the file beside the log, when there is one
+            context = beside if beside.is_file() else None
         elif item_context is True:
-            item_context = self.path.with_name("item_context.csv")
+            context = beside
+        else:
+            context = Path(item_context) if item_context else None
         self.items: dict[str, tuple[dict[str, str], dict[str, float]]] = (
-            _load_item_context(Path(item_context)) if item_context else {}
+            _load_item_context(context) if context is not None else {}
         )
         self.check_order()  # an unsorted file is refused at open, like a bad header
 
