@@ -18,7 +18,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -30,7 +30,7 @@ from ctr.infra.procs import free_port
 from ctr.infra.topics import DEAD_LETTER_TOPIC, FIELD_WEIGHTS_TOPIC
 from ctr.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
-from ctr.streams.datasets import open_source
+from ctr.streams.datasets import LabeledImpression, open_source
 from ctr.streams.replay import ReplaySummary, replay
 from ctr.supervisor import Service, Supervisor, ctr_argv
 from ctr.traffic import ServedImpressions, SteadyClient, TrafficLog
@@ -40,7 +40,7 @@ class _DriftProbe:
     """Passes records through, noting the event time of the impression at ``drift_at`` and
     offering each impression to the served-impressions scorer once it is live."""
 
-    def __init__(self, records, drift_at: int | None) -> None:
+    def __init__(self, records: Iterable[LabeledImpression], drift_at: int | None) -> None:
         self.records, self.drift_at = records, drift_at
         self.drift_event_ms: int | None = None
         self.count = 0
@@ -79,7 +79,7 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
+def _fmt(v: object) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"

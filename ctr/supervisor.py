@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class Supervisor:
         names = order or list(reversed(self.services))
         return {n: self.stop(n) for n in names if n in self.services}
 
-    def wait_for(self, predicate, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.1) -> None:
         deadline = time.monotonic() + timeout_s
         while not predicate():
             dead = self.check()

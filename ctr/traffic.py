@@ -7,9 +7,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
+from ctr.infra.schema import Impression
 from ctr.streams.datasets import open_source
 
 
@@ -23,7 +25,7 @@ class TrafficLog:
     versions: list[tuple[float, int]] = field(default_factory=list)
 
 
-def impression_request(imp) -> dict:
+def impression_request(imp: Impression) -> dict[str, Any]:
     """The /predict body that scores one impression as it is shown, naming it (so the replica
     logs its score on ``served-scores``)."""
     return {
@@ -96,7 +98,7 @@ class ServedImpressions(threading.Thread):
         self.offered = self.scored = self.dropped = self.errors = 0
         self.stop = threading.Event()
 
-    def offer(self, impression) -> None:
+    def offer(self, impression: Impression) -> None:
         self.offered += 1
         if self.offered % self.every:
             return

@@ -462,7 +462,9 @@ class FeatureWriter:
         return out
 
     @staticmethod
-    def _frame(v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]):
+    def _frame(
+        v: _View, rows: Sequence[Mapping[str, Any]], times: list[int], chunk: list[tuple[str, int]]
+    ) -> Any:  # a pandas DataFrame (pandas is imported when a write needs it)
         import numpy as np
         import pandas as pd
 

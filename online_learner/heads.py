@@ -9,6 +9,7 @@ r = 16`` a cross layer costs ``2 * D * r`` multiply-adds per example instead of 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ class _LowRankCrossFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x0: Tensor, *weights: Tensor) -> Tensor:  # weights: (down_w, up_w, up_b) * L
+    def forward(ctx: Any, x0: Tensor, *weights: Tensor) -> Tensor:  # weights: (down_w, up_w, up_b) * L
         xs, hs, us = [], [], []
         x = x0
         ones = x0.new_ones(x0.shape[0], 1)
@@ -44,7 +45,7 @@ class _LowRankCrossFn(torch.autograd.Function):
         return x
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         n = ctx.num_layers
         saved = ctx.saved_tensors
         x0, weights = saved[0], saved[1 : 1 + 3 * n]

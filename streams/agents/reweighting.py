@@ -403,7 +403,13 @@ class SlidingWindow:
         delta = np.bincount(flat.ravel(), minlength=nf * self._slots * 2).reshape(nf, self._slots, 2)
         return delta, np.bincount(lab, minlength=2)
 
-    def _add_chunk(self, cats, nums, labels, imps) -> None:
+    def _add_chunk(
+        self,
+        cats: Sequence[Mapping[str, str]],
+        nums: Sequence[Mapping[str, float]],
+        labels: Sequence[int],
+        imps: Sequence[Impression],
+    ) -> None:
         m, w, s = len(labels), self.window, self.seen
         cat_names = set().union(*(c.keys() for c in cats))
         num_names = set().union(*(x.keys() for x in nums)) - cat_names
