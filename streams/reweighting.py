@@ -37,6 +37,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -381,4 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # run as ``python -m``: this file is ``__main__``; the command imports it by its name, which
+    # would load it a second time (and register its metrics twice) -- let that name be this one
+    sys.modules.setdefault("ctr.streams.reweighting", sys.modules[__name__])
     main()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,4 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # run as ``python -m``: this file is ``__main__``; the command imports it by its name, which
+    # would load it a second time (and register its metrics twice) -- let that name be this one
+    sys.modules.setdefault("ctr.streams.worker", sys.modules[__name__])
     main()
