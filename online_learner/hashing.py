@@ -252,6 +252,9 @@ _SPEC = _build_namespace(int, int, lambda f: f)
 # (2) the numba CPU twin: helpers inline into the loops; np.uint64 everywhere (no int64 mixing,
 # which numba would promote to float64).
 _JIT = _build_namespace(np.uint64, np.uint64, lambda f: numba.njit(inline="always")(f))
+# ``cache=True``: compiled kernels are kept in __pycache__ and reused while this file keeps
+# its size and mtime; they record the module's import name, so a rename must change the file
+# (this note came with the move under ``ctr``: caches from before it failed to load).
 _twin_bucket_ids = numba.njit(nogil=True, boundscheck=False, cache=True)(_rebind(_bucket_ids_loop, _JIT))
 _twin_xxh64_many = numba.njit(nogil=True, boundscheck=False, cache=True)(_rebind(_xxh64_many, _JIT))
 

@@ -50,6 +50,9 @@ __all__ = ["FlatAdagrad", "RowWiseAdagrad", "TouchedRows", "dense_optimizer", "u
 _RADIX_BITS = 11
 
 
+# ``cache=True``: compiled kernels are kept in __pycache__ and reused while this file keeps
+# its size and mtime; they record the module's import name, so a rename must change the file
+# (this note came with the move under ``ctr``: caches from before it failed to load).
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def _unique_inverse_cpu(ids, key_bits):
     """Sorted unique ids and inverse of ``ids`` (non-negative, < 2**key_bits): LSD radix sort of
