@@ -202,6 +202,13 @@ def _hashing(doc: dict) -> str:
     return f"{_md(['implementation', 'M hashes/s best', 'median'], rows)}\n\n{note}"
 
 
+def _version_apply(doc: dict) -> str:
+    rows = [[f"2^{r['table_bits']} ({r['table_rows']:,})", f"{r['touched_rows']:,}", r["copy"],
+             r["copied_rows"] if isinstance(r["copied_rows"], str) else f"{r['copied_rows']:,}",
+             f"{r['build_ms_p50']:,.2f}", f"{r['build_ms_max']:,.2f}"] for r in doc["rows"]]  # fmt: skip
+    return _md(["table rows", "rows touched per version", "copy", "rows copied", "build ms p50", "max"], rows)
+
+
 def _serving(doc: dict) -> str:
     rows = [[r["features"], str(r["candidates"]), f"{r['rate_rps']:g} / {r['achieved_rps']:g}", f"{r['p50_ms']:,.1f}",
              f"{r['p99_ms']:,.1f}", str(r["deltas_applied"]), str(r["errors"])] for r in doc["rows"]]  # fmt: skip
@@ -405,6 +412,7 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
     Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("stream-table", "bench/results/stream.json", _stream),
     Table("reliability-table", "bench/results/reliability.json", _reliability),

@@ -105,6 +105,11 @@ class ModelVersion:
     parts: int = 1
     #: Wall-clock ms to build it here (copy + apply, or load).
     build_ms: float = 0.0
+    #: Table rows this version changed from its base (a delta's row ids); None: any (a snapshot).
+    touched: np.ndarray | None = None
+    #: Table rows copied to build it here: those that differ between the recycled model and the
+    #: base (plus the delta's own); -1 when the whole table was copied (no usable history).
+    copied_rows: int = -1
 
     def predict(self, enc: EncodedBatch) -> np.ndarray:
         return score(self.model, enc)
@@ -128,6 +133,7 @@ class ModelVersion:
             "examples_seen": self.examples_seen,
             "parts": self.parts,
             "build_ms": round(self.build_ms, 2),
+            "copied_rows": self.copied_rows,
             "gate": {"passed": self.gate.passed, "reason": self.gate.reason,
                      "window_auc": self.gate.window_auc, "served_auc": self.gate.served_auc},
         }
@@ -169,6 +175,14 @@ def _tensors(model: CTRModel) -> list[torch.Tensor]:
     return list(model.state_dict(keep_vars=True).values())
 
 
+def _touched_rows(parts: list[dict[str, np.ndarray]]) -> np.ndarray | None:
+    """The table rows a version's parts write (None if a part carries the whole table)."""
+    if any("table" in p for p in parts):
+        return None
+    ids = [p["table.ids"].astype(np.int64, copy=False) for p in parts if "table.ids" in p and len(p["table.ids"])]
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
 def refresh_derived_state(model: CTRModel) -> None:
     """Recompute state derived from buffers that ``apply_tensors`` writes directly.
 
@@ -191,13 +205,20 @@ class ModelRegistry:
     Args:
         keep: how many recent versions to keep for rollback (>= 1; the head counts).
         max_pending_parts_bytes: bound on buffered parts of an incomplete version.
+        max_scattered_rows: see the attribute.
     """
 
-    def __init__(self, keep: int = 5, max_pending_parts_bytes: int = 1 << 30) -> None:
+    def __init__(
+        self, keep: int = 5, max_pending_parts_bytes: int = 1 << 30, max_scattered_rows: float = 1 / 32
+    ) -> None:
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.keep = keep
         self.max_pending_parts_bytes = max_pending_parts_bytes
+        #: Above this fraction of the table's rows, a recycled model copies the whole table: a
+        #: scattered row (gather + scatter) costs 20-35 rows of a sequential copy
+        #: (``python -m bench.version_apply``).
+        self.max_scattered_rows = max_scattered_rows
         self._lock = threading.RLock()
         #: What requests score with (head, or the pinned version). Read without the lock.
         self.current: ModelVersion | None = None
@@ -217,6 +238,9 @@ class ModelRegistry:
         #: Called with the new current version after every swap (freshness hooks, metrics).
         self.listeners: list[Callable[[ModelVersion], None]] = []
         self.swaps = 0
+        #: (model_id, version) -> (base_version, rows it changed or None): what a recycled model
+        #: lacks is the union over the versions after its own (see _rows_between).
+        self._changes: OrderedDict[tuple[str, int], tuple[int, np.ndarray | None]] = OrderedDict()
 
     # -- building versions -----------------------------------------------------------------------
     def _encoder(self, config: ModelConfig) -> FeatureEncoder:
@@ -227,7 +251,7 @@ class ModelRegistry:
         return enc
 
     def _version(self, header: UpdateHeader, model: CTRModel, config: ModelConfig, source: str, t0: float,
-                 parts: int = 1) -> ModelVersion:
+                 parts: int = 1, touched: np.ndarray | None = None, copied_rows: int = -1) -> ModelVersion:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -236,7 +260,7 @@ class ModelRegistry:
             encoder=self._encoder(config), source=source, base_version=header.base_version,
             created_ms=header.created_ms, event_time_ms=header.event_time_ms, examples_seen=header.examples_seen,
             gate=header.gate, metrics=dict(header.metrics), applied_ms=_now_ms(), parts=parts,
-            build_ms=(time.perf_counter() - t0) * 1000,
+            build_ms=(time.perf_counter() - t0) * 1000, touched=touched, copied_rows=copied_rows,
         )
 
     def build_snapshot(self, header: UpdateHeader, tensors: dict[str, np.ndarray]) -> ModelVersion:
@@ -258,24 +282,58 @@ class ModelRegistry:
         return self._version(header, model, config, "snapshot", t0)
 
     def _build_delta(self, base: ModelVersion, header: UpdateHeader, parts: list[dict[str, np.ndarray]],
-                     spare: CTRModel | None = None) -> ModelVersion:
-        """Copy ``base``'s model into a shadow and apply the parts to it; ``base`` is untouched.
+                     spare: ModelVersion | None = None) -> ModelVersion:
+        """Bring a shadow to ``base`` and apply the parts to it; ``base`` is untouched.
 
-        The shadow is a retired model nobody holds (``spare``: its tensors are overwritten with
-        ``copy_``, which releases the GIL for the 4+ MiB table) or else a ``deepcopy`` (whose
-        Python-level walk and storage copies hold the GIL ~2-4 ms: requests in flight wait)."""
+        The shadow is a retired version's model nobody holds (``spare``) or else a ``deepcopy``
+        (whose Python-level walk and storage copies hold the GIL ~2-4 ms: requests in flight
+        wait). A spare is some versions behind ``base``; the table rows that differ are the
+        union of the rows those versions changed, so only they are copied (``index_copy_``),
+        with the small dense tensors whole: a version costs what the stream changed, not the
+        table size. Without that history (a snapshot in between, another lineage, history
+        dropped) the whole table is copied (``copy_``, which releases the GIL)."""
         t0 = time.perf_counter()
+        touched = _touched_rows(parts)
+        copied = -1
         if spare is not None:
+            shadow = spare.model
+            rows = self._rows_between(spare, base)
+            table = shadow.table
+            if rows is not None and len(rows) > self.max_scattered_rows * table.shape[0]:
+                rows = None  # that many scattered rows cost more than one sequential copy
             with torch.no_grad():
-                for dst, src in zip(_tensors(spare), _tensors(base.model), strict=True):
-                    dst.copy_(src)
-            shadow = spare
+                for dst, src in zip(_tensors(shadow), _tensors(base.model), strict=True):
+                    if rows is not None and dst is table:
+                        idx = torch.from_numpy(rows).to(dst.device)
+                        dst.index_copy_(0, idx, src.index_select(0, idx))
+                    else:
+                        dst.copy_(src)
+            if rows is not None:
+                copied = len(rows)
         else:
             shadow = copy.deepcopy(base.model)
         for tensors in parts:
             apply_tensors(shadow, tensors)  # validates each part before writing it
         refresh_derived_state(shadow)
-        return self._version(header, shadow, base.config, "delta", t0, parts=len(parts))
+        return self._version(header, shadow, base.config, "delta", t0, parts=len(parts), touched=touched,
+                             copied_rows=copied)
+
+    def _rows_between(self, old: ModelVersion, new: ModelVersion) -> np.ndarray | None:
+        """Table rows that may differ between two versions of one lineage (``old`` older):
+        the union of the rows every version after ``old`` up to ``new`` changed; None when
+        the chain is not all deltas with known rows."""
+        if old.model_id != new.model_id or old.config is not new.config or old.version >= new.version:
+            return None
+        rows: list[np.ndarray] = []
+        version = new.version
+        while version != old.version:
+            change = self._changes.get((new.model_id, version))
+            if change is None or change[1] is None or change[0] < old.version:
+                return None
+            version, touched = change
+            rows.append(touched)
+        # repeats are harmless (every copy of a row carries the same values) and cheaper than a sort
+        return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
 
     # -- references held by requests, retired versions ---------------------------------------
     def acquire(self) -> ModelVersion | None:
@@ -304,19 +362,24 @@ class ModelRegistry:
         self._retired.append(mv)
         del self._retired[:-self.max_retired]
 
-    def _take_spare(self, base: ModelVersion) -> CTRModel | None:
-        """A retired model of ``base``'s config that no request holds (call under the lock)."""
-        for i, v in enumerate(self._retired):
+    def _take_spare(self, base: ModelVersion) -> ModelVersion | None:
+        """A retired version of ``base``'s config that no request holds (call under the lock);
+        the newest such, so the fewest rows differ from ``base``."""
+        for i in range(len(self._retired) - 1, -1, -1):
+            v = self._retired[i]
             if (v.config is base.config and not self._inflight.get(id(v)) and v is not self.current
                     and v is not self.pinned and v is not self.head):
                 del self._retired[i]
-                return v.model
+                return v
         return None
 
     # -- swapping ---------------------------------------------------------------------------------
     def _install(self, mv: ModelVersion) -> None:
         """Make ``mv`` the head (and current unless pinned): one reference assignment each."""
         with self._lock:
+            self._changes[mv.key] = (mv.base_version, mv.touched)
+            while len(self._changes) > self.keep + self.max_retired + 2:
+                self._changes.popitem(last=False)
             self.head = mv
             self._history[mv.key] = mv
             self._history.move_to_end(mv.key)
