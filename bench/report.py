@@ -203,10 +203,10 @@ def _hashing(doc: dict) -> str:
 
 
 def _version_apply(doc: dict) -> str:
-    rows = [[f"2^{r['table_bits']} ({r['table_rows']:,})", f"{r['touched_rows']:,}", r["copy"],
+    rows = [[f"2^{r['table_bits']} ({r['table_rows']:,})", f"{r['touched_rows']:,}", r["registry"],
              r["copied_rows"] if isinstance(r["copied_rows"], str) else f"{r['copied_rows']:,}",
              f"{r['build_ms_p50']:,.2f}", f"{r['build_ms_max']:,.2f}"] for r in doc["rows"]]  # fmt: skip
-    return _md(["table rows", "rows touched per version", "copy", "rows copied", "build ms p50", "max"], rows)
+    return _md(["table rows", "rows touched per version", "registry", "rows copied", "build ms p50", "max"], rows)
 
 
 def _serving(doc: dict) -> str:
