@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
                 r = probe.trial(k)
                 dead = sup.check()
                 print(f"trial {k + 1}/{a.trials}: "
-                      f"{'missed' if r.fresh_s is None else f'{r.fresh_s:.2f} s'} (ad-specific {r.specific:+.4f}, "
-                      f"threshold {r.threshold:.4f}, own score {r.moved:+.4f}, version {r.version}); "
+                      f"{'missed' if r.fresh_s is None else f'{r.fresh_s:.2f} s'} "
+                      f"(ad-specific {r.specific:+.3f} log-odds, "
+                      f"threshold {r.threshold:.3f}, own score {r.base:.4f} {r.moved:+.4f}, version {r.version}); "
                       f"replayed {progress.events:,}"
                       + (f"; restarted: {dead}" if dead else ""), flush=True)  # fmt: skip
                 time.sleep(a.gap)
