@@ -20,10 +20,8 @@ One trial, all through the real pipeline (broker, ``ctr worker``, ``ctr learn``,
 
 Scores are compared in log-odds (:func:`log_odds_gap`): the same evidence moves a score by
 ``p (1 - p)`` times as much in probability, so a threshold in probability missed every trial
-whose context the model scores low. Measured: the trials that never moved by 0.005 were the ones
-whose target started at p 0.015-0.022 (the others 0.03-0.26), while their ad-specific move in
-log-odds (~0.12) matched the detected trials'. ``min_move`` 0.05 in log-odds is the old 0.005 at
-the stream's ~10 % click rate.
+whose context the model scores low (README, "Freshness"). ``min_move`` 0.05 in log-odds is
+the old 0.005 in probability at the stream's ~10 % click rate.
 
 Why relative to a control: every version that lands moves every score (dense weights, shared
 context rows), by as much as 0.1 on this stream, which would hide or fake a burst's effect; the

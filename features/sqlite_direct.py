@@ -52,7 +52,7 @@ class SqliteDirect:
         ``execute`` per (entity, feature); two thirds of its time is the conversion. Here
         each cell is serialised once and the whole chunk is one ``executemany`` of Feast's own
         upsert statement, in one transaction -- same table, same bytes (a test compares both
-        paths row for row), 3-4x the rows/s. Returns False (nothing written) for a value this
+        paths row for row), several times the rows/s. Returns False (nothing written) for a value this
         path does not encode exactly like Feast (None, NaN, inf), so the caller falls back.
         """
         import math
@@ -130,7 +130,7 @@ class SqliteDirect:
 
     def stored_times(self, v: _View, keys: list[str]) -> dict[str, int]:
         """SQLite: select only the event-time rows (plus one feature row, for rows written
-        without it) instead of every feature of every key -- 5-10x cheaper than online_read,
+        without it) instead of every feature of every key -- far cheaper than online_read,
         which on SQLite reads and parses all features whatever ``requested_features`` says."""
         from feast.infra.online_stores.sqlite import SqliteOnlineStore, _table_id
         from feast.protos.feast.types.Value_pb2 import Value

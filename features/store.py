@@ -332,7 +332,7 @@ class FeatureWriter:
     ...         "version": 4}], event_time_ms=1_700_000_000_000)       # doctest: +SKIP
     1
 
-    ``write`` blocks (SQLite: ~10 ms per 100 rows, ~90 ms per 1000); from asyncio code (a
+    ``write`` blocks (``python -m bench.feast_io`` times it); from asyncio code (a
     Faust agent) use ``await w.write_async(...)``, which runs it in a thread. Calls are
     serialised by a lock, so one writer may be shared by several agents of a process.
 

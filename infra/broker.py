@@ -77,8 +77,8 @@ def stop_broker(
     """Stop a broker without losing what it acknowledged.
 
     noida-db answers produce requests for a few tens of milliseconds after its SIGTERM handler
-    saved the data file, and those acknowledged messages are gone after a restart (measured:
-    1 of 12 stops under a 5,000 msg/s producer lost the 100 acked 42 ms after the signal).
+    saved the data file, and those acknowledged messages are gone after a restart
+    (``python -m bench.broker_stop`` measures how often).
     Its own ``stop kafka`` command stops the service first and then saves ("data saved"): with
     it, 0 of 25 stops lost anything. So: ``stop kafka``, then SIGTERM (SIGKILL after
     ``grace_s``)."""

@@ -27,8 +27,8 @@ def fetch_backoff_s() -> float:
     (``CTR_FETCH_BACKOFF_MS``, default 10; 0 turns pacing off).
 
     A Kafka broker parks an empty fetch for ``fetch.wait.max.ms``; noida-db answers at once,
-    so without pacing every idle consumer spins (measured: ~3,000 fetches/s, 0.95 CPU for an
-    idle Faust worker, 0.6 CPU for an idle confluent-kafka consumer). New data waits at most this.
+    so without pacing every idle consumer spins, a core's worth of CPU for doing nothing
+    (``ctr bench pacing`` measures it). New data waits at most this.
     """
     ms = float(os.environ.get("CTR_FETCH_BACKOFF_MS", "10"))
     if not 0 <= ms <= 1000:
@@ -43,7 +43,7 @@ def kafka_compression() -> str:
     """The codec every producer of the pipeline uses (``CTR_KAFKA_COMPRESSION``, default zstd).
 
     Why zstd: the pipeline's records are JSON with repeated field names and Zipf-distributed
-    values -- zstd shrinks one impression 1.6x and a batch of ten 3.3x (lz4: 1.15x / 1.75x).
+    values, which zstd shrinks far more than lz4 does.
     Every byte a broker keeps costs it memory and, on the embedded noida-db, CPU: it rewrites
     its whole state as one JSON file, so its load grows with what it retains.
     """

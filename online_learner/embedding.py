@@ -48,7 +48,7 @@ def _as_key_tensor(keys: np.ndarray | Tensor) -> np.ndarray | Tensor:
 
 class _ExpandRows(torch.autograd.Function):
     """``rows [U, c] -> rows[inverse] [M, c]``; backward sums the ``M`` gradients per row
-    (numba scatter-add on CPU, ~2x faster than ``index_select``'s ``index_add_`` backward)."""
+    (numba scatter-add on CPU, faster than ``index_select``'s ``index_add_`` backward)."""
 
     @staticmethod
     def forward(ctx, rows: Tensor, inverse: Tensor) -> Tensor:

@@ -5,15 +5,15 @@ Why hand-rolled instead of ``nn.Embedding(sparse=True)`` + ``torch.optim.SparseA
 a batch of ``B`` examples touches ``M = B * P`` table rows with many duplicates, scattered over
 a table far bigger than the CPU caches. The step is organised around that:
 
-1. :func:`unique_rows` deduplicates the batch's row ids (numba LSD radix sort, ~2 ms for
-   ``M = 320k``; ``torch.unique`` on GPU) -> sorted unique ids ``[U]`` and ``inverse [M]``;
+1. :func:`unique_rows` deduplicates the batch's row ids (numba LSD radix sort;
+   ``torch.unique`` on GPU) -> sorted unique ids ``[U]`` and ``inverse [M]``;
 2. the forward pass reads the ``U`` rows once, in address order, into a leaf ``[U, c]`` and
    expands it with ``rows[inverse]`` (``HashedChunkTable.lookup``); autograd's backward of that
    index is an ``index_add`` -- the leaf's ``.grad`` is already the per-row *sum* of gradients;
 3. :meth:`RowWiseAdagrad.step_unique` walks the ``U`` rows in address order once more.
 
 No sparse COO tensor, no coalesce, no dense ``[num_rows, c]`` gradient, and no random DRAM
-access per occurrence (that alone cost ~20 ms per 4096-example batch on a 2**20-row table;
+access per occurrence (on a large table that alone dominated the step;
 ``bench/learner_core.py`` times the alternatives).
 
 Row-wise Adagrad (as FBGEMM/TorchRec ``ROWWISE_ADAGRAD``): one accumulator per row,
@@ -112,7 +112,8 @@ def unique_rows(ids: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
 def _scatter_add_rows_cpu(out, index, grads):
-    """``out[index[m]] += grads[m]`` (the backward of ``rows[index]``); ~2x torch's index_add_."""
+    """``out[index[m]] += grads[m]`` (the backward of ``rows[index]``), faster than torch's
+    ``index_add_`` on CPU (``bench/learner_core.py``)."""
     for m in range(index.shape[0]):
         r = index[m]
         for j in range(grads.shape[1]):

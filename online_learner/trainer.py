@@ -147,8 +147,8 @@ class TrainerConfig:
     lr_dense: float = 0.005
     seed: int = 0
     #: torch intra-op threads. 1 by default: the trainer shares the machine with the broker,
-    #: the stream workers and serving, and measured here 2 threads under contention ran the
-    #: step 4-5x slower than 1 (bench/learner.py).
+    #: the stream workers and serving, and under contention 2 threads ran the step several
+    #: times slower than 1 (bench/learner.py).
     torch_threads: int = 1
 
     def model_for(self, impressions: Sequence) -> ModelConfig:

@@ -216,7 +216,7 @@ class ModelRegistry:
         self.keep = keep
         self.max_pending_parts_bytes = max_pending_parts_bytes
         #: Above this fraction of the table's rows, a recycled model copies the whole table: a
-        #: scattered row (gather + scatter) costs 20-35 rows of a sequential copy
+        #: scattered row (gather + scatter) costs tens of rows of a sequential copy
         #: (``python -m bench.version_apply``).
         self.max_scattered_rows = max_scattered_rows
         self._lock = threading.RLock()
@@ -286,7 +286,7 @@ class ModelRegistry:
         """Bring a shadow to ``base`` and apply the parts to it; ``base`` is untouched.
 
         The shadow is a retired version's model nobody holds (``spare``) or else a ``deepcopy``
-        (whose Python-level walk and storage copies hold the GIL ~2-4 ms: requests in flight
+        (whose Python-level walk and storage copies hold the GIL: requests in flight
         wait). A spare is some versions behind ``base``; the table rows that differ are the
         union of the rows those versions changed, so only they are copied (``index_copy_``),
         with the small dense tensors whole: a version costs what the stream changed, not the

@@ -114,7 +114,7 @@ class ServingState:
         """First scoring compiles/loads the Numba hash kernels: do it before reporting ready.
 
         Then ``gc.freeze()``: torch, FastAPI, pydantic and the model leave ~300k objects that
-        every full collection would walk (measured: a 245 ms pause, once per few thousand
+        every full collection would walk (a pause of hundreds of ms every few thousand
         requests); frozen, they are never scanned again (refcounting still frees them)."""
         row = {"categorical": {"user_id": "warmup", "item_id": "warmup", "position": "0"}, "numeric": {}}
         mv.predict(mv.encoder.encode([row] * 4))

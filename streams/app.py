@@ -342,7 +342,7 @@ def create_app(
         broker_commit_interval=commit_interval_s,
         producer_max_request_size=4 * 1024 * 1024,
         producer_linger=0.005,
-        # changelog records hold a micro-batch of raw impressions: zstd shrinks them ~4x
+        # changelog records hold a micro-batch of raw impressions: zstd shrinks them several-fold
         # (aiokafka needs cramjam for it; consumers decompress whatever the producer chose)
         producer_compression_type=None if codec == "none" else codec,
         consumer_max_fetch_size=4 * 1024 * 1024,

@@ -41,7 +41,7 @@ exactly-once *effects* (one first example per impression, one correction per lat
 click, the true final label; each count applied once, each example learned once). Faust
 transactions were offered as ``--guarantee exactly_once`` until they were measured to add no
 guarantee (the outputs leave through confluent-kafka, outside the transaction) and to cost
-~25 % throughput, so the option was removed.
+throughput (streams/README.md), so the option was removed.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Runs on the embedded mini-cluster (``python streams/flink/job.py --bootstrap HOST:PORT``)
 and on a cluster (``flink run -py streams/flink/job.py --bootstrap kafka:9092``). All the
 work is Flink SQL (:mod:`ctr.streams.flink.sql`, generated from ``features/spec.py``); Python only
-assembles it -- Python UDFs or DataStream windows would be 5-50x slower (platform notes).
+assembles it -- Python UDFs or DataStream windows would run in Python per row (platform notes).
 
 Imports only the stdlib, pyflink and the stdlib-only spec: this runs in ``.venv-flink``,
 which cannot also hold Feast. Output rows (JSON, key = entity id) on ``--output-topic``::
