@@ -336,6 +336,8 @@ def _targets(docs: dict[str, dict]) -> str:
         for what, got, met in _target_rows(name, d):
             if d.get("busy_cores"):  # the bench loads the machine itself
                 other = f"{d['busy_cores']} kept busy in this run"
+            elif Path(name).stem in LOAD_INDEPENDENT:
+                other = "the same (its target times nothing)"
             elif what in busy:
                 other = f"{busy[what][0]} ({_verdict(busy[what][1])})"
             else:
@@ -348,6 +350,9 @@ def _targets(docs: dict[str, dict]) -> str:
 TARGET_RESULTS = tuple(f"bench/results/{n}.json" for n in (
     "replay", "hashing", "learner", "quality", "serving", "freshness", "stream", "reliability", "chaos"))  # fmt: skip
 LOADED_DIR = "bench/results/loaded/"
+#: Results whose targets time nothing (prediction quality, learned in a fixed order): a loaded
+#: machine changes none of their verdicts.
+LOAD_INDEPENDENT = frozenset({"quality"})
 
 
 #: The README's Status table: per component, what is built (prose: no figures, no verdicts) and
