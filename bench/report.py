@@ -202,6 +202,27 @@ def _hashing(doc: dict) -> str:
     return f"{_md(['implementation', 'M hashes/s best', 'median'], rows)}\n\n{note}"
 
 
+def _learner_core(doc: dict) -> str:
+    tp = [[str(r["threads"]), f"{r['batch']:,}", f"{r['examples/s']:,.0f}", f"{r['best slice']:,.0f}"]
+          for r in doc["rows"] if r["section"].startswith("throughput")]  # fmt: skip
+    acc = [[r["embedding"], r.get("numeric", ""), f"{r['table_MB']:g}" if "table_MB" in r else "",
+            f"{r['auc']:.3f}", f"{r['auc_last']:.3f}", f"{r['log_loss']:.4f}" if "log_loss" in r else ""]
+           for r in doc["rows"] if r["section"].startswith("accuracy")]  # fmt: skip
+    parts = []
+    if tp:
+        parts.append(_md(["torch threads", "batch", "examples/s", "best slice"], tp))
+    if acc:
+        parts.append(_md(["embedding", "numeric", "table MB", "AUC", "AUC, last part", "log loss"], acc))
+    return "\n\n".join(parts)
+
+
+def _flink(doc: dict) -> str:
+    rows = [[r["name"], f"{r['events']:,}", f"{r['events_per_s']:,.0f}", f"{r['cpu_s']:,.1f}" if "cpu_s" in r else "",
+             f"{r['events_per_cpu_s']:,.0f}" if "events_per_cpu_s" in r else "",
+             f"{r['output_rows']:,}" if "output_rows" in r else ""] for r in doc["rows"]]  # fmt: skip
+    return _md(["run", "events", "events/s", "CPU s", "events per CPU s", "output rows"], rows)
+
+
 def _version_apply(doc: dict) -> str:
     rows = [[f"2^{r['table_bits']} ({r['table_rows']:,})", f"{r['touched_rows']:,}", r["registry"],
              r["copied_rows"] if isinstance(r["copied_rows"], str) else f"{r['copied_rows']:,}",
@@ -418,6 +439,8 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
+    Table("learner-core-table", "bench/results/learner_core.json", _learner_core),
+    Table("flink-table", "bench/results/flink.json", _flink),
     Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("stream-table", "bench/results/stream.json", _stream),
     Table("reliability-table", "bench/results/reliability.json", _reliability),
