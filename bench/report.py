@@ -441,6 +441,7 @@ TABLES: tuple[Table, ...] = (
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
     Table("learner-core-table", "bench/results/learner_core.json", _learner_core),
     Table("flink-table", "bench/results/flink.json", _flink),
+    Table("flink-table", "bench/results/flink.json", _flink, doc="streams/flink/README.md"),
     Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("stream-table", "bench/results/stream.json", _stream),
     Table("reliability-table", "bench/results/reliability.json", _reliability),
