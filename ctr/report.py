@@ -25,10 +25,10 @@ try:  # the [report] extra; without it the report holds the summary table and no
     matplotlib.use("Agg")  # no display; must precede pyplot
     import matplotlib.pyplot as plt
 except ModuleNotFoundError:  # pragma: no cover - the dev install has it
-    plt = None
+    plt = None  # type: ignore[assignment]
 
 
-def _png(fig) -> str:
+def _png(fig: Any) -> str:  # a matplotlib Figure
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -79,7 +79,7 @@ def weights_figure(weights: list[dict], drift_event_ms: int | None, t0: int | No
             f: max(w["weights"].get(f, 1.0) for w in weights) - min(w["weights"].get(f, 1.0) for w in weights)
             for f in fields
         }
-        for f in sorted(fields, key=spread.get, reverse=True)[:8]:
+        for f in sorted(fields, key=lambda name: spread[name], reverse=True)[:8]:
             ax.plot(x, [w["weights"].get(f, 1.0) for w in weights], label=f)
         if drift_event_ms is not None:
             ax.axvline((drift_event_ms - t0) / 1000, color="red", alpha=0.6, label="drift")

@@ -31,11 +31,13 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
     feast_dir = feast_dir or root / "feast"
     broker = EmbeddedBroker(kind=kind, data_dir=root / f"broker-{kind}", detach=True).start()
     bs = broker.bootstrap
+    assert broker.proc is not None  # started
+    pid = broker.proc.pid
     (root / "broker.json").write_text(
-        json.dumps({"kind": kind, "bootstrap": bs, "pid": broker.proc.pid, "data_dir": str(root / f"broker-{kind}")})
+        json.dumps({"kind": kind, "bootstrap": bs, "pid": pid, "data_dir": str(root / f"broker-{kind}")})
     )
     sup = Supervisor(root / "logs")
-    services = {"broker": {"pid": broker.proc.pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
+    services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
     plan = [
         Service(
             "worker",
@@ -62,6 +64,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
     ]
     for svc in plan:
         sup.start(svc)
+        assert svc.proc is not None  # started
         services[svc.name] = {"pid": svc.proc.pid, "log": str(svc.log_path)}
     state = {
         "bootstrap": bs,

@@ -328,9 +328,11 @@ class ModelRegistry:
         version = new.version
         while version != old.version:
             change = self._changes.get((new.model_id, version))
-            if change is None or change[1] is None or change[0] < old.version:
+            if change is None:
                 return None
             version, touched = change
+            if touched is None or version < old.version:
+                return None
             rows.append(touched)
         # repeats are harmless (every copy of a row carries the same values) and cheaper than a sort
         return np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
@@ -389,10 +391,11 @@ class ModelRegistry:
                     self._retire(old)
             if self.pinned is None:
                 self.current = mv
+            current = self.current or mv
             self.swaps += 1
             self._note_seen(mv.model_id, mv.version)
         for fn in self.listeners:
-            fn(self.current)
+            fn(current)
 
     def install_snapshot(self, header: UpdateHeader, tensors: dict[str, np.ndarray]) -> ModelVersion:
         """Load a snapshot as the new head (a re-sync or the initial load); drops pending parts."""
