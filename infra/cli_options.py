@@ -1,7 +1,7 @@
 """Command-line pieces every stage's typer command shares: the bootstrap option and how it is
 resolved, a choice check, and failing with a usage error (exit 2).
 
-Each stage owns its command (``ctr.streams.worker.worker_command``, ...); ``ctr.cli`` mounts
+Each stage owns its command (``ctr.streams.cli.worker_command``, ...); ``ctr.cli`` mounts
 them, and each ``python -m`` entry runs the same function (:func:`run_command`).
 """
 

@@ -1,6 +1,7 @@
 """``ctr serve`` (mounted by :mod:`ctr.cli`), the same function ``python -m ctr.serving`` runs.
 
-Light to import: the app (FastAPI, torch) is imported when the command runs.
+Light to import: the app (FastAPI, torch) is imported when the command runs; the flags' defaults
+are :class:`~ctr.serving.config.ServingConfig`'s.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import typer
 
 from ctr.features.cli import OnlineOpt, RedisUrl, check_online
 from ctr.infra.cli_options import Bootstrap, bootstrap_or_exit
-from ctr.infra.topics import MODEL_UPDATES_TOPIC
+from ctr.serving.config import ServingConfig
+
+#: the defaults live in ServingConfig (one owner); the flags show them
+_D = ServingConfig()
 
 
 def serve_command(
@@ -23,35 +27,36 @@ def serve_command(
     feast_dir: Annotated[
         Path | None, typer.Option(envvar="CTR_FEAST_DIR", help="Feast store directory (default .ctr/feast).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Bind address (loopback unless told otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    host: Annotated[str, typer.Option(help="Bind address (loopback unless told otherwise).")] = _D.host,
+    port: Annotated[int, typer.Option(help="HTTP port.")] = _D.port,
     updates: Annotated[
         bool, typer.Option("--updates/--no-updates", help="Apply live model-updates (else: the newest snapshot only).")
     ] = True,
-    topic: Annotated[str, typer.Option(help="The model-updates topic.")] = MODEL_UPDATES_TOPIC,
-    keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = 5,
+    topic: Annotated[str, typer.Option(help="The model-updates topic.")] = _D.topic,
+    keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = _D.keep_versions,
     online: OnlineOpt = "sqlite",
     redis_url: RedisUrl = None,
     feature_cache: Annotated[
         bool, typer.Option(help="Cache request features (--no-feature-cache reads Feast per request: baseline).")
-    ] = True,
+    ] = _D.feature_cache,
     feast_process: Annotated[
         bool,
         typer.Option("--feast-process/--feast-in-process", help="Read Feast in a worker process (or in threads)."),
-    ] = True,
-    cache_ttl: Annotated[float, typer.Option(help="Feature cache freshness (s).")] = 5.0,
-    cache_max_stale: Annotated[float, typer.Option(help="Serve a cached value this old at most (s).")] = 60.0,
-    max_candidates: Annotated[int, typer.Option(help="Candidates per /predict at most.")] = 500,
-    max_body_bytes: Annotated[int, typer.Option(help="Request body size limit.")] = 1 << 20,
-    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = 1,
+    ] = _D.feast_process,
+    cache_ttl: Annotated[float, typer.Option(help="Feature cache freshness (s).")] = _D.cache_ttl_s,
+    cache_max_stale: Annotated[
+        float, typer.Option(help="Serve a cached value this old at most (s).")
+    ] = _D.cache_max_stale_s,
+    max_candidates: Annotated[int, typer.Option(help="Candidates per /predict at most.")] = _D.max_candidates,
+    max_body_bytes: Annotated[int, typer.Option(help="Request body size limit.")] = _D.max_body_bytes,
+    torch_threads: Annotated[int, typer.Option(help="torch intra-op threads.")] = _D.torch_threads,
     gil_switch_interval: Annotated[
         float, typer.Option(help="sys.setswitchinterval in seconds (0: leave CPython's 5 ms).")
-    ] = 0.0005,
-    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    ] = _D.gil_switch_interval_s,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = _D.log_level,
 ) -> None:
     """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
     from ctr.serving.app import run_server
-    from ctr.serving.config import ServingConfig
 
     run_server(
         ServingConfig(

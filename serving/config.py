@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ctr.infra.topics import MODEL_UPDATES_TOPIC
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -3,7 +3,6 @@ reading it, and records every request's latency per endpoint."""
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Awaitable, Callable
 
@@ -14,8 +13,6 @@ from ctr.serving.metrics import (
     ENDPOINTS,
     observe,
 )
-
-log = logging.getLogger(__name__)
 
 
 class PayloadTooLarge(HTTPException):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -11,8 +10,6 @@ from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from ctr.serving.state import ServingState
-
-log = logging.getLogger(__name__)
 
 
 _LAT_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
@@ -36,12 +33,9 @@ READY = Gauge("ctr_serving_ready", "1 when /readyz answers 200")
 ENDPOINTS = {"/predict", "/model", "/model/rollback", "/model/unpin", "/healthz", "/readyz", "/metrics"}
 
 
-
-
 def observe(endpoint: str, status: int, t0: float) -> None:
     REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - t0)
     REQUESTS.labels(endpoint, str(status)).inc()
-
 
 
 def bind_gauges(state: ServingState) -> None:

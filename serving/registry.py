@@ -107,8 +107,8 @@ class ModelVersion:
     build_ms: float = 0.0
     #: Table rows this version changed from its base (a delta's row ids); None: any (a snapshot).
     touched: np.ndarray | None = None
-    #: Table rows copied to build it here: those that differ between the recycled model and the
-    #: base (plus the delta's own); -1 when the whole table was copied (no usable history).
+    #: Table rows copied to build it here: those that may differ between the recycled model and
+    #: the base, repeats included; -1 when the whole table was copied (or a deepcopy made).
     copied_rows: int = -1
 
     def predict(self, enc: EncodedBatch) -> np.ndarray:

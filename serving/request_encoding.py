@@ -3,7 +3,6 @@ column-wise (:func:`encode_request`), with the row-wise reference (:func:`merged
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -16,9 +15,6 @@ from ctr.serving.features import (
     Lookup,
 )
 from ctr.serving.registry import ModelVersion
-
-log = logging.getLogger(__name__)
-
 
 #: Impression attributes set per request/candidate; a same-named categorical field is overridden.
 _ATTRIBUTES = frozenset({"user_id", "item_id", "position"})

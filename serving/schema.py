@@ -1,17 +1,13 @@
 """``/predict`` and admin request and response types (msgspec for the hot request, pydantic for
 the OpenAPI document)."""
 
-import logging
 from typing import Annotated, Any
 
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field
 
-log = logging.getLogger(__name__)
-
-
-# The request is decoded AND validated by msgspec in one pass (~70 us for 60 candidates, vs
-# ~420 us for json.loads + pydantic at 100); its JSON schema is put into the OpenAPI document.
+# The request is decoded AND validated by msgspec in one pass (several times cheaper than
+# json.loads + pydantic); its JSON schema is put into the OpenAPI document.
 FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Value = Annotated[str, msgspec.Meta(max_length=256)]
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]

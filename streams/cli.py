@@ -14,12 +14,16 @@ import typer
 from ctr.features.cli import OnlineOpt, RedisUrl, check_online
 from ctr.infra.cli_options import Bootstrap, MetricsPort, bootstrap_or_exit, one_of
 from ctr.infra.config import CHANGELOG_MODES, EMISSIONS
+from ctr.streams.worker_config import WorkerConfig
+
+#: the worker's defaults live in WorkerConfig (one owner); the flags show them
+_W = WorkerConfig(bootstrap="")
 
 
 def worker_command(
     bootstrap: Bootstrap = None,
     feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default: .ctr/feast).")] = None,
-    app_id: Annotated[str, typer.Option(help="Faust app id (workers with one id share partitions).")] = "ctr-stream",
+    app_id: Annotated[str, typer.Option(help="Faust app id (workers with one id share partitions).")] = _W.app_id,
     instance_id: Annotated[
         str | None,
         typer.Option(
@@ -29,8 +33,8 @@ def worker_command(
             "(default <hostname>-1).",
         ),
     ] = None,
-    window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = 30_000,
-    lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness of each topic.")] = 0,
+    window_ms: Annotated[int, typer.Option(help="Attribution window (event time).")] = _W.window_ms,
+    lateness_ms: Annotated[int, typer.Option(help="Allowed out-of-orderness of each topic.")] = _W.allowed_lateness_ms,
     emission: Annotated[
         str,
         typer.Option(
@@ -39,18 +43,18 @@ def worker_command(
             "later click sends a correction; click: positives at their click, negatives at window close; "
             "window: all at window close.",
         ),
-    ] = "provisional",
+    ] = _W.emission,
     negative_after_ms: Annotated[
         int, typer.Option(help="provisional: how long after its impression (event time) a first example leaves.")
-    ] = 5_000,
-    features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = True,
+    ] = _W.negative_after_ms,
+    features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = _W.features,
     online: OnlineOpt = "sqlite",
     redis_url: RedisUrl = None,
     metrics_port: MetricsPort = None,
     web_port: Annotated[int | None, typer.Option(help="Faust's web server on this port.")] = None,
     wait_for_store: Annotated[
-        bool, typer.Option(help="Consume only once the Feast writer process is ready (~6 s: import feast).")
-    ] = False,
+        bool, typer.Option(help="Consume only once the Feast writer process is ready (import feast takes seconds).")
+    ] = _W.wait_for_store,
     changelog: Annotated[
         str,
         typer.Option(
@@ -58,11 +62,11 @@ def worker_command(
             help="offsets: changelog records reference the impressions / delta batches they consumed "
             "(read back at restore); inline: they copy them.",
         ),
-    ] = "offsets",
-    loglevel: Annotated[str, typer.Option(help="Log level.")] = "info",
+    ] = _W.changelog,
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = _W.loglevel,
 ) -> None:
     """Run the Faust agents (label join, windowed features -> Feast) as one worker; SIGTERM stops it."""
-    from ctr.streams.worker import WorkerConfig, default_instance_id, run_worker
+    from ctr.streams.worker import default_instance_id, run_worker
 
     config = WorkerConfig(
         bootstrap=bootstrap_or_exit(bootstrap), feast_dir=feast_dir, app_id=app_id,

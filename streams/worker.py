@@ -15,14 +15,12 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from ctr.infra.cli_options import run_command
 from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC, TOPICS, TopicSpec
-from ctr.streams.agents.label_join import JoinConfig
 from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
+from ctr.streams.worker_config import WorkerConfig
 
 log = logging.getLogger("ctr.streams.worker")
 
@@ -58,49 +56,6 @@ async def _subscribe_only(stream: Any, name: str) -> None:
     assignment); the records themselves arrive through the bulk queue, so nothing comes here."""
     async for _ in stream:  # pragma: no cover - only if bulk delivery is bypassed
         log.warning("%s: a record reached the per-event stream; bulk delivery is not active", name)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything one worker runs with (``ctr worker`` / ``python -m ctr.streams.worker``).
-
-    ``bootstrap`` is ``HOST:PORT`` (or ``kafka://HOST:PORT``); ``feast_dir`` the Feast repo
-    directory (``ctr.features.store.open_store``; default ``$CTR_FEAST_DIR`` or ``.ctr/feast``);
-    ``metrics_port`` serves Prometheus metrics on 127.0.0.1 (``$CTR_BIND``); ``web_port``
-    enables Faust's web server. ``features=False`` runs the label join only. ``wait_for_store``
-    holds consumption until the Feast writer process has opened the store (``import feast`` is
-    ~6 s of CPU): by default the join starts at once, so examples reach the learner while the
-    writer starts. ``changelog``: ``offsets`` (the changelogs reference the records they
-    consumed, the join's its impressions and the feature agent's its delta batches; a restore
-    reads them back, so the impressions topic must keep its records for the attribution window
-    and the deltas topic for the longest feature window plus its hop) or ``inline`` (copies
-    them: hundreds of changelog bytes per event instead of a few; ``ctr bench stream``).
-    """
-
-    bootstrap: str
-    feast_dir: str | Path | None = None
-    app_id: str = "ctr-stream"
-    window_ms: int = 30_000
-    allowed_lateness_ms: int = 0
-    emission: str = "provisional"
-    negative_after_ms: int = 5_000
-    features: bool = True
-    online: str = "sqlite"
-    redis_url: str | None = None
-    web_port: int | None = None
-    metrics_port: int | None = None
-    loglevel: str = "info"
-    instance_id: str | None = None
-    wait_for_store: bool = False
-    changelog: str = "offsets"
-
-    def join_config(self) -> JoinConfig:
-        from ctr.features.spec import SPEC
-
-        return JoinConfig(
-            window_ms=self.window_ms, allowed_lateness_ms=self.allowed_lateness_ms, emission=self.emission,
-            negative_after_ms=self.negative_after_ms, spec=SPEC, changelog_impressions=self.changelog,
-        )  # fmt: skip
 
 
 def build(config: WorkerConfig, *, feast_interval_s: float = 0.1, sink: Any = None) -> CtrApp:

@@ -74,7 +74,6 @@ the feature-delta messages: :mod:`~ctr.streams.agents.deltas`.
 from __future__ import annotations
 
 import heapq
-import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,8 +90,6 @@ from ctr.infra.schema import (
 )
 from ctr.streams.agents.deltas import bucket_ms
 from ctr.streams.agents.join_records import JoinRecord
-
-log = logging.getLogger(__name__)
 
 NEG_INF = -(1 << 62)
 DEFAULT_WINDOW_MS = 30_000
