@@ -166,6 +166,7 @@ class World:
         from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer, produce
         from ctr.online_learner.delta import snapshot_tensors
         from ctr.online_learner.model import CTRModel, ModelConfig
+        from ctr.online_learner.trainer import DEFAULT_MODEL_OPTIONS
         from ctr.online_learner.update_format import UpdateHeader, encode_update
 
         self.tmp, self.delta_rows = tmp, delta_rows
@@ -185,8 +186,9 @@ class World:
             writer.write(view, rows, event_time_ms=T0_MS)
         self.store_s = time.perf_counter() - t
         torch.manual_seed(seed)
+        # the model ``ctr learn`` ships (its options), at the bench's table size
         self.config = ModelConfig(CATEGORICAL + ("user_id", "item_id", "position"), NUMERIC + STORE_FIELDS,
-                                  table_bits=table_bits)
+                                  **{**DEFAULT_MODEL_OPTIONS, "table_bits": table_bits})
         self.model = CTRModel(self.config)
         self.model_id, self.version = "bench", 1
         self.snapshots = tmp / "snapshots"

@@ -11,9 +11,11 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 * ``GET /healthz`` (process alive, update thread alive), ``GET /readyz`` (a model and the
   feature store), ``GET /metrics`` (Prometheus).
 
-The request path grabs ``registry.current`` ONCE, fetches features (cache, or one batched
-Feast read for what the cache lacks, in a worker thread), encodes and scores with that one
-immutable version, and reports that version. See ``serving/README.md``.
+The request path (``predict``: ``Predictor``, answered ahead of FastAPI by ``PredictPath``)
+grabs ``registry.current`` ONCE, fetches features (cache, or one batched Feast read for what
+the cache lacks, in a worker thread), encodes, scores with that one immutable version in a
+forward shared with the requests in flight (``BatchScorer``), and reports that version. See
+``serving/README.md``.
 
 The parts: ``config``, ``schema`` (request/response types), ``guard`` (body-size middleware),
 ``metrics``, ``state`` (a replica's moving parts), ``request_encoding``.
@@ -26,7 +28,6 @@ import logging
 import secrets
 import signal
 import sys
-import time
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -36,19 +37,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ctr.serving.config import ServingConfig
-from ctr.serving.features import (
-    FeatureSource,
-    Lookup,
-    record,
-)
+from ctr.serving.features import FeatureSource
 from ctr.serving.guard import Guard
-from ctr.serving.metrics import CANDIDATES, READY, SCORE_SECONDS, bind_gauges
-from ctr.serving.registry import ModelRegistry, ModelVersion, RegistryError
-from ctr.serving.request_encoding import encode_request
+from ctr.serving.metrics import READY, bind_gauges
+from ctr.serving.predict import BatchScorer, Predictor, PredictPath, Refusal
+from ctr.serving.registry import ModelRegistry, RegistryError
 from ctr.serving.schema import EXAMPLE_REQUEST, PredictResponse, Problem, RollbackRequest, request_type
 from ctr.serving.state import ServingState
 
@@ -62,7 +58,8 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     config = config or ServingConfig()
     state = ServingState(config, registry, features)
     request_struct = request_type(config.max_candidates)
-    decoder = msgspec.json.Decoder(request_struct)
+    scorer = BatchScorer(max_wait_s=config.batch_wait_ms / 1000)
+    predictor = Predictor(state, request_struct, scorer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -75,6 +72,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     app = FastAPI(title="ctr serve", version="1.0", lifespan=lifespan,
                   description="Real-time CTR scoring with live model refresh. See serving/README.md.")
     app.state.serving = state
+    app.state.predictor = predictor
     bearer = HTTPBearer(auto_error=False, description="Admin token ($CTR_ADMIN_TOKEN)")
 
     bind_gauges(state)
@@ -113,64 +111,9 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
                       ) -> Response:
         """Score every candidate with ONE model version (named in the response)."""
         try:
-            req = decoder.decode(await request.body())
-        except msgspec.ValidationError as err:
-            return JSONResponse({"error": f"invalid request: {err}", "detail": [{"msg": str(err), "type": "invalid"}]},
-                                status_code=422)
-        except (msgspec.DecodeError, UnicodeDecodeError) as err:  # msgspec: bad UTF-8 is not a DecodeError
-            return JSONResponse({"error": f"malformed JSON: {err}", "detail": [{"msg": str(err), "type": "json"}]},
-                                status_code=422)
-        registry = state.registry
-        mv = registry.acquire()  # grabbed once: this version scores the whole request
-        try:
-            return await _score(mv, req, explain)
-        finally:
-            registry.release(mv)
-
-    async def _score(mv: ModelVersion | None, req: Any, explain: bool) -> Response:
-        if mv is None:
-            raise HTTPException(503, "no model loaded yet")
-        plan = state.plan(mv)
-        cands = req.candidates
-        look = Lookup({})
-        if plan.needs_features or explain:
-            cache = state.cache
-            if cache is None:
-                raise HTTPException(503, "feature store not ready")
-            t0 = time.perf_counter()
-            wanted: dict[str, list[str]] = {}
-            if plan.user or explain:
-                wanted["user"] = [req.user_id]
-            if plan.item or explain:
-                wanted["item"] = [c.item_id for c in cands]
-            if explain:
-                wanted["field"] = list(mv.model.field_names)
-            look, missing = cache.peek(wanted)
-            if missing:
-                look = await run_in_threadpool(cache.fetch, look, missing)
-            look.seconds = time.perf_counter() - t0
-            record(look)
-        t0 = time.perf_counter()
-        p = mv.predict(encode_request(mv, req, plan, look)).tolist()
-        SCORE_SECONDS.observe(time.perf_counter() - t0)
-        CANDIDATES.observe(len(cands))
-        preds = [{"item_id": c.item_id, "position": c.position if c.position is not None else i, "p_click": p[i]}
-                 for i, c in enumerate(cands)]
-        named = [(c.impression_id, p[i]) for i, c in enumerate(cands) if c.impression_id is not None]
-        if named and state.score_log is not None:
-            state.score_log.log(mv.model_id, mv.version, named)
-        body: dict[str, Any] = {"model_id": mv.model_id, "model_version": mv.version,
-                                "model_event_time_ms": mv.event_time_ms, "predictions": preds,
-                                "request_id": req.request_id, "features": look.as_dict()}
-        if explain:
-            body["explain"] = {
-                "user": look.values.get("user", {}).get(req.user_id),
-                "items": look.values.get("item", {}),
-                "field_weights": {f: v.get("weight") for f, v in look.values.get("field", {}).items()},
-                "model_field_weights": mv.model.field_weights(),
-                "filled_from_store": {"user": list(plan.user), "item": list(plan.item)},
-            }
-        return Response(msgspec.json.encode(body), media_type="application/json")
+            return Response(await predictor.respond(await request.body(), explain), media_type="application/json")
+        except Refusal as refusal:
+            return JSONResponse(refusal.body, status_code=refusal.status)
 
     # ---- model admin
     @app.get("/model", tags=["model"])
@@ -234,8 +177,11 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
 
     app.openapi = openapi  # type: ignore[method-assign]
 
-    # A user middleware sits outside FastAPI's exception middleware: a PayloadTooLarge raised
-    # while the route reads the body is an HTTPException and renders as a 413.
+    # User middleware sits inside the server-error middleware (an unexpected error is a 500
+    # from ``_unexpected``) and outside FastAPI's exception middleware: a PayloadTooLarge raised
+    # while a route reads the body is an HTTPException and renders as a 413. The last added is
+    # outermost: Guard (size limit, latency) -> PredictPath (plain POST /predict) -> FastAPI.
+    app.add_middleware(PredictPath, predictor=predictor)
     app.add_middleware(Guard, max_body_bytes=config.max_body_bytes)
     return app
 

@@ -35,7 +35,12 @@ class ServingConfig:
     max_candidates: int = 500
     max_body_bytes: int = 1 << 20
     admin_token: str | None = None
+    #: torch intra-op threads and the BLAS pool NumPy's forward uses (threadpoolctl): one, so a
+    #: replica's matrix products do not spin threads against the other processes on the machine
     torch_threads: int = 1
+    #: Dynamic batching: how long the first queued request waits for others to share its
+    #: forward. 0: only the requests read in the same turn of the event loop (no added wait).
+    batch_wait_ms: float = 0.0
     #: sys.setswitchinterval: how long a background thread may hold the GIL before a waiting
     #: request thread gets it (CPython's default 5 ms would show up directly in p99).
     gil_switch_interval_s: float = 0.0005

@@ -52,6 +52,7 @@ import torch
 from ctr.online_learner.delta import apply_tensors
 from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
 from ctr.online_learner.hashing import ValueKeyer
+from ctr.online_learner.inference import NumpyForward
 from ctr.online_learner.model import CTRModel, ModelConfig
 from ctr.online_learner.update_format import GateDecision, UpdateError, UpdateHeader
 
@@ -110,9 +111,16 @@ class ModelVersion:
     #: Table rows copied to build it here: those that may differ between the recycled model and
     #: the base, repeats included; -1 when the whole table was copied (or a deepcopy made).
     copied_rows: int = -1
+    #: The inference forward over this version's parameters (built with the version, off the
+    #: request path; the same computation as :func:`score`).
+    forward: NumpyForward = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "forward", NumpyForward(self.model))
 
     def predict(self, enc: EncodedBatch) -> np.ndarray:
-        return score(self.model, enc)
+        """Click probabilities ``[B]`` of the encoded candidates ``enc``."""
+        return self.forward(enc.keys, enc.numeric)
 
     @property
     def key(self) -> tuple[str, int]:

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ctr.online_learner.encoding import EncodedBatch
-from ctr.online_learner.hashing import MISSING_KEY, numeric_keys
+from ctr.online_learner.hashing import MISSING_KEY, numeric_keys, value_key
 from ctr.serving.features import (
     DEFAULTS,
     FeaturePlan,
@@ -18,6 +18,8 @@ from ctr.serving.registry import ModelVersion
 
 #: Impression attributes set per request/candidate; a same-named categorical field is overridden.
 _ATTRIBUTES = frozenset({"user_id", "item_id", "position"})
+_EMPTY_KEY = np.uint64(value_key(""))
+_NAN = float("nan")
 
 
 def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) -> EncodedBatch:
@@ -49,19 +51,21 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     col = {name: j for j, name in enumerate(cfg.hashed_fields)}
     keyer = enc.keyer
 
-    def put_keys(name: str, k: np.ndarray) -> None:
-        j = col[name]
-        keys[:, j] = np.where(k == MISSING_KEY, keys[:, j], k)
+    def put_keys(names: list[str], block: np.ndarray) -> None:
+        """Candidate keys ``[n, len(names)]`` over the context's, where a candidate has a value."""
+        cols = [col[name] for name in names]
+        keys[:, cols] = np.where(block == MISSING_KEY, keys[:, cols], block)
 
     categorical = set(cfg.categorical_fields)
     present: set[str] = set()
     for c in cands:
         present.update(c.categorical)
-    for name in present & categorical - _ATTRIBUTES:
-        values = [c.categorical.get(name) for c in cands]
+    names = sorted(present & categorical - _ATTRIBUTES)
+    if names:  # every candidate column in one keyer call
+        block = keyer.columns([c.categorical for c in cands], names)
         if enc.empty_is_missing:
-            values = [None if v == "" else v for v in values]
-        put_keys(name, keyer(values))
+            block[block == _EMPTY_KEY] = MISSING_KEY
+        put_keys(names, block)
     if "item_id" in categorical:
         keys[:, col["item_id"]] = keyer([c.item_id for c in cands])
     if "position" in categorical:
@@ -72,22 +76,20 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     numeric_present: set[str] = set()
     for c in cands:
         numeric_present.update(c.numeric)
-    columns: dict[str, np.ndarray] = {}
-    nan = float("nan")
-    for name in numeric_present & set(cfg.numeric_fields) - store_fields:
-        columns[name] = np.array([c.numeric.get(name, nan) for c in cands], dtype=np.float64)
+    own = sorted(numeric_present & set(cfg.numeric_fields) - store_fields)
+    columns = [np.array([c.numeric.get(name, _NAN) for c in cands], dtype=np.float64) for name in own]
     if plan.item:
         items = look.values.get("item", {})
         rows = [items.get(c.item_id) or DEFAULTS["item"] for c in cands]
-        for name in plan.item:
-            columns[name] = np.array([r[name] for r in rows], dtype=np.float64)
-    index = {name: j for j, name in enumerate(cfg.numeric_fields)}
-    for name, column in columns.items():
+        columns += [np.array([r[name] for r in rows], dtype=np.float64) for name in plan.item]
+    if columns:
+        names = own + list(plan.item)
+        values = np.stack(columns, axis=1)  # [n, len(names)]
         if cfg.numeric_mode == "bucket":
-            put_keys(name, numeric_keys(column, cfg.numeric_resolution))
+            put_keys(names, numeric_keys(values, cfg.numeric_resolution))
         if numeric is not None:  # dense mode, or the numeric fields' linear term
-            j = index[name]
-            numeric[:, j] = np.where(np.isnan(column), numeric[:, j], column)
+            cols = [cfg.numeric_fields.index(name) for name in names]
+            numeric[:, cols] = np.where(np.isnan(values), numeric[:, cols], values)
     return EncodedBatch(keys, numeric)
 
 

@@ -9,6 +9,8 @@ import threading
 import time
 from typing import Any
 
+from threadpoolctl import threadpool_limits
+
 from ctr.serving.config import ServingConfig
 from ctr.serving.features import (
     FeastProcessSource,
@@ -51,6 +53,7 @@ class ServingState:
 
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+            threadpool_limits(self.config.torch_threads)
         if self.registry.current is not None:
             self._warm(self.registry.current)
         if self._given_features is not None:

@@ -621,6 +621,48 @@ def test_admin_disabled_without_a_token() -> None:
         assert ready.status_code == 503 and "no model loaded" in ready.json()["problems"][0]
 
 
+def test_concurrent_requests_share_forwards_and_each_gets_its_own_scores() -> None:
+    """Dynamic batching: requests in flight together are scored in one forward per version, and
+    each response carries exactly its own candidates' scores -- the ones it gets alone, through
+    FastAPI's route (a query string bypasses the direct /predict path)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from ctr.serving.app import create_app
+    from ctr.serving.config import ServingConfig
+    from ctr.serving.registry import ModelRegistry
+
+    reg = ModelRegistry()
+    torch.manual_seed(1)
+    model = CTRModel(MODEL)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        model.calibration.coef.copy_(torch.tensor([1.0, 0.0]))  # trust the network's score
+    header = UpdateHeader(kind="snapshot", model_id="m", version=3, base_version=3, model_config=MODEL.to_dict())
+    reg.install_snapshot(header, snapshot_tensors(model))
+    # a wide batching window: every request below lands in a forward shared with others
+    app = create_app(ServingConfig(batch_wait_ms=200, max_candidates=10), registry=reg, features=FakeFeatures())
+    bodies = [{"user_id": f"u{k}", "candidates": [{"item_id": f"i{k}-{j}", "categorical": {CATEGORICAL[0]: f"v{j}"}}
+                                                  for j in range(1 + k % 4)]} for k in range(12)]
+    with TestClient(app) as client:
+        alone = [client.post("/predict?explain=false", json=b).json() for b in bodies]
+        scorer = app.state.predictor.scorer
+        batches, requests = scorer.batches, scorer.requests
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            together = list(pool.map(lambda b: client.post("/predict", json=b), bodies))
+    assert all(r.status_code == 200 for r in together), [r.text for r in together]
+    assert scorer.requests - requests == len(bodies) and scorer.batches - batches < len(bodies)
+    for got, want in zip(together, alone, strict=True):
+        got = got.json()
+        assert got["model_version"] == want["model_version"] == 3
+        assert [p["item_id"] for p in got["predictions"]] == [p["item_id"] for p in want["predictions"]]
+        np.testing.assert_allclose([p["p_click"] for p in got["predictions"]],
+                                   [p["p_click"] for p in want["predictions"]], rtol=1e-5, atol=1e-7)
+    assert len({p["p_click"] for r in alone for p in r["predictions"]}) > 10  # the scores differ
+
+
 @pytest.mark.parametrize("numeric_mode", ["bucket", "dense"])
 def test_column_wise_encoding_equals_encoding_merged_rows(numeric_mode: str) -> None:
     """encode_request (context once + candidate columns) == the learner's encoder on the merged
