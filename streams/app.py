@@ -386,8 +386,6 @@ class OutputProducer:
         """Enqueue one message; ``tracker`` (a second :class:`DeliveryTracker`) also counts it."""
         produce = self.producer.produce
         cb = self.tracker if tracker is None else _Both(self.tracker, tracker)
-        if tracker is not None:
-            tracker.sent = getattr(tracker, "sent", 0) + 1
         while True:
             try:
                 if headers:
@@ -417,8 +415,6 @@ class OutputProducer:
                 self.send(topic, key, value, partition, tracker=tracker)
                 continue
             self.sent += 1
-            if tracker is not None:
-                tracker.sent = getattr(tracker, "sent", 0) + 1
         self.producer.poll(0)
         return flags
 
