@@ -27,6 +27,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -65,7 +66,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     decoder = msgspec.json.Decoder(request_struct)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.start()
         try:
             yield
