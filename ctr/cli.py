@@ -13,13 +13,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypedDict
 
 import typer
 
 from ctr.infra.cli_options import Bootstrap, bootstrap_or_exit, fail, one_of
 from ctr.serving.cli import serve_command
 from ctr.streams.cli import reweight_command, worker_command
+
+if TYPE_CHECKING:
+    from ctr.streams.replay import ReplaySummary
 
 app = typer.Typer(
     help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
@@ -83,20 +86,22 @@ def broker_start(
         state.unlink()
     data_dir = data_dir or state_dir() / f"broker-{kind}"
     broker = EmbeddedBroker(kind=kind, port=port, data_dir=data_dir, detach=not foreground).start()
-    info = {"kind": kind, "bootstrap": broker.bootstrap, "pid": broker.proc.pid, "data_dir": str(data_dir)}
+    proc = broker.proc
+    assert proc is not None  # start() launched it
+    info = {"kind": kind, "bootstrap": broker.bootstrap, "pid": proc.pid, "data_dir": str(data_dir)}
     if not foreground:
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps(info))
         typer.echo(
-            f"broker {kind} running at {broker.bootstrap} (pid {broker.proc.pid}); stop it with `ctr broker stop`"
+            f"broker {kind} running at {broker.bootstrap} (pid {proc.pid}); stop it with `ctr broker stop`"
         )
         return
     typer.echo(f"broker {kind} running at {broker.bootstrap}; Ctrl-C stops it")
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        while broker.proc.poll() is None:
+        while proc.poll() is None:
             time.sleep(0.5)
-        fail(f"broker exited with code {broker.proc.returncode}; log: {data_dir / 'broker.log'}")
+        fail(f"broker exited with code {proc.returncode}; log: {data_dir / 'broker.log'}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -161,6 +166,12 @@ def topics_create(bootstrap: Bootstrap = None) -> None:
 
 
 # --------------------------------------------------------------------------- replay
+class _FileOptions(TypedDict, total=False):
+    """The options only a file source takes (open_source passes them to its reader)."""
+
+    order: str
+
+
 @app.command("replay")
 def replay_cmd(
     data: Annotated[str, typer.Option(help="synthetic | criteo:PATH | avazu:PATH | obd:PATH | csv:PATH")] = "synthetic",
@@ -191,7 +202,7 @@ def replay_cmd(
 
     bs = bootstrap_or_exit(bootstrap)
     # The synthetic stream is in order by construction and takes no file options.
-    options = {} if data.partition(":")[0].strip().lower() == "synthetic" else {"order": order}
+    options: _FileOptions = {} if data.partition(":")[0].strip().lower() == "synthetic" else {"order": order}
     try:
         per_s = None if rate == "max" else float(rate)
         # An unsorted file is refused here (order=check), before anything is produced.
@@ -211,7 +222,7 @@ def replay_cmd(
     ) as progress:
         task = progress.add_task("replay", total=total, rate="")
 
-        def on_progress(s) -> None:
+        def on_progress(s: ReplaySummary) -> None:
             progress.update(task, completed=s.impressions, rate=f"{s.events_per_s:,.0f} events/s")
 
         try:

@@ -19,8 +19,11 @@ from ctr.infra.topics import DEAD_LETTER_TOPIC
 DEAD_LETTERS = Counter("ctr_dead_letters_total", "Messages sent to the dead-letter topic", ["stage", "source_topic"])
 _PREFIX = "ctr.dlq."
 
+#: Message headers in the form confluent-kafka's ``produce`` takes (its ``HeadersType``, as a
+#: list); the values written here are all bytes.
+Headers = list[tuple[str, str | bytes | None]]
 #: ``send(topic, key, value, headers)`` — a confluent-kafka produce or a Faust topic send.
-SendFn = Callable[[str, bytes | None, bytes, list[tuple[str, bytes]]], None]
+SendFn = Callable[[str, bytes | None, bytes, Headers], None]
 
 
 class DeadLetterSink:
@@ -52,7 +55,7 @@ class DeadLetterSink:
         offset: int | None = None,
         key: bytes | None = None,
     ) -> None:
-        headers = [
+        headers: Headers = [
             (_PREFIX + "reason", reason[:2000].encode()),
             (_PREFIX + "stage", self.stage.encode()),
             (_PREFIX + "source_topic", source_topic.encode()),

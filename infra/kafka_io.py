@@ -208,6 +208,14 @@ def _partition_reader(bootstrap: str, group: str) -> Consumer:
                      "enable.partition.eof": True})  # fmt: skip
 
 
+def offset_of(m: Message) -> int:
+    """The offset of a record a consumer returned (confluent-kafka types it optional: a message
+    built for producing has none yet)."""
+    offset = m.offset()
+    assert offset is not None
+    return offset
+
+
 def read_range(
     bootstrap: str, topic: str, partition: int, first: int, last: int, timeout_s: float = 60.0
 ) -> list[Message]:

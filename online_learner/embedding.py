@@ -23,6 +23,7 @@ What differs is only the *addressing*:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -46,18 +47,29 @@ def _as_key_tensor(keys: np.ndarray | Tensor) -> np.ndarray | Tensor:
     return keys if isinstance(keys, Tensor | np.ndarray) else np.asarray(keys, dtype=np.uint64)
 
 
+class _ExpandCtx(Protocol):
+    """What :class:`_ExpandRows` keeps on autograd's context (torch types the context ``Any``)."""
+
+    num_rows: int
+
+    def save_for_backward(self, *tensors: Tensor) -> None: ...
+
+    @property
+    def saved_tensors(self) -> tuple[Tensor, ...]: ...
+
+
 class _ExpandRows(torch.autograd.Function):
     """``rows [U, c] -> rows[inverse] [M, c]``; backward sums the ``M`` gradients per row
     (numba scatter-add on CPU, faster than ``index_select``'s ``index_add_`` backward)."""
 
     @staticmethod
-    def forward(ctx, rows: Tensor, inverse: Tensor) -> Tensor:
+    def forward(ctx: _ExpandCtx, rows: Tensor, inverse: Tensor) -> Tensor:
         ctx.save_for_backward(inverse)
         ctx.num_rows = rows.shape[0]
         return rows.index_select(0, inverse)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: _ExpandCtx, grad: Tensor) -> tuple[Tensor, None]:
         (inverse,) = ctx.saved_tensors
         out = grad.new_zeros(ctx.num_rows, grad.shape[1])
         return scatter_add_rows(out, inverse, grad), None
@@ -87,6 +99,9 @@ class HashedChunkTable(nn.Module):
         chunk_dim: width ``c`` of one chunk; field ``f``'s embedding is ``k_f * c`` wide.
         init_std: rows start ``N(0, init_std^2)``.
     """
+
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    probe_seed: Tensor
 
     def __init__(self, layout: ProbeLayout, chunk_dim: int, num_rows: int, init_std: float = 0.01) -> None:
         super().__init__()
@@ -193,6 +208,13 @@ class PerFieldHashEmbedding(HashedChunkTable):
     >>> pf.table.numel() == ue.table.numel(), pf(pf.bucket_ids(np.ones((2, 2), np.uint64))).shape
     (True, torch.Size([2, 16]))
     """
+
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    _rows: Tensor
+    _k: Tensor
+    _offset: Tensor
+    _probe_field: Tensor
+    _probe_index: Tensor
 
     def __init__(self, layout: ProbeLayout, chunk_dim: int, init_std: float = 0.01) -> None:
         super().__init__(layout, chunk_dim, layout.num_buckets, init_std)

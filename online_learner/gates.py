@@ -35,6 +35,7 @@ keep weight 1 (neutral). The prior is a buffer, not a parameter: it travels in `
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +56,11 @@ class FieldGate(nn.Module):
             them (as PEPNet's gate NU does): the gate adapts to the representation but does not
             pull it; it also saves one ``[B, D]`` matmul and gradient pass per step.
     """
+
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    field_weights: Tensor
+    prior: Tensor
+    learned_mean: Tensor
 
     def __init__(
         self,
@@ -124,7 +130,8 @@ class FieldGate(nn.Module):
         self.prior.copy_(w.pow(self.prior_strength) if self.prior_strength != 1.0 else w)
         self._neutral_prior = bool((self.prior == 1.0).all())
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # keep prior consistent with weights
+    # keep prior consistent with weights; torch leaves this hook's arguments untyped: passed through
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._refresh_prior()
 

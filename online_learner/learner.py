@@ -268,7 +268,9 @@ class OnlineCTR:
         self.dense_optimizer.zero_grad()
         loss.backward()
         self.dense_optimizer.step()
-        self.table_optimizer.step_unique(lookup.ids, lookup.rows.grad)  # grad: summed per row
+        grad = lookup.rows.grad  # summed per row
+        assert grad is not None  # rows is a leaf the loss reads: backward() filled it
+        self.table_optimizer.step_unique(lookup.ids, grad)
         self.touched.add(lookup.ids)
         score = score.detach()
         with torch.no_grad():

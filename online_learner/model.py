@@ -177,6 +177,10 @@ class CTRModel(nn.Module):
     ``head`` (:class:`DCNv2Head`).
     """
 
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    probe_field: Tensor
+    numeric_field: Tensor  # registered only with the numeric linear term
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -244,6 +248,7 @@ class CTRModel(nn.Module):
         if (self.numeric is not None or self.numeric_linear is not None) and numeric is None:
             raise ValueError("this model reads numeric values: pass numeric [B, F_num]")
         if self.numeric_linear is not None:
+            assert numeric is not None  # raised above otherwise
             linear = signed_log1p(numeric) @ (self.numeric_linear * self.gate.prior[self.numeric_field])
             score = linear if score is None else score + linear
         if self.numeric is not None:

@@ -43,6 +43,9 @@ class ClickRatePrior(nn.Module):
             Krichevsky-Trofimov estimator: 0.5 before anything is seen).
     """
 
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    counts: Tensor
+
     def __init__(self, horizon: float = 200_000.0, pseudo_clicks: float = 0.5, pseudo_impressions: float = 1.0):
         super().__init__()
         self.horizon = float(horizon)
@@ -109,6 +112,10 @@ class OnlineCalibration(nn.Module):
     >>> 0.6 < a < 1.4, abs(b) < 0.3
     (True, True)
     """
+
+    # buffers (register_buffer): declared so they type as Tensor, not as nn.Module.__getattr__'s union
+    coef: Tensor
+    precision: Tensor
 
     def __init__(
         self, a0: float = 0.0, prior_precision: tuple[float, float] = (10.0, 1000.0), horizon: float = 200_000.0

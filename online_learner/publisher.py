@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from ctr.infra.kafka_io import DeliveryTracker, produce
 from ctr.infra.topics import MODEL_UPDATES_TOPIC
 from ctr.online_learner.delta import apply_tensors, delta_tensors, snapshot_tensors
+from ctr.online_learner.encoding import EncodedBatch
 from ctr.online_learner.learner import OnlineCTR
 from ctr.online_learner.metrics import roc_auc
 from ctr.online_learner.state_io import atomic_write
@@ -161,7 +162,7 @@ class Publisher:
 
     # -- the served copy, for the gate --------------------------------------------------------
     @torch.no_grad()
-    def served_proba(self, enc) -> np.ndarray:
+    def served_proba(self, enc: EncodedBatch) -> np.ndarray:
         ids, numeric = self.learner._inputs(enc)
         return torch.sigmoid(self.served(ids, numeric)).cpu().numpy()
 
@@ -297,13 +298,16 @@ class Publisher:
             raise RuntimeError("snapshot of an unpublished state: publish the delta (and settle it) first")
         else:
             version = self.version
-        extra = {
-            "event_time_ms": event_time_ms,
-            "metrics": _finite(metrics),
-            "examples_seen": self.learner.examples_seen,
-            "model_config": self.learner.config.to_dict(),
-        }
-        header = UpdateHeader(kind="snapshot", model_id=self.model_id, version=version, base_version=version, **extra)
+        header = UpdateHeader(
+            kind="snapshot",
+            model_id=self.model_id,
+            version=version,
+            base_version=version,
+            event_time_ms=event_time_ms,
+            metrics=_finite(metrics),
+            examples_seen=self.learner.examples_seen,
+            model_config=self.learner.config.to_dict(),
+        )
         data = encode_update(header, snapshot_tensors(self.learner.model))
         path = self.snapshot_dir / f"snapshot-{version:012d}.ctru"
         atomic_write(path, data)

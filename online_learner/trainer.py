@@ -34,12 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaException, Message, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from ctr.infra.deadletter import DeadLetterSink
 from ctr.infra.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
-from ctr.infra.schema import SchemaError, decode_field_weights, decode_served_score, decode_training_example
+from ctr.infra.schema import (
+    SchemaError,
+    TrainingExample,
+    decode_field_weights,
+    decode_served_score,
+    decode_training_example,
+)
 from ctr.infra.topics import EXAMPLES_TOPIC, FIELD_WEIGHTS_TOPIC, MODEL_UPDATES_TOPIC, SERVED_SCORES_TOPIC
 from ctr.infra.validate import decode_batch
 from ctr.online_learner.encoding import discover_fields
@@ -193,7 +199,7 @@ class Trainer:
         # what serving served for those same impressions (the pair to compare: the frozen copy
         # exists only from its moment on)
         self.paired_served_metrics = ProgressiveMetrics(window=config.metrics_window)
-        self.frozen = None
+        self.frozen: OnlineCTR | None = None
         # learns first examples and corrections as they arrive, and holds each first example
         # until its label is final (online_learner/outcomes.py); made with the model
         self.arrivals: ArrivalLearner | None = None
@@ -203,7 +209,7 @@ class Trainer:
         self.field_weights_offset = 0
         self.field_weights_version = -1
         self.field_weights: dict[str, float] | None = None  # the newest, applied once a model exists
-        self._first: list = []  # examples held until the model is built from their fields
+        self._first: list[TrainingExample] = []  # examples held until the model is built from their fields
         self._first_at = 0.0
         self.event_time_ms = 0
         self.duplicates = 0
@@ -214,7 +220,8 @@ class Trainer:
         if self.learner is None and (config.model is not None or None not in (config.categorical, config.numeric)):
             self._start_model(config.model_for(()))  # the fields are known without seeing data
 
-    def _start_model(self, model: ModelConfig, state: dict | None = None) -> None:
+    def _start_model(self, model: ModelConfig, state: dict | None = None) -> OnlineCTR:
+        """Build the learner (and its arrivals and publisher); returns it."""
         self.learner = self.cfg.make_learner(model)
         self.arrivals = ArrivalLearner(self.learner, self.cfg.window_ms)
         self.arrivals.corrections = self._corrections
@@ -224,8 +231,10 @@ class Trainer:
             self.learner.set_field_weights(self.field_weights)
         log.info(
             "model: %d categorical fields %s, %d numeric fields %s",
-            len(model.categorical_fields), ",".join(model.categorical_fields),
-            len(model.numeric_fields), ",".join(model.numeric_fields),
+            len(model.categorical_fields),
+            ",".join(model.categorical_fields),
+            len(model.numeric_fields),
+            ",".join(model.numeric_fields),
         )
         self.publisher = Publisher(
             self.producer,
@@ -237,6 +246,7 @@ class Trainer:
             fp16=self.cfg.fp16_deltas,
             dense_every=self.cfg.dense_every,
         )
+        return self.learner
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _restore(self) -> int:
@@ -256,9 +266,9 @@ class Trainer:
         self._corrections = int(t.get("corrections", 0))
         self.model_id = header.model_id
         self.seen.load(state["seen"])
-        self._start_model(model, state["learner"])
+        learner = self._start_model(model, state["learner"])
         log.info(
-            "restored checkpoint v%d: %d examples, offsets %s", header.version, self.learner.examples_seen, self.offsets
+            "restored checkpoint v%d: %d examples, offsets %s", header.version, learner.examples_seen, self.offsets
         )
         return header.version
 
@@ -329,13 +339,17 @@ class Trainer:
             assignment.append(TopicPartition(SERVED_SCORES_TOPIC, 0, OFFSET_END))
         c.assign(assignment)
 
-    def _apply_field_weights(self, msgs) -> None:
+    def _apply_field_weights(self, msgs: Sequence[Message]) -> None:
         for m in msgs:
-            self.field_weights_offset = m.offset() + 1
+            offset = m.offset()
+            assert offset is not None  # a consumed record has one
+            self.field_weights_offset = offset + 1
             try:
                 fw = decode_field_weights(m.value())
             except SchemaError as err:
-                self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
+                self.dlq.send(
+                    str(err), m.value(), source_topic=FIELD_WEIGHTS_TOPIC, partition=m.partition(), offset=offset
+                )
                 continue
             if fw.version > self.field_weights_version:
                 self.field_weights = fw.weights
@@ -344,7 +358,7 @@ class Trainer:
                 self.field_weights_version = fw.version
                 FIELD_WEIGHTS_VERSION.set(fw.version)
 
-    def _train(self, examples) -> None:
+    def _train(self, examples: Sequence[TrainingExample]) -> None:
         # a correction is the second example of its impression: deduplicated on its own
         fresh = [e for e in examples if self.seen.add_new(e.example_id + _CORRECTION if e.correction else e.example_id)]
         dup = len(examples) - len(fresh)
@@ -432,12 +446,14 @@ class Trainer:
                        paired_served_examples=live.count)  # fmt: skip
         return out
 
-    def _apply_served_scores(self, msgs) -> None:
+    def _apply_served_scores(self, msgs: Sequence[Message]) -> None:
         for m in msgs:
             try:
                 s = decode_served_score(m.value())
             except SchemaError as err:
-                self.dlq.send(str(err), m.value(), source_topic=m.topic(), partition=m.partition(), offset=m.offset())
+                self.dlq.send(
+                    str(err), m.value(), source_topic=SERVED_SCORES_TOPIC, partition=m.partition(), offset=m.offset()
+                )
                 continue
             self.served.add(s.impression_id, s.p_click)
 
@@ -513,7 +529,9 @@ class Trainer:
                 if batch:
                     self._train(decode_batch(batch, decode_training_example, self.dlq))
                     for m in batch:
-                        self.offsets[m.partition()] = m.offset() + 1
+                        p, off = m.partition(), m.offset()
+                        assert p is not None and off is not None  # a consumed record has both
+                        self.offsets[p] = off + 1
                     last_data = time.monotonic()  # after training: the first step JIT-compiles
                 now = time.monotonic()
                 if self.publisher is None:  # no model yet, so nothing to publish or save
@@ -523,6 +541,7 @@ class Trainer:
                         if idle_exit_s is not None and now - last_data > idle_exit_s:
                             break
                         continue
+                assert self.learner is not None  # made with the publisher (_start_model)
                 if not self.publisher.settled:  # a version waits for the broker (an outage)
                     waiting = self.publisher.pending
                     if self.publisher.settle(0.0) and waiting is not None:
@@ -607,7 +626,13 @@ def _watermarks_when_up(consumer: Consumer, tp: TopicPartition, patience_s: floa
             wait = min(wait * 2, 8.0)
 
 
-def run_trainer(config: TrainerConfig, *, metrics_port: int | None = None, **run_kwargs) -> dict:
+def run_trainer(
+    config: TrainerConfig,
+    *,
+    metrics_port: int | None = None,
+    max_examples: int | None = None,
+    idle_exit_s: float | None = None,
+) -> dict:
     """Entry point of ``ctr learn``: SIGTERM/SIGINT stop it cleanly (final publish + checkpoint)."""
     import signal
 
@@ -621,4 +646,4 @@ def run_trainer(config: TrainerConfig, *, metrics_port: int | None = None, **run
     trainer = Trainer(config)
     # `kill -USR1 <pid>`: a snapshot on request (e.g. before adding serving replicas)
     signal.signal(signal.SIGUSR1, lambda *_: trainer.snapshot_requested.set())
-    return trainer.run(stop, **run_kwargs)
+    return trainer.run(stop, max_examples=max_examples, idle_exit_s=idle_exit_s)

@@ -120,7 +120,7 @@ def encode_update(header: UpdateHeader, tensors: dict[str, np.ndarray]) -> bytes
     return body + hashlib.sha256(body).digest()
 
 
-def decode_header(data: bytes | memoryview) -> UpdateHeader:
+def decode_header(data: bytes | memoryview | None) -> UpdateHeader:
     """Read and validate only the header (cheap: the checksum is not verified)."""
     return _split(memoryview(data)[:-_DIGEST] if data is not None and len(data) > _DIGEST else b"")[0]
 
@@ -128,7 +128,7 @@ def decode_header(data: bytes | memoryview) -> UpdateHeader:
 _DIGEST = 32
 
 
-def _split(data: bytes | memoryview) -> tuple[UpdateHeader, memoryview]:
+def _split(data: bytes | memoryview | None) -> tuple[UpdateHeader, memoryview]:
     if data is None or len(data) < 8:
         raise UpdateError("update too short")
     if len(data) > MAX_UPDATE_BYTES:
@@ -150,7 +150,7 @@ def _split(data: bytes | memoryview) -> tuple[UpdateHeader, memoryview]:
     return header, mv[8 + hlen :]
 
 
-def decode_update(data: bytes | memoryview) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
+def decode_update(data: bytes | memoryview | None) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
     """Validate everything, then return the header and freshly owned numpy tensors."""
     if data is None or len(data) < 8 + _DIGEST:
         raise UpdateError("update too short")

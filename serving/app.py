@@ -28,6 +28,7 @@ import logging
 import secrets
 import signal
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -62,7 +63,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     predictor = Predictor(state, request_struct, scorer)
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.start()
         try:
             yield

@@ -35,7 +35,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -351,7 +351,7 @@ class FeatureCache:
     last_refresh_s: float = 0.0
 
     # -- request path ------------------------------------------------------------------------------
-    def peek(self, wanted: dict[str, Sequence[str]]) -> tuple[Lookup, dict[str, list[str]]]:
+    def peek(self, wanted: Mapping[str, Sequence[str]]) -> tuple[Lookup, dict[str, list[str]]]:
         """Serve what the cache holds; return the keys that must be read from the source."""
         look = Lookup({e: {} for e in wanted}, source="cache")
         missing: dict[str, list[str]] = {}

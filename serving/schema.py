@@ -69,8 +69,8 @@ class PredictResponse(BaseModel):
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | None = Field(None, ge=0, description="A kept version; default: the one before the current")
-    model_id: str | None = Field(None, description="Lineage (default: the current one)")
+    version: int | None = Field(default=None, ge=0, description="A kept version; default: the one before the current")
+    model_id: str | None = Field(default=None, description="Lineage (default: the current one)")
 
 
 class Problem(BaseModel):

@@ -38,7 +38,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, KafkaError, KafkaException, TopicPartition
 from prometheus_client import Counter, Histogram
 
-from ctr.infra.kafka_io import make_consumer
+from ctr.infra.kafka_io import PacedConsumer, make_consumer, offset_of
 from ctr.infra.topics import MODEL_UPDATES_TOPIC
 from ctr.online_learner.update_format import MAX_HEADER_BYTES, UpdateError, UpdateHeader, decode_header, decode_update
 from ctr.serving.registry import Decision, ModelRegistry
@@ -111,7 +111,7 @@ class UpdateConsumer:
         self.error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._consumer = None
+        self._consumer: PacedConsumer | None = None
         self._last_retry = 0.0
         self._high = -1
         #: Next offset to read; fetching happens only while assigned (see _step).
@@ -138,6 +138,12 @@ class UpdateConsumer:
         return {"state": self.state, "stall_reason": self.stall_reason or None, "offset": self.offset,
                 "position": self.pos, "end_offset": self._high, "messages": self.messages,
                 "last_resync": self.last_resync, "last_rejection": self.last_rejection, "error": self.error}
+
+    @property
+    def _kafka(self) -> PacedConsumer:
+        """The consumer; the update thread (:meth:`_run`) makes it before anything reads it."""
+        assert self._consumer is not None
+        return self._consumer
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -182,20 +188,20 @@ class UpdateConsumer:
         whose reported end offset lags by one batch)."""
         tp = TopicPartition(self.topic, 0)
         if self.pos < 0:  # a logical offset: resolve it now (the broker may have been away before)
-            lo, hi = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            lo, hi = self._kafka.get_watermark_offsets(tp, timeout=10, cached=False)
             self.pos = lo if self.pos == OFFSET_BEGINNING else hi
         if not self._assigned:
             now = time.monotonic()
-            _, self._high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            _, self._high = self._kafka.get_watermark_offsets(tp, timeout=10, cached=False)
             if self._high > self.pos or now - self._last_fetch > self.recheck_s:
-                self._consumer.assign([TopicPartition(self.topic, 0, self.pos)])
+                self._kafka.assign([TopicPartition(self.topic, 0, self.pos)])
                 self._assigned, self._last_fetch = True, now
             else:
                 if self.state == "catching_up":
                     self.state = "live"
                 self._stop.wait(self.idle_poll_s)
                 return
-        msgs = self._consumer.consume(256, self.poll_timeout_s)
+        msgs = self._kafka.consume(256, self.poll_timeout_s)
         data = 0
         for m in msgs:
             err = m.error()
@@ -205,12 +211,12 @@ class UpdateConsumer:
                 continue
             data += 1
             self.messages += 1
-            self.offset = m.offset()
-            self.pos = m.offset() + 1
+            self.offset = offset_of(m)
+            self.pos = self.offset + 1
             if self._handle(m.value()):
                 return  # repositioned: the rest of this batch is from the old position
         if self.pos >= self._high:  # caught up (an empty consume with pos < end: a fetch in flight)
-            self._consumer.unassign()
+            self._kafka.unassign()
             self._assigned = False
 
     def _handle(self, data: bytes | None) -> bool:
@@ -317,13 +323,13 @@ class UpdateConsumer:
         """Read from ``offset`` next (OFFSET_BEGINNING / OFFSET_END are resolved by ``_step``)."""
         self.pos = offset
         if self._assigned:
-            self._consumer.unassign()
+            self._kafka.unassign()
             self._assigned = False
 
     def _seek_to_time(self, ts_ms: int) -> None:
         offset = OFFSET_BEGINNING
         try:
-            found = self._consumer.offsets_for_times([TopicPartition(self.topic, 0, max(0, ts_ms))], timeout=10)
+            found = self._kafka.offsets_for_times([TopicPartition(self.topic, 0, max(0, ts_ms))], timeout=10)
             offset = found[0].offset if found and found[0].offset >= 0 else OFFSET_END
         except Exception as err:  # noqa: BLE001 - a broker without a time index: replay from the start
             log.warning("offsets_for_times failed (%s): reading %s from the beginning", err, self.topic)

@@ -40,12 +40,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import faust
 from faust.transport.consumer import CONSUMER_FETCHING, ack_lock
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, FutureMessage, TableT
 from mode.utils.futures import notify
 
 from ctr.infra.config import fetch_backoff_s, kafka_compression
@@ -66,6 +66,11 @@ PARTITIONS = 4
 #: segments feature freshness at the demo's rate got worse -- so a minute, which bounds long
 #: runs and leaves short ones alone.
 CHANGELOG_TOPIC_CONFIGS: dict[str, str] = {"segment.bytes": str(64 * 2**20), "segment.ms": "60000"}
+
+#: An agent's state table: raw keys and values (its changelog records).
+StateTable = TableT[bytes, bytes]
+#: ``(partition, key, value)`` of a changelog record; ``value=None`` deletes (a tombstone).
+ChangelogRecord = tuple[int, bytes, bytes | None]
 
 
 @dataclass
@@ -380,14 +385,12 @@ class OutputProducer:
         key: bytes | None,
         value: bytes | None,
         partition: int,
-        headers: Sequence[tuple[str, bytes]] | None = None,
-        tracker: Any = None,
+        headers: Sequence[tuple[str, str | bytes | None]] | None = None,
+        tracker: DeliveryTracker | None = None,
     ) -> None:
         """Enqueue one message; ``tracker`` (a second :class:`DeliveryTracker`) also counts it."""
         produce = self.producer.produce
         cb = self.tracker if tracker is None else _Both(self.tracker, tracker)
-        if tracker is not None:
-            tracker.sent = getattr(tracker, "sent", 0) + 1
         while True:
             try:
                 if headers:
@@ -402,7 +405,11 @@ class OutputProducer:
             self.producer.poll(0)
 
     def send_many(
-        self, topic: str, partition: int, items: Sequence[tuple[bytes, bytes, int]], tracker: Any = None
+        self,
+        topic: str,
+        partition: int,
+        items: Sequence[tuple[bytes, bytes, int]],
+        tracker: DeliveryTracker | None = None,
     ) -> int:
         """Send ``(key, value, flag)`` items to one partition; returns the sum of the flags."""
         produce = self.producer.produce
@@ -417,8 +424,6 @@ class OutputProducer:
                 self.send(topic, key, value, partition, tracker=tracker)
                 continue
             self.sent += 1
-            if tracker is not None:
-                tracker.sent = getattr(tracker, "sent", 0) + 1
         self.producer.poll(0)
         return flags
 
@@ -442,6 +447,13 @@ class OutputProducer:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.producer.flush(timeout_s)
+
+
+class InputAcker(Protocol):
+    """What an agent's batch logic needs of the runner that fed it (:class:`BulkAgentBase`):
+    acking input offsets once the batch's effects are durable."""
+
+    def ack_ranges(self, ranges: Iterable[tuple[TP, int, int]]) -> None: ...
 
 
 @dataclass
@@ -616,13 +628,15 @@ class BulkAgentBase:
             consumer.bulk_ack(c.tp, c.ack_from, last)
 
 
-async def send_changelog(table: Any, records: Sequence[tuple[int, bytes, bytes | None]], wait: bool = True) -> list:
+async def send_changelog(
+    table: StateTable, records: Sequence[ChangelogRecord], wait: bool = True
+) -> list[FutureMessage]:
     """Write ``(partition, key, value)`` to ``table``'s changelog and to the table itself
     (``value=None`` deletes); with ``wait``, until the broker acknowledged every one. Returns
     the acknowledgement futures."""
     topic = table.changelog_topic
     data = table.data
-    futures = []
+    futures: list[FutureMessage] = []
     size = 0
     for partition, key, value in records:
         if value is None:
@@ -630,7 +644,9 @@ async def send_changelog(table: Any, records: Sequence[tuple[int, bytes, bytes |
         else:
             data[key] = value
             size += len(value)
-        futures.append(await topic.send(key=key, value=value, partition=partition))
+        # faust types Topic.send's result as an Awaitable; it is its FutureMessage (an
+        # asyncio.Future), whose done() and callbacks the label join's pipeline uses
+        futures.append(cast(FutureMessage, await topic.send(key=key, value=value, partition=partition)))
     if records:
         changelog_bytes().labels(table.name).inc(size)
     if wait and futures:
@@ -638,7 +654,7 @@ async def send_changelog(table: Any, records: Sequence[tuple[int, bytes, bytes |
     return futures
 
 
-def table_items(table: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
+def table_items(table: StateTable, prefix: bytes) -> list[tuple[bytes, bytes]]:
     """The (key, value) pairs of ``table`` whose key starts with ``prefix``, sorted by key."""
     return sorted((k, v) for k, v in list(table.data.items()) if isinstance(k, bytes) and k.startswith(prefix) and v)
 

@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
@@ -61,6 +61,9 @@ from ctr.infra.schema import (
 from ctr.infra.topics import EXAMPLES_TOPIC, FIELD_WEIGHTS_KEY, FIELD_WEIGHTS_TOPIC
 from ctr.infra.validate import decode_batch
 from ctr.streams.agents.reweighting import FieldImportance, ReweightConfig, Snapshot
+
+if TYPE_CHECKING:
+    from ctr.features.store import FeatureWriter
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,7 @@ class Reweighter:
         self.version, self.last, self.pending = version, msg, 0
         self.publications += 1
         if self.writer is not None:
-            self._write_feast(snap, msg)
+            self._write_feast(self.writer, snap, msg)
         self._commit()
         VERSION.set(version)
         PUBLICATIONS.inc()
@@ -213,13 +216,13 @@ class Reweighter:
         log.info("reweighting: published v%d on %d examples\n%s", version, snap.window_examples, snap.table())
         return msg
 
-    def _write_feast(self, snap: Snapshot, msg: FieldWeights) -> None:
+    def _write_feast(self, writer: FeatureWriter, snap: Snapshot, msg: FieldWeights) -> None:
         rows = [
             {"field": f, "weight": s.weight, "importance": s.importance, "psi": s.psi, "version": msg.version}
             for f, s in snap.fields.items()
         ]
         try:
-            self.writer.write("field_weights", rows, event_time_ms=msg.event_time_ms or msg.computed_at_ms)
+            writer.write("field_weights", rows, event_time_ms=msg.event_time_ms or msg.computed_at_ms)
         except Exception:  # noqa: BLE001 - Feast is a view; the topic is the source of truth
             self.feast_errors += 1
             log.exception("reweighting: Feast write of v%d failed", msg.version)

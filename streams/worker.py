@@ -15,12 +15,15 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctr.infra.cli_options import run_command
 from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC, TOPICS, TopicSpec
 from ctr.streams.app import CHANGELOG_TOPIC_CONFIGS, PARTITIONS, CtrApp, OutputProducer, create_app
 from ctr.streams.worker_config import WorkerConfig
+
+if TYPE_CHECKING:
+    from ctr.streams.agents.windowed_features import FeatureSink
 
 log = logging.getLogger("ctr.streams.worker")
 
@@ -58,7 +61,7 @@ async def _subscribe_only(stream: Any, name: str) -> None:
         log.warning("%s: a record reached the per-event stream; bulk delivery is not active", name)
 
 
-def build(config: WorkerConfig, *, feast_interval_s: float = 0.1, sink: Any = None) -> CtrApp:
+def build(config: WorkerConfig, *, feast_interval_s: float = 0.1, sink: FeatureSink | None = None) -> CtrApp:
     """Create the app with its topics, tables and agents (the worker is not started)."""
     from ctr.features.spec import SPEC
     from ctr.streams.agents.label_join_agent import LabelJoinAgent

@@ -360,18 +360,18 @@ class JoinPartition:
                 c["out_of_order_impressions"] += 1
             c["impressions"] += 1
             self._count(out.imp_keys, imp, ti)
-            p = _Pending(imp, raw, seq)
+            new = _Pending(imp, raw, seq)
             early = self.orphans.pop(eid, None)
             if early:
                 for tc in sorted(early):
-                    self._attach(p, Click(impression_id=eid, event_time_ms=tc), out)
+                    self._attach(new, Click(impression_id=eid, event_time_ms=tc), out)
             if ti + window <= wm_before:
                 c["late_impressions"] += 1
-                self._emit(p, out)
+                self._emit(new, out)
             else:
-                pending[eid] = p
+                pending[eid] = new
                 heapq.heappush(self._deadlines, (ti, eid))
-                if self._first_after is not None and not p.emitted:
+                if self._first_after is not None and not new.emitted:
                     heapq.heappush(self._firsts, (ti, eid))
         for click in clicks:
             tc = click.event_time_ms

@@ -52,7 +52,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctr.infra.kafka_io import DeliveryTracker
 from ctr.infra.schema import (
@@ -74,6 +74,11 @@ from ctr.streams.agents.label_join import (
     StepOutput,
 )
 from ctr.streams.watermarks import watermark_of
+
+if TYPE_CHECKING:
+    from faust.types import TP, FutureMessage
+
+    from ctr.streams.app import Batch, ChangelogRecord, CtrApp, InputAcker, OutputProducer, StateTable
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +102,10 @@ def _metrics() -> dict[str, Any]:
 class _Flight:
     """A round between "records written" and "outputs acknowledged"."""
 
-    futures: list
-    results: list  # (JoinPartition, StepOutput, seq)
-    acks: list  # (tp, first offset, last offset)
-    tracker: Any = None
+    futures: list[FutureMessage]
+    results: list[tuple[JoinPartition, StepOutput, int]]  # (partition state, its outputs, seq)
+    acks: list[tuple[TP, int, int]]  # (tp, first offset, last offset)
+    tracker: DeliveryTracker | None = None  # set when the outputs are sent (_finish)
     sent: int = 0
 
 
@@ -110,9 +115,9 @@ class LabelJoinAgent:
 
     def __init__(
         self,
-        app: Any,
-        table: Any,
-        output: Any,
+        app: CtrApp,
+        table: StateTable,
+        output: OutputProducer,
         deltas_topic: str,
         config: JoinConfig | None = None,
         *,
@@ -152,13 +157,13 @@ class LabelJoinAgent:
                     outer.states.pop(p, None)
                     outer._unconfirmed.discard(p)
 
-            async def process(self, batch: Any) -> None:
+            async def process(self, batch: Batch) -> None:
                 await outer.process(batch, self)
 
             async def on_idle(self) -> None:
                 await outer.checkpoint(self)
 
-            def next_offset(self, tp: Any) -> int | None:
+            def next_offset(self, tp: TP) -> int | None:
                 jp = outer.states.get(tp.partition)
                 if jp is None:
                     return None
@@ -201,7 +206,7 @@ class LabelJoinAgent:
     async def _inline(self, p: int, recs: list[JoinRecord]) -> list[JoinRecord]:
         """Read back the impressions that records reference by offset (one range read per
         partition: the live records are a contiguous suffix of the log)."""
-        from ctr.infra.kafka_io import read_range
+        from ctr.infra.kafka_io import offset_of, read_range
 
         ranged = [r for r in recs if r.by_offsets]
         if not ranged:
@@ -211,13 +216,13 @@ class LabelJoinAgent:
         first, last = min(r.imp_first for r in ranged), max(r.imp_last for r in ranged)
         t0 = time.perf_counter()
         msgs = await asyncio.to_thread(read_range, self.bootstrap, IMPRESSIONS_TOPIC, p, first, last)
-        records = [(m.offset(), m.value(), m.headers()) for m in msgs]
+        records = [(offset_of(m), m.value(), m.headers()) for m in msgs]
         log.info("join partition %d: read back %d impressions (offsets %d..%d) in %.2fs",
                  p, len(records), first, last, time.perf_counter() - t0)  # fmt: skip
         return [inline_impressions(r, records) for r in recs]
 
     # ---- one micro-batch
-    async def process(self, batch: Any, runner: Any) -> None:
+    async def process(self, batch: Batch, runner: InputAcker) -> None:
         """Apply a batch in rounds: each round writes at most one record per partition of at
         most ``max_record_bytes`` of impressions; the remainder goes to the next round.
 
@@ -232,11 +237,11 @@ class LabelJoinAgent:
         while by_part:
             await self._round(by_part, runner)
 
-    async def _round(self, by_part: dict[int, list], runner: Any) -> None:
+    async def _round(self, by_part: dict[int, list], runner: InputAcker) -> None:
         from ctr.streams.app import send_changelog
 
         work = []
-        acks: list[tuple[Any, int, int]] = []
+        acks: list[tuple[TP, int, int]] = []
         for p in list(by_part):
             jp = self.states[p]
             cursors = by_part[p]
@@ -306,7 +311,7 @@ class LabelJoinAgent:
             await self.output.delivered()  # dead letters leave before the record covering them
         t1 = time.perf_counter()
         results = []
-        changelog = []
+        changelog: list[ChangelogRecord] = []
         for jp, raws, imps, clicks, markers, imp_hwm, click_hwm, dl, skipped, rng in work:
             p = jp.partition
             out, rec = jp.process(raws, imps, clicks, markers[0], markers[1], imp_hwm, click_hwm, dl, skipped, rng)
@@ -329,7 +334,7 @@ class LabelJoinAgent:
         t["pipeline_wait"] += time.perf_counter() - t2
         t["rounds"] += 1
 
-    async def _complete(self, runner: Any, depth: int = 0) -> None:
+    async def _complete(self, runner: InputAcker, depth: int = 0) -> None:
         """Finish the in-flight rounds whose records are acknowledged (waiting for the oldest
         while more than ``depth`` are in flight): send their outputs, ack their input."""
         inflight = self._inflight
@@ -343,14 +348,14 @@ class LabelJoinAgent:
             self._finish(head, runner)
         self.output.producer.poll(0)
 
-    def _complete_ready(self, runner: Any) -> None:
+    def _complete_ready(self, runner: InputAcker) -> None:
         """Finish, without waiting, the in-flight rounds whose records are acknowledged."""
         inflight = self._inflight
         while inflight and all(f.done() for f in inflight[0].futures):
             self._finish(inflight[0], runner)
         self.output.producer.poll(0)
 
-    def _finish(self, head: _Flight, runner: Any) -> None:
+    def _finish(self, head: _Flight, runner: InputAcker) -> None:
         """The head round's records are acknowledged: send its outputs, ack its input."""
         for f in head.futures:
             f.result()  # a rejected changelog record must not let outputs leave
@@ -375,6 +380,7 @@ class LabelJoinAgent:
         while sent:
             r = sent[0]
             t = r.tracker
+            assert t is not None  # a round is in _sent once its outputs are (_finish)
             if t.delivered + t.failed < r.sent:
                 break
             if t.failed:
@@ -384,13 +390,13 @@ class LabelJoinAgent:
                 if self.states.get(jp.partition) is jp:
                     jp.mark_confirmed(seq)
 
-    async def quiesce(self, runner: Any) -> None:
+    async def quiesce(self, runner: InputAcker) -> None:
         """Finish everything in flight and wait until every output is acknowledged."""
         await self._complete(runner, depth=0)
         await self.output.delivered()
         self._confirm()
 
-    async def checkpoint(self, runner: Any) -> None:
+    async def checkpoint(self, runner: InputAcker) -> None:
         """When idle: once the last outputs are acknowledged, write an empty record that says
         so (and drops dead records), so a restart re-sends at most its empty delta batches.
 
@@ -403,7 +409,7 @@ class LabelJoinAgent:
         if not self._unconfirmed and not self._inflight:
             return
         await self.quiesce(runner)
-        changelog = []
+        changelog: list[ChangelogRecord] = []
         written: list[tuple[JoinPartition, StepOutput, int]] = []
         for p in sorted(self._unconfirmed):
             jp = self.states.get(p)
@@ -419,7 +425,9 @@ class LabelJoinAgent:
         for jp, out, seq in written:
             self._send_outputs(jp, out, seq)
 
-    def _send_outputs(self, jp: JoinPartition, out: StepOutput, seq: int, tracker: Any = None) -> None:
+    def _send_outputs(
+        self, jp: JoinPartition, out: StepOutput, seq: int, tracker: DeliveryTracker | None = None
+    ) -> None:
         send = partial(self.output.send, tracker=tracker)
         p = jp.partition
         pos = self.output.send_many(EXAMPLES_TOPIC, p, out.examples, tracker=tracker)

@@ -43,9 +43,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -54,6 +54,11 @@ from ctr.infra.config import CHANGELOG_MODES
 from ctr.streams.agents.changelog_keys import partition_prefix, record_key
 from ctr.streams.agents.deltas import ENTITY_KINDS, DeltaBatch, bucket_ms, decode_deltas
 from ctr.streams.agents.label_join import NEG_INF
+
+if TYPE_CHECKING:
+    from faust.types import TP
+
+    from ctr.streams.app import Batch, ChangelogRecord, Chunk, CtrApp, InputAcker, OutputProducer, StateTable
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +97,7 @@ def decode_record(data: bytes) -> FeatureRecord:
     return _dec.decode(data)
 
 
-def inline_deltas(rec: FeatureRecord, batches: Mapping[int, bytes]) -> FeatureRecord:
+def inline_deltas(rec: FeatureRecord, batches: Mapping[int, bytes | None]) -> FeatureRecord:
     """``rec`` with the rows of the delta batches it references copied in from ``batches``
     (offset -> value, read from its partition of the deltas topic); raises if one is missing
     or is not the version the record applied.
@@ -213,11 +218,11 @@ class FeatureShard:
             self.duplicates += 1
             return
         if last is not None and b.seq > last + 1:
-            held = self.held.setdefault(b.src, {})
-            if b.seq in held:
+            ahead = self.held.setdefault(b.src, {})
+            if b.seq in ahead:
                 self.duplicates += 1
             else:
-                held[b.seq] = (b, offset)
+                ahead[b.seq] = (b, offset)
                 self.reordered += 1
             return
         ready.append((b, offset))
@@ -394,6 +399,15 @@ class FeatureShard:
 
 
 # ---------------------------------------------------------------------- Feast sink
+class FeatureSink(Protocol):
+    """Where :class:`FeastWriterLoop` writes the rows of one entity kind (:class:`FeastSink`,
+    :class:`ProcessFeastSink`); returns the rows written."""
+
+    def write(self, kind: int, rows: list[dict[str, Any]], times_ms: list[int]) -> int: ...
+
+    def close(self) -> None: ...
+
+
 class FeastSink:
     """Writes rows with :class:`ctr.features.store.FeatureWriter` (newest event time wins), in
     this process."""
@@ -486,12 +500,12 @@ class FeastWriterLoop:
     event loop (heartbeats, consumption) keeps running."""
 
     shards: dict[int, FeatureShard]
-    sink: Any
+    sink: FeatureSink
     interval_s: float = 0.1
     dirty: dict[int, set[EntityKey]] = field(default_factory=dict)
     rows_written: int = 0
     write_seconds: float = 0.0
-    on_written: Any = None  # callback(rows) for metrics
+    on_written: Callable[[int], object] | None = None  # callback(rows) for metrics
     writes: int = 0
     _task: asyncio.Task | None = None
     _busy: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -525,7 +539,7 @@ class FeastWriterLoop:
             if not any(self.dirty.values()):
                 return 0
             dirty, self.dirty = self.dirty, {}
-            by_kind: dict[int, tuple[list, list]] = {}
+            by_kind: dict[int, tuple[list[dict[str, Any]], list[int]]] = {}
             confirm: dict[int, int] = {}
             for p, ents in dirty.items():
                 shard = self.shards.get(p)
@@ -548,11 +562,11 @@ class FeastWriterLoop:
                     self.mark(p, ents)
                 raise
             self.write_seconds += time.perf_counter() - t0
-            rows = sum(len(r) for r, _ in by_kind.values())
-            self.rows_written += rows
+            written = sum(len(r) for r, _ in by_kind.values())
+            self.rows_written += written
             self.writes += 1
             if self.on_written is not None:
-                self.on_written(rows)
+                self.on_written(written)
             for p, seq in confirm.items():
                 shard = self.shards.get(p)
                 if shard is not None and seq > shard.feast_confirmed:
@@ -581,11 +595,11 @@ class WindowedFeatureAgent:
 
     def __init__(
         self,
-        app: Any,
-        table: Any,
+        app: CtrApp,
+        table: StateTable,
         deltas_topic: str,
-        sink: Any,
-        output: Any,
+        sink: FeatureSink,
+        output: OutputProducer,
         spec: FeatureSpec = SPEC,
         *,
         interval_s: float = 0.1,
@@ -627,7 +641,7 @@ class WindowedFeatureAgent:
                     outer.shards.pop(p, None)
                     outer.writer.dirty.pop(p, None)
 
-            async def process(self, batch: Any) -> None:
+            async def process(self, batch: Batch) -> None:
                 await outer.process(batch, self)
 
             async def on_idle(self) -> None:
@@ -665,7 +679,7 @@ class WindowedFeatureAgent:
     async def _inline(self, p: int, recs: list[FeatureRecord]) -> list[FeatureRecord]:
         """Read back the delta batches that records reference by offset (one range read per
         partition, from the oldest live reference to the newest)."""
-        from ctr.infra.kafka_io import read_range
+        from ctr.infra.kafka_io import offset_of, read_range
 
         ranged = [r for r in recs if r.by_offsets]
         if not ranged:
@@ -676,12 +690,12 @@ class WindowedFeatureAgent:
         first, last = min(offsets), max(offsets)
         t0 = time.perf_counter()
         msgs = await asyncio.to_thread(read_range, self.bootstrap, self.deltas_topic, p, first, last)
-        batches = {m.offset(): m.value() for m in msgs}
+        batches = {offset_of(m): m.value() for m in msgs}
         log.info("feature partition %d: read back %d of %d delta batches (offsets %d..%d) in %.2fs",
                  p, len(offsets), len(batches), first, last, time.perf_counter() - t0)  # fmt: skip
         return [inline_deltas(r, batches) for r in recs]
 
-    async def process(self, batch: Any, runner: Any) -> None:
+    async def process(self, batch: Batch, runner: InputAcker) -> None:
         from ctr.streams.app import send_changelog
 
         by_part: dict[int, list[DeltaBatch]] = {}
@@ -704,7 +718,7 @@ class WindowedFeatureAgent:
                         offset=r.offset,
                         key=r.key,
                     )
-        changelog = []
+        changelog: list[ChangelogRecord] = []
         for p, batches in by_part.items():
             shard = self.shards[p]
             touched, rec = shard.apply(batches, offsets[p], reference=self.by_offsets)
@@ -730,14 +744,14 @@ class WindowedFeatureAgent:
         await send_changelog(self.table, changelog)
         self._ack(batch.chunks, runner)
 
-    def _ack(self, chunks: Sequence[Any], runner: Any) -> None:
+    def _ack(self, chunks: Sequence[Chunk], runner: InputAcker) -> None:
         """Ack the input whose effects are recorded: everything but the batches still held for
         a missing predecessor (Faust's commit stops below the first of those, so a restart
         reads them again), plus the held batches applied in this round."""
         from faust.types import TP
 
         held = {p: shard.held_offsets for p, shard in self.shards.items() if shard.held}
-        ranges = []
+        ranges: list[tuple[TP, int, int]] = []
         for c in chunks:
             lo = c.ack_from
             for off in sorted(o for o in held.get(c.partition, ()) if c.ack_from <= o <= c.records[-1].offset):
@@ -755,7 +769,7 @@ class WindowedFeatureAgent:
         """When idle, record ``feast_confirmed`` progress so a restart rewrites less."""
         from ctr.streams.app import send_changelog
 
-        changelog = []
+        changelog: list[ChangelogRecord] = []
         for p, shard in self.shards.items():
             if shard.feast_confirmed > shard.recorded_feast_confirmed and not self.writer.dirty.get(p):
                 rec = shard.checkpoint()

@@ -368,6 +368,14 @@ class Source(Iterator[LabeledImpression]):
         return {"skipped": self.skipped.as_dict()}
 
 
+class _TextOpen(TypedDict):
+    """The text-mode keywords every opener below takes (typed, so each open() overload matches)."""
+
+    encoding: str
+    errors: str
+    newline: str
+
+
 def open_text(path: Path) -> IO[str]:
     """Open a (possibly gz/bz2/xz-compressed) text file for the ``csv`` module.
 
@@ -376,7 +384,7 @@ def open_text(path: Path) -> IO[str]:
     mark (spreadsheet exports) is dropped so it does not stick to the first column name.
     """
     suffix = path.suffix.lower()
-    kwargs = {"encoding": "utf-8-sig", "errors": "replace", "newline": ""}
+    kwargs: _TextOpen = {"encoding": "utf-8-sig", "errors": "replace", "newline": ""}
     if suffix == ".gz":
         return gzip.open(path, "rt", **kwargs)
     if suffix == ".bz2":

@@ -435,7 +435,9 @@ class GroundTruth:
         self.num_mu = rng.uniform(0.0, 4.0, nn)
         self.num_sigma = rng.uniform(0.5, 2.0, nn)
         beta = np.zeros(nn)
-        chosen = rng.choice(nn, size=min(c.n_informative_numeric, nn), replace=False) if nn else []
+        chosen: np.ndarray | list[int] = []
+        if nn:
+            chosen = rng.choice(nn, size=min(c.n_informative_numeric, nn), replace=False)
         beta[chosen] = c.numeric_scale * rng.choice([-1.0, 1.0], size=len(chosen))
         self.num_beta = beta
         self.bias = (0.0, 0.0)  # solved by SyntheticStream once features can be sampled
@@ -587,7 +589,7 @@ class SyntheticStream(Source):
 
     def _features(self, rng: np.random.Generator, index: np.ndarray, regime: int) -> SyntheticChunk:
         c, t = self.config, self.truth
-        n = index.shape[0]
+        n: int = index.shape[0]  # declared: numpy types a shape's entries Any
         cat = np.empty((n, c.n_categorical), dtype=np.int64)
         for f, k in enumerate(t.cardinalities.tolist()):
             ranks = self._sample_born(rng, index, k, t.birth_salt[f])

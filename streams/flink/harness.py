@@ -16,7 +16,7 @@ import psutil
 from confluent_kafka import OFFSET_BEGINNING, TopicPartition
 
 from ctr.infra.broker import create_topics
-from ctr.infra.kafka_io import make_consumer
+from ctr.infra.kafka_io import make_consumer, offset_of
 from ctr.infra.procs import die_with_parent, stop_process
 from ctr.infra.topics import TopicSpec
 
@@ -120,7 +120,9 @@ def read_messages(bootstrap: str, topic: str, timeout_s: float = 60.0) -> list:
                 raise TimeoutError(f"read {len(out)} messages of {topic}; offsets {pos} < {ends}")
             for m in c.consume(5000, 0.2):
                 if m.error() is None:
-                    pos[m.partition()] = m.offset() + 1
+                    p = m.partition()
+                    assert p is not None  # a consumed record has one
+                    pos[p] = offset_of(m) + 1
                     out.append(m)
     finally:
         c.close()

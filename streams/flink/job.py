@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 if __package__ in (None, ""):
     # Run as a script (``python job.py``, ``flink run -py``) by Flink's own Python, where the
@@ -30,6 +31,9 @@ if __package__ in (None, ""):
     _ctr = types.ModuleType("ctr")
     _ctr.__path__ = [str(Path(__file__).resolve().parents[2])]
     sys.modules.setdefault("ctr", _ctr)
+
+if TYPE_CHECKING:
+    from pyflink.table import TableEnvironment
 
 from ctr.features.spec import SPEC, FeatureSpec  # noqa: E402
 from ctr.streams.flink.sql import DEFAULT_ATTRIBUTION_MS, DEFAULT_OUTPUT_TOPIC, JobConfig, statements  # noqa: E402
@@ -53,7 +57,7 @@ def parse_offsets(text: str) -> dict[str, dict[int, int]]:
     return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in raw.items()}
 
 
-def build_env(parallelism: int, jars: list[Path], bounded: bool, idle_timeout_ms: int) -> object:
+def build_env(parallelism: int, jars: list[Path], bounded: bool, idle_timeout_ms: int) -> TableEnvironment:
     # The mini-cluster lives in the py4j gateway JVM, whose heap is otherwise uncapped (3.9 GB
     # at parallelism 2 was measured here); JVM_ARGS is read when the gateway starts.
     os.environ.setdefault("JVM_ARGS", "-Xmx1g")

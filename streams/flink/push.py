@@ -96,7 +96,7 @@ def push(
     from confluent_kafka import TopicPartition
 
     from ctr.features.store import STATS_VIEWS, FeatureWriter, open_store
-    from ctr.infra.kafka_io import make_consumer
+    from ctr.infra.kafka_io import make_consumer, offset_of
     from ctr.streams.flink.harness import end_offsets
 
     writer = FeatureWriter(open_store(feast_dir, online=online, redis_url=redis_url))  # type: ignore[arg-type]
@@ -111,8 +111,10 @@ def push(
         while not until_end or any(pos[p] < e for p, e in ends.items()):
             msgs = [m for m in c.consume(5000, 0.5) if m.error() is None]
             for m in msgs:
-                pos[m.partition()] = m.offset() + 1
-                merger.add(json.loads(m.value()))
+                p, value = m.partition(), m.value()
+                assert p is not None and value is not None  # the job's append-only sink writes a JSON row
+                pos[p] = offset_of(m) + 1
+                merger.add(json.loads(value))
             if not msgs:
                 continue
             for etype, rows in merger.take().items():
