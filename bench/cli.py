@@ -206,8 +206,9 @@ def bench_stream(ctx: typer.Context) -> None:
 
 @bench_app.command("serving", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_serving(ctx: typer.Context) -> None:
-    """/predict latency p50/p99 for 1, 10, 100 candidates, features included, while versions
-    apply (`ctr bench serving --help` for its options)."""
+    """/predict for 1, 10, 100 candidates, features included, one server on one core: capacity
+    (highest rate with p99 <= 10 ms while a version lands every second; wrk saturation) and
+    p50/p99 at fixed rates with and without updates (`ctr bench serving --help`)."""
     from bench.serving import main
 
     main(ctx.args)

@@ -30,7 +30,7 @@ from ctr.online_learner.model import CTRModel
 
 def _np(t: object) -> np.ndarray:
     """A zero-copy float32 view of a parameter or buffer."""
-    return t.detach().numpy()  # type: ignore[attr-defined, no-any-return]
+    return t.detach().numpy()  # type: ignore[attr-defined]
 
 
 def _signed_log1p(x: np.ndarray) -> np.ndarray:
@@ -86,14 +86,15 @@ class NumpyForward:
         score = np.zeros(n, dtype=np.float32)
         if self.first_order:
             score += emb[:, :: self.chunk_dim] @ self.wide_w
-        if (self.linear is not None or self.dense is not None) and numeric is None:
-            raise ValueError("this model reads numeric values: pass numeric [B, F_num]")
+        if self.linear is not None or self.dense is not None:
+            if numeric is None:
+                raise ValueError("this model reads numeric values: pass numeric [B, F_num]")
+            num = numeric.astype(np.float32, copy=False)
         if self.linear is not None:
-            score += _signed_log1p(numeric.astype(np.float32)) @ self.linear
+            score += _signed_log1p(num) @ self.linear
         x = emb
         if self.dense is not None:
             w, bias, missing = self.dense
-            num = numeric.astype(np.float32)
             e = _signed_log1p(num)[:, :, None] * w + bias
             e = np.where(np.isfinite(num)[:, :, None], e, missing)
             x = np.concatenate([x, e.reshape(n, -1)], axis=1)

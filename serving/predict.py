@@ -120,10 +120,10 @@ def _forward(group: list[tuple[Any, EncodedBatch, Any]]) -> np.ndarray | BaseExc
     try:
         encs = [enc for _, enc, _ in group]
         if len(encs) == 1:
-            return group[0][0].predict(encs[0])  # type: ignore[no-any-return]
+            return group[0][0].predict(encs[0])
         keys = np.concatenate([e.keys for e in encs])
-        numeric = None if encs[0].numeric is None else np.concatenate([e.numeric for e in encs])  # type: ignore[misc]
-        return group[0][0].predict(EncodedBatch(keys, numeric))  # type: ignore[no-any-return]
+        numeric = None if encs[0].numeric is None else np.concatenate([e.numeric for e in encs])
+        return group[0][0].predict(EncodedBatch(keys, numeric))
     except Exception as err:  # noqa: BLE001 - the requests answer 500, the server goes on
         return err
 

@@ -3,6 +3,7 @@ column-wise (:func:`encode_request`), with the row-wise reference (:func:`merged
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -81,7 +82,8 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     if plan.item:
         items = look.values.get("item", {})
         rows = [items.get(c.item_id) or DEFAULTS["item"] for c in cands]
-        columns += [np.array([r[name] for r in rows], dtype=np.float64) for name in plan.item]
+        store = np.array(list(map(itemgetter(*plan.item), rows)), dtype=np.float64).reshape(n, len(plan.item))
+        columns += list(store.T)
     if columns:
         names = own + list(plan.item)
         values = np.stack(columns, axis=1)  # [n, len(names)]
