@@ -53,6 +53,12 @@ def serve_command(
     gil_switch_interval: Annotated[
         float, typer.Option(help="sys.setswitchinterval in seconds (0: leave CPython's 5 ms).")
     ] = _D.gil_switch_interval_s,
+    gc_threshold: Annotated[
+        int, typer.Option(help="Allocations between young garbage collections (0: CPython's 700).")
+    ] = _D.gc_threshold,
+    batch_wait: Annotated[
+        float, typer.Option(help="Dynamic batching: ms the first queued request waits for others (0: none).")
+    ] = _D.batch_wait_ms,
     log_level: Annotated[str, typer.Option(help="Log level.")] = _D.log_level,
 ) -> None:
     """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
@@ -65,6 +71,6 @@ def serve_command(
             topic=topic, keep_versions=keep_versions, feature_cache=feature_cache, feast_process=feast_process,
             cache_ttl_s=cache_ttl, cache_max_stale_s=cache_max_stale, max_candidates=max_candidates,
             max_body_bytes=max_body_bytes, torch_threads=torch_threads, gil_switch_interval_s=gil_switch_interval,
-            log_level=log_level,
+            gc_threshold=gc_threshold, batch_wait_ms=batch_wait, log_level=log_level,
         )
     )  # fmt: skip
