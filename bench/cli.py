@@ -214,6 +214,15 @@ def bench_serving(ctx: typer.Context) -> None:
     main(ctx.args)
 
 
+@bench_app.command("inference", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_inference(ctx: typer.Context) -> None:
+    """The serving forward: torch vs NumPy over the same parameters, by batch size
+    (`ctr bench inference --help` for its options)."""
+    from bench.inference import main
+
+    main(ctx.args)
+
+
 @bench_app.command("freshness", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_freshness(ctx: typer.Context) -> None:
     """Click entering Kafka -> a served score that reflects it, p50/p99 over repeated trials

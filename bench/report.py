@@ -254,6 +254,12 @@ def _serving(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _inference(doc: dict) -> str:
+    rows = [[r["model"], str(r["candidates"]), f"{r['torch_us']:,.0f}", f"{r['numpy_us']:,.0f}",
+             f"{r['speedup']:.1f}x", f"{r['max_abs_diff']:.1e}"] for r in doc["rows"]]  # fmt: skip
+    return _md(["model", "candidates", "torch us/call", "NumPy us/call", "NumPy faster by", "max abs diff"], rows)
+
+
 def _freshness(doc: dict) -> str:
     rows = []
     for r in doc["rows"]:
@@ -449,6 +455,7 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("inference-table", "bench/results/inference.json", _inference),
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
     Table("learner-core-table", "bench/results/learner_core.json", _learner_core),
     Table("flink-table", "bench/results/flink.json", _flink),
