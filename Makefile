@@ -38,7 +38,7 @@ test: setup flink-setup
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/pytest -q tests/test_types.py tests/test_layers.py
+	$(BIN)/ruff check . && $(BIN)/pytest -q tests/test_types.py tests/test_layers.py
 
 bench: setup
 	$(BIN)/ctr bench replay

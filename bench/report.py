@@ -240,7 +240,8 @@ def _serving(doc: dict) -> str:
         for n in dict.fromkeys(r["candidates"] for r in doc["rows"] if r["features"] == feats):
             cap = doc["capacity"].get(str(n)) if feats == default else None
             sat = (cap or {}).get("wrk_saturation") or {}
-            line = [feats, str(n), f"{cap['rps_at_p99_bar'] or 0:,.0f}" if cap else "",
+            best = (cap or {}).get("rps_at_p99_bar")
+            line = [feats, str(n), "" if not cap else f"{best:,.0f}" if best else "none of the offered rates",
                     f"{sat['rps']:,.0f} (p99 {sat.get('p99_ms', 0):,.1f} ms)" if "rps" in sat else ""]
             for rate in fixed:
                 for updates in (False, True):

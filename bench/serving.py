@@ -568,7 +568,8 @@ def _targets(rows: list[dict], capacity: dict, interval: float) -> list[dict]:
         got = cap["rps_at_p99_bar"] or 0
         out.append({"what": f">= {TARGET_CAPACITY_RPS:,} req/s with p99 <= {P99_BAR_MS:g} ms, 100 candidates, one "
                             f"worker on one core, a version every {interval:g} s",
-                    "measured": f"{got:,.0f} req/s", "met": got >= TARGET_CAPACITY_RPS})  # fmt: skip
+                    "measured": f"{got:,.0f} req/s" if got else "none of the offered rates",
+                    "met": got >= TARGET_CAPACITY_RPS})  # fmt: skip
     at = [r for r in rows if r["features"] == default and r["candidates"] == 100 and r["updates"]
           and r["rate_rps"] == TARGET_P99_RATE and r["kind"] == "fixed"]  # fmt: skip
     if at:
