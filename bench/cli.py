@@ -223,6 +223,14 @@ def bench_inference(ctx: typer.Context) -> None:
     main(ctx.args)
 
 
+@bench_app.command("signing", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_signing(ctx: typer.Context) -> None:
+    """What signing and verifying a model update costs, by delta size (`ctr bench signing --help`)."""
+    from bench.signing import main
+
+    main(ctx.args)
+
+
 @bench_app.command("freshness", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_freshness(ctx: typer.Context) -> None:
     """Click entering Kafka -> a served score that reflects it, p50/p99 over repeated trials

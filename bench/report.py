@@ -261,6 +261,16 @@ def _inference(doc: dict) -> str:
     return _md(["model", "candidates", "torch us/call", "NumPy us/call", "NumPy faster by", "max abs diff"], rows)
 
 
+def _signing(doc: dict) -> str:
+    rows = [[f"{r['rows']:,}", f"{r['bytes'] / 1e6:.2f}", f"{r['sign_ms']:.3f}", f"{r['verify_ms']:.3f}",
+             f"{r['decode_with_checksum_ms']:.3f}", f"{r['decode_after_verify_ms']:.3f}"]
+            for r in doc["rows"]]  # fmt: skip
+    t = doc["target"]
+    table = _md(["delta rows", "MB", "sign ms", "verify ms", "decode ms, unsigned (checksum)",
+                 "decode ms, after verify"], rows)  # fmt: skip
+    return f"{table}\n\nTarget: {t['what']}: {t['added_ms']:.2f} ms, {_verdict(t['met'])}."
+
+
 def _freshness(doc: dict) -> str:
     rows = []
     for r in doc["rows"]:
@@ -457,6 +467,7 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
     Table("inference-table", "bench/results/inference.json", _inference),
+    Table("signing-table", "bench/results/signing.json", _signing),
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
     Table("learner-core-table", "bench/results/learner_core.json", _learner_core),
     Table("flink-table", "bench/results/flink.json", _flink),

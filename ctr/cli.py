@@ -267,6 +267,10 @@ def learn_cmd(
         ),
     ] = None,
     fp16: Annotated[bool, typer.Option(help="Ship delta rows as float16.")] = False,
+    signing_key: Annotated[
+        Path | None,
+        typer.Option(envvar="CTR_SIGNING_KEY", help="Ed25519 private key (PEM) every model update is signed with."),
+    ] = None,
     prior_strength: Annotated[
         float,
         typer.Option(
@@ -309,6 +313,7 @@ def learn_cmd(
         snapshot_interval_s=snapshot_interval,
         gate_margin=gate_margin,
         fp16_deltas=fp16,
+        signing_key=signing_key,
         categorical=names(categorical),
         numeric=names(numeric),
         model_options=model_options(table_bits, prior_strength, model_option or []),

@@ -18,7 +18,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -28,6 +28,7 @@ from rich.table import Table
 from ctr.infra.broker import EmbeddedBroker
 from ctr.infra.procs import free_port
 from ctr.infra.topics import DEAD_LETTER_TOPIC, FIELD_WEIGHTS_TOPIC
+from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
 from ctr.streams.datasets import LabeledImpression, open_source
@@ -141,7 +142,7 @@ def run_demo(
         from ctr.online_learner.encoding import discover_fields
 
         fields = discover_fields([r.impression for r in open_source(data, mapping=mapping, seed=seed, events=1_000)])
-        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields)
+        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields, say=console.print)
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         # one replayed impression in 40 is scored by serving as it is shown (~50 requests/s at
         # the default rate): the online quality of what was served
@@ -247,11 +248,19 @@ def start_stages(
     out: Path,
     frozen_after: int | None = None,
     fields: tuple[Sequence[str], Sequence[str]] | None = None,
+    say: Callable[[str], object] = print,
 ) -> int:
     """Start worker, reweighter, learner and serving under ``sup`` with their state in ``out``;
     returns the serving port (ready once :func:`ready` says so). ``fields``: the learner's
-    (categorical, numeric) fields; None lets it discover them from its first examples."""
+    (categorical, numeric) fields; None lets it discover them from its first examples. The
+    learner signs every model update and serving accepts only those (a key pair for the run
+    unless the environment names one)."""
     feast_dir, learner_dir = str(out / "feast"), out / "learner"
+    key, created = run_keys(out / "keys")
+    if created:
+        say(f"model updates are signed with a key pair created for this run ({out / 'keys'}; "
+                          "set $CTR_SIGNING_KEY and $CTR_VERIFY_KEYS to use your own)")
+    sign, verify = stage_flags(key)
     extra = ["--frozen-after", str(frozen_after)] if frozen_after is not None else []
     if fields is not None:
         extra += ["--categorical", ",".join(fields[0]), "--numeric", ",".join(fields[1])]
@@ -259,13 +268,13 @@ def start_stages(
         "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
         "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
         "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
-                    "--checkpoint-interval", "10", *extra],
+                    "--checkpoint-interval", "10", *sign, *extra],
     }  # fmt: skip
     for name, args in stages.items():
         sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:])))
     port = free_port()
     serve = ["serve", "--bootstrap", bootstrap, "--snapshot-dir", str(learner_dir / "snapshots"),
-             "--feast-dir", feast_dir, "--port", str(port)]  # fmt: skip
+             "--feast-dir", feast_dir, "--port", str(port), *verify]  # fmt: skip
     sup.start(Service("serve", ctr_argv(*serve)))
     return port
 

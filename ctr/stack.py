@@ -6,10 +6,12 @@ time). State (pids, ports, log files) lives in ``.ctr/stack.json``; logs in ``.c
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ctr.infra.config import state_dir
 from ctr.infra.procs import pid_alive, stop_process
+from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.supervisor import Service, Supervisor, ctr_argv
 
 #: Stop order: consumers before what they consume from.
@@ -20,8 +22,10 @@ def _state_path() -> Path:
     return state_dir() / "stack.json"
 
 
-def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000) -> dict:
-    """Start broker, worker, reweighter, learner and serving detached; returns the recorded state."""
+def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000,
+       say: Callable[[str], object] = print) -> dict:
+    """Start broker, worker, reweighter, learner and serving detached; returns the recorded state.
+    Model updates are signed (a key pair for the stack unless the environment names one)."""
     from ctr.infra.broker import EmbeddedBroker
 
     path = _state_path()
@@ -37,6 +41,11 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         json.dumps({"kind": kind, "bootstrap": bs, "pid": pid, "data_dir": str(root / f"broker-{kind}")})
     )
     sup = Supervisor(root / "logs")
+    key, created = run_keys(root / "keys")
+    if created:
+        say(f"model updates are signed with a key pair created for this stack ({root / 'keys'}; "
+                      "set $CTR_SIGNING_KEY and $CTR_VERIFY_KEYS to use your own)")
+    sign, verify = stage_flags(key)
     services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
     plan = [
         Service(
@@ -45,7 +54,8 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             detach=True,
         ),
         Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir)), detach=True),
-        Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner")), detach=True),
+        Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign),
+                detach=True),
         Service(
             "serve",
             ctr_argv(
@@ -58,6 +68,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
                 str(feast_dir),
                 "--port",
                 str(serve_port),
+                *verify,
             ),
             detach=True,
         ),

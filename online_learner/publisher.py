@@ -39,6 +39,7 @@ from ctr.online_learner.delta import apply_tensors, delta_tensors, snapshot_tens
 from ctr.online_learner.encoding import EncodedBatch
 from ctr.online_learner.learner import OnlineCTR
 from ctr.online_learner.metrics import roc_auc
+from ctr.online_learner.signing import UpdateSigner
 from ctr.online_learner.state_io import atomic_write
 from ctr.online_learner.update_format import GateDecision, UpdateHeader, encode_update, split_delta
 
@@ -144,8 +145,11 @@ class Publisher:
         topic: str = MODEL_UPDATES_TOPIC,
         keep_snapshots: int = 5,
         ack_wait_s: float = 2.0,
+        signer: UpdateSigner | None = None,
     ) -> None:
         self.producer, self.learner, self.model_id = producer, learner, model_id
+        #: signs every message and snapshot file (None: unsigned, as before signing existed)
+        self.signer = signer
         self.snapshot_dir = Path(snapshot_dir)
         self.version = version
         self.gate = gate or QualityGate()
@@ -267,7 +271,7 @@ class Publisher:
             event_time_ms=event_time_ms, metrics=_finite(metrics), gate=decision,
             examples_seen=self.learner.examples_seen,
         )  # fmt: skip
-        parts = split_delta(header, tensors)
+        parts = [self._signed(p) for p in split_delta(header, tensors)]
         nbytes = sum(len(p) for p in parts)
         PUBLISH_BYTES.labels("delta").inc(nbytes)
 
@@ -308,12 +312,12 @@ class Publisher:
             examples_seen=self.learner.examples_seen,
             model_config=self.learner.config.to_dict(),
         )
-        data = encode_update(header, snapshot_tensors(self.learner.model))
+        data = self._signed(encode_update(header, snapshot_tensors(self.learner.model)))
         path = self.snapshot_dir / f"snapshot-{version:012d}.ctru"
         atomic_write(path, data)
         PUBLISH_BYTES.labels("snapshot").inc(len(data))
         self._prune()
-        announce = encode_update(msgspec.structs.replace(header, snapshot_uri=str(path.resolve())), {})
+        announce = self._signed(encode_update(msgspec.structs.replace(header, snapshot_uri=str(path.resolve())), {}))
         state = copy.deepcopy(self.learner.model.state_dict()) if new_version else None
 
         def commit() -> None:
@@ -324,6 +328,9 @@ class Publisher:
         out = self._publish(version, [announce], commit, record)
         out.setdefault("publish_ms", round((time.perf_counter() - t0) * 1000, 2))
         return out
+
+    def _signed(self, update: bytes) -> bytes:
+        return self.signer.sign(update) if self.signer is not None else update
 
     def _prune(self) -> None:
         files = sorted(self.snapshot_dir.glob("snapshot-*.ctru"))

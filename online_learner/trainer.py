@@ -55,6 +55,7 @@ from ctr.online_learner.model import ModelConfig
 from ctr.online_learner.outcomes import ArrivalLearner
 from ctr.online_learner.publisher import Publisher, QualityGate
 from ctr.online_learner.served import ServedQuality
+from ctr.online_learner.signing import signer_from, strip
 from ctr.online_learner.state_io import load_state, save_state
 from ctr.online_learner.update_format import UpdateError, UpdateHeader, decode_header
 
@@ -131,6 +132,9 @@ class TrainerConfig:
     gate_min_positives: int = 50
     fp16_deltas: bool = False
     dense_every: int = 1
+    #: PEM file of the Ed25519 key every update is signed with (None: ``$CTR_SIGNING_KEY``,
+    #: else unsigned); see ``ctr.online_learner.signing``
+    signing_key: Path | None = None
     dedupe_capacity: int = 1_000_000
     metrics_window: int = 20_000
     #: the label join's attribution window: a first example's final label is known (no
@@ -180,6 +184,10 @@ class Trainer:
         self.metrics_path = self.state_dir / "learner_metrics.jsonl"
         self.producer = make_producer(config.bootstrap)
         self.tracker = DeliveryTracker()
+        # loaded up front: a missing or wrong key fails the start, not the first publish
+        self._signer = signer_from(config.signing_key)
+        if self._signer is not None:
+            log.info("signing model updates with key %s", self._signer.key_id.hex())
         self.dlq = DeadLetterSink(
             "learner", lambda t, k, v, h: produce(self.producer, t, v, k, self.tracker, headers=h)
         )
@@ -245,6 +253,7 @@ class Trainer:
             gate=QualityGate(self.cfg.gate_margin, self.cfg.gate_min_positives),
             fp16=self.cfg.fp16_deltas,
             dense_every=self.cfg.dense_every,
+            signer=self._signer,
         )
         return self.learner
 
@@ -320,7 +329,7 @@ class Trainer:
                     if m.error() is None:
                         idle_since = time.monotonic()
                         try:
-                            best = max(best, decode_header(m.value()).version)
+                            best = max(best, decode_header(strip(m.value() or b"")).version)
                         except UpdateError:
                             pass
             return best

@@ -150,12 +150,17 @@ def _split(data: bytes | memoryview | None) -> tuple[UpdateHeader, memoryview]:
     return header, mv[8 + hlen :]
 
 
-def decode_update(data: bytes | memoryview | None) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
-    """Validate everything, then return the header and freshly owned numpy tensors."""
+def decode_update(
+    data: bytes | memoryview | None, *, digest_checked: bool = False
+) -> tuple[UpdateHeader, dict[str, np.ndarray]]:
+    """Validate everything, then return the header and freshly owned numpy tensors.
+
+    ``digest_checked``: the body's SHA-256 was already compared with the digest (a signature
+    verification does that), so it is not hashed twice."""
     if data is None or len(data) < 8 + _DIGEST:
         raise UpdateError("update too short")
     mv = memoryview(data)
-    if hashlib.sha256(mv[:-_DIGEST]).digest() != bytes(mv[-_DIGEST:]):
+    if not digest_checked and hashlib.sha256(mv[:-_DIGEST]).digest() != bytes(mv[-_DIGEST:]):
         raise UpdateError("checksum mismatch")
     header, payload = _split(mv[:-_DIGEST])
     tensors: dict[str, np.ndarray] = {}

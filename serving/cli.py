@@ -53,6 +53,11 @@ def serve_command(
     gil_switch_interval: Annotated[
         float, typer.Option(help="sys.setswitchinterval in seconds (0: leave CPython's 5 ms).")
     ] = _D.gil_switch_interval_s,
+    verify_key: Annotated[
+        list[Path] | None,
+        typer.Option(help="Ed25519 public key (PEM) model updates must be signed with; repeatable (a key "
+                     "rotation); default: the comma-separated files of $CTR_VERIFY_KEYS, else unsigned accepted."),
+    ] = None,
     gc_threshold: Annotated[
         int, typer.Option(help="Allocations between young garbage collections (0: CPython's 700).")
     ] = _D.gc_threshold,
@@ -71,6 +76,7 @@ def serve_command(
             topic=topic, keep_versions=keep_versions, feature_cache=feature_cache, feast_process=feast_process,
             cache_ttl_s=cache_ttl, cache_max_stale_s=cache_max_stale, max_candidates=max_candidates,
             max_body_bytes=max_body_bytes, torch_threads=torch_threads, gil_switch_interval_s=gil_switch_interval,
-            gc_threshold=gc_threshold, batch_wait_ms=batch_wait, log_level=log_level,
+            gc_threshold=gc_threshold, batch_wait_ms=batch_wait, verify_keys=tuple(verify_key or ()),
+            log_level=log_level,
         )
     )  # fmt: skip

@@ -26,6 +26,10 @@ class ServingConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     topic: str = MODEL_UPDATES_TOPIC
+    #: Ed25519 public keys (PEM files) a model update must be signed with; empty: the
+    #: comma-separated files of ``$CTR_VERIFY_KEYS``; none there either: updates are accepted
+    #: unsigned. Several keys are accepted at once (a key rotation).
+    verify_keys: tuple[Path, ...] = ()
     keep_versions: int = 5
     feature_cache: bool = True
     #: Read Feast in a worker process (default) or in this process's threads (the baseline).

@@ -11,6 +11,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
+from ctr.online_learner.signing import strip, verifier_from
 from ctr.serving.config import ServingConfig
 from ctr.serving.features import (
     FeastProcessSource,
@@ -45,6 +46,10 @@ class ServingState:
         self._source: FeatureSource | None = None
         self._threads: list[threading.Thread] = []
         self.registry.listeners.append(self._on_swap)
+        # loaded up front: a missing or unreadable key fails the start, not the first update
+        self.verifier = verifier_from(config.verify_keys)
+        if self.verifier is not None:
+            log.info("model updates must be signed by key %s", ", ".join(self.verifier.key_ids))
         self.score_log: ScoreLog | None = None
 
     # -- lifecycle
@@ -64,8 +69,11 @@ class ServingState:
             self._threads.append(t)
         cfg = self.config
         if cfg.bootstrap:
+            if self.verifier is None:
+                log.warning("model updates are not verified: no --verify-key / $CTR_VERIFY_KEYS (any writer "
+                            "of %s decides what is served)", cfg.topic)
             self.updates = UpdateConsumer(self.registry, cfg.bootstrap, topic=cfg.topic,
-                                          snapshot_dir=cfg.snapshot_dir).start()
+                                          snapshot_dir=cfg.snapshot_dir, verifier=self.verifier).start()
             self.score_log = ScoreLog(cfg.bootstrap)
         elif cfg.snapshot_dir is not None:
             t = threading.Thread(target=self._load_static, name="snapshot-load", daemon=True)
@@ -106,7 +114,9 @@ class ServingState:
             log.error("no snapshot in %s", self.config.snapshot_dir)
             return
         path = max(files, key=lambda p: read_snapshot_header(p).created_ms)
-        header, tensors = decode_update(path.read_bytes())
+        data = path.read_bytes()
+        opened = self.verifier.open(data) if self.verifier is not None else strip(data)
+        header, tensors = decode_update(opened)
         self.registry.install_snapshot(header, tensors)
 
     def _on_swap(self, mv: ModelVersion) -> None:

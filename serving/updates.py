@@ -40,6 +40,7 @@ from prometheus_client import Counter, Histogram
 
 from ctr.infra.kafka_io import PacedConsumer, make_consumer, offset_of
 from ctr.infra.topics import MODEL_UPDATES_TOPIC
+from ctr.online_learner.signing import ENVELOPE, HEAD_BYTES, SignatureError, UpdateVerifier, strip
 from ctr.online_learner.update_format import MAX_HEADER_BYTES, UpdateError, UpdateHeader, decode_header, decode_update
 from ctr.serving.registry import Decision, ModelRegistry
 
@@ -59,9 +60,13 @@ BUILD_SECONDS = Histogram("ctr_serving_version_build_seconds", "Copy + apply (de
 
 
 def read_snapshot_header(path: Path) -> UpdateHeader:
-    """The header of a snapshot file, reading only its first bytes (no checksum check)."""
+    """The header of a snapshot file, reading only its first bytes (no checksum or signature
+    check: it only orders files; what is installed is verified whole)."""
     with open(path, "rb") as f:
         head = f.read(8)
+        if head[:4] == ENVELOPE:  # signed: the update starts after the envelope
+            f.seek(HEAD_BYTES)
+            head = f.read(8)
         if len(head) < 8:
             raise UpdateError(f"{path}: too short")
         hlen = int.from_bytes(head[4:8], "little")
@@ -94,8 +99,10 @@ class UpdateConsumer:
     def __init__(self, registry: ModelRegistry, bootstrap: str, *, topic: str = MODEL_UPDATES_TOPIC,
                  snapshot_dir: Path | None = None, seek_margin_ms: int = 2000, retry_s: float = 2.0,
                  poll_timeout_s: float = 0.05, idle_poll_s: float = 0.05, recheck_s: float = 1.0,
-                 group_id: str | None = None) -> None:
+                 group_id: str | None = None, verifier: UpdateVerifier | None = None) -> None:
         self.registry = registry
+        #: None: updates are accepted unsigned (signed ones are read without a check)
+        self.verifier = verifier
         self.bootstrap, self.topic = bootstrap, topic
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir is not None else None
         self.seek_margin_ms, self.retry_s, self.poll_timeout_s = seek_margin_ms, retry_s, poll_timeout_s
@@ -223,17 +230,27 @@ class UpdateConsumer:
         """Process one message; True when the consumer was repositioned (re-sync)."""
         reg = self.registry
         try:
+            data = self.open(data)
+        except SignatureError as err:  # before a byte of it is read: nothing it says is trusted
+            return self._note(Decision("rejected", err.reason, str(err)))
+        try:
             header = decode_header(data)
         except UpdateError as err:
             return self._note(Decision("rejected", "invalid", str(err)))
         decision = reg.classify(header)
         if decision is None:
             try:
-                header, tensors = decode_update(data)
+                header, tensors = decode_update(data, digest_checked=self.verifier is not None)
             except UpdateError as err:
                 return self._note(Decision("rejected", "invalid", str(err)))
             decision = reg.offer(header, tensors)
         return self._note(decision)
+
+    def open(self, data: bytes | memoryview | None) -> memoryview:
+        """The update in ``data``, verified when a verifier is set. Raises SignatureError."""
+        if self.verifier is not None:
+            return self.verifier.open(data)
+        return strip(data if data is not None else b"")
 
     def _note(self, d: Decision) -> bool:
         if d.outcome == "applied":
@@ -288,11 +305,11 @@ class UpdateConsumer:
                 if not self._newer(read_snapshot_header(path), announced):
                     continue
                 t0 = time.perf_counter()
-                header, tensors = decode_update(path.read_bytes())
+                header, tensors = decode_update(self.open(path.read_bytes()))
                 if header.kind != "snapshot" or not self._newer(header, announced):
                     continue
                 mv = self.registry.install_snapshot(header, tensors)
-            except (OSError, UpdateError, ValueError) as err:
+            except (OSError, UpdateError, ValueError) as err:  # SignatureError is a ValueError
                 log.warning("snapshot %s unusable: %s", path, err)
                 RESYNCS.labels(d.reason, "unusable").inc()
                 continue
