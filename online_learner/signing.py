@@ -13,9 +13,9 @@ bit anywhere is caught), and returns the update. Signing a 1 s delta costs one s
 
 Keys are PEM files (PKCS8 private, SubjectPublicKeyInfo public), named by ``--signing-key`` /
 ``$CTR_SIGNING_KEY`` (the learner) and ``--verify-key`` / ``$CTR_VERIFY_KEYS`` (serving; several
-keys, comma-separated, are accepted at once: a key rotation publishes with the new key while
-replicas still accept the old one). The keys themselves never appear in a log line: only their
-ids do.
+keys, comma-separated, or a directory of ``*.pub`` files, are accepted at once, and re-read
+when they change: a key rotation publishes with the new key while replicas still accept the
+old one, with no restart). The keys themselves never appear in a log line: only their ids do.
 
 >>> from ctr.online_learner.update_format import UpdateHeader, decode_update, encode_update
 >>> update = encode_update(UpdateHeader(kind="delta", model_id="m", version=2, base_version=1), {})
@@ -33,13 +33,17 @@ unknown_key
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+log = logging.getLogger(__name__)
 
 ENVELOPE = b"CTRS"
 _KEY_ID = 8
@@ -91,20 +95,48 @@ class UpdateSigner:
 
 
 class UpdateVerifier:
-    """Accepts updates signed by any of ``public_keys``; refuses everything else."""
+    """Accepts updates signed by any of ``public_keys``; refuses everything else.
 
-    def __init__(self, public_keys: Sequence[Ed25519PublicKey]) -> None:
+    Built :meth:`from_files`, it re-reads its key files (a directory: every ``*.pub`` in it)
+    when they change, checked at most every ``recheck_s``: a key rotation needs no restart."""
+
+    def __init__(self, public_keys: Sequence[Ed25519PublicKey], sources: Sequence[Path] = (),
+                 recheck_s: float = 1.0) -> None:
         if not public_keys:
             raise ValueError("a verifier needs at least one public key")
         self._keys = {key_id(k): k for k in public_keys}
+        self._sources, self._recheck_s = list(sources), recheck_s
+        self._checked = time.monotonic()
+        self._stamp = _stamp(self._sources)
+
+    @classmethod
+    def from_files(cls, paths: Sequence[Path | str], recheck_s: float = 1.0) -> UpdateVerifier:
+        sources = [Path(p) for p in paths]
+        return cls(_load_keys(sources), sources, recheck_s)
 
     @property
     def key_ids(self) -> list[str]:
         return [k.hex() for k in self._keys]
 
+    def _reload(self) -> None:
+        self._checked = time.monotonic()
+        stamp = _stamp(self._sources)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            keys = _load_keys(self._sources)
+        except (OSError, ValueError) as err:  # a half-written or wrong file: keep the keys we have
+            log.error("public keys not reloaded (keeping %s): %s", ", ".join(self.key_ids), err)
+            return
+        self._keys = {key_id(k): k for k in keys}
+        log.warning("public keys reloaded: updates must be signed by key %s", ", ".join(self.key_ids))
+
     def open(self, data: bytes | memoryview | None) -> memoryview:
         """The verified update inside ``data``. Raises :class:`SignatureError` (reasons:
         ``unsigned``, ``unknown_key``, ``bad_signature``, ``tampered``)."""
+        if self._sources and time.monotonic() - self._checked >= self._recheck_s:
+            self._reload()
         if data is None or not is_signed(data):
             raise SignatureError("unsigned", "no signature envelope")
         mv = memoryview(data)
@@ -161,6 +193,27 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
     return key
 
 
+def _key_files(sources: Sequence[Path]) -> list[Path]:
+    return [f for p in sources for f in (sorted(p.glob("*.pub")) if p.is_dir() else [p])]
+
+
+def _stamp(sources: Sequence[Path]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for f in _key_files(sources):
+        try:
+            out.append((str(f), f.stat().st_mtime))
+        except OSError:
+            out.append((str(f), -1.0))
+    return tuple(out)
+
+
+def _load_keys(sources: Sequence[Path]) -> list[Ed25519PublicKey]:
+    keys = [load_public_key(f) for f in _key_files(sources)]
+    if not keys:
+        raise ValueError(f"no public key in {', '.join(map(str, sources))}")
+    return keys
+
+
 def signer_from(path: Path | str | None) -> UpdateSigner | None:
     """The learner's signer: ``path``, else ``$CTR_SIGNING_KEY``, else None (unsigned)."""
     path = path or os.environ.get(SIGNING_KEY_ENV) or None
@@ -168,10 +221,11 @@ def signer_from(path: Path | str | None) -> UpdateSigner | None:
 
 
 def verifier_from(paths: Sequence[Path | str] = ()) -> UpdateVerifier | None:
-    """Serving's verifier: ``paths``, else ``$CTR_VERIFY_KEYS`` (comma-separated), else None
-    (updates are accepted unsigned, as before signing existed)."""
-    given = [str(p) for p in paths] or [p for p in os.environ.get(VERIFY_KEYS_ENV, "").split(",") if p.strip()]
-    return UpdateVerifier([load_public_key(p.strip()) for p in given]) if given else None
+    """Serving's verifier: ``paths`` (PEM files, or directories of ``*.pub``), else
+    ``$CTR_VERIFY_KEYS`` (comma-separated), else None (updates are accepted unsigned, as before
+    signing existed). The files are re-read when they change."""
+    given = [str(p) for p in paths] or [p.strip() for p in os.environ.get(VERIFY_KEYS_ENV, "").split(",") if p.strip()]
+    return UpdateVerifier.from_files(given) if given else None
 
 
 def run_keys(directory: Path) -> tuple[Path | None, bool]:

@@ -12,7 +12,9 @@ broker does not hold empty fetches, and an idle assigned consumer would spin a c
   of the snapshot is replayed, older ones are skipped from their header alone. Without a
   snapshot the consumer reads the topic from the beginning and waits for the learner's
   snapshot announcement.
-* **Each message**: ``decode_header`` (cheap) lets the registry skip stale messages without
+* **Each message**: with a verifier, its signature is checked first (``signing``: refused and
+  counted by reason when unsigned, from an unknown key, wrongly signed or tampered); then
+  ``decode_header`` (cheap) lets the registry skip stale messages without
   hashing them; anything else is validated whole (``decode_update``: checksum, dtypes,
   shapes) and offered to :class:`~ctr.serving.registry.ModelRegistry`, which applies it to a
   shadow copy and swaps it in, or rejects it.
@@ -226,11 +228,11 @@ class UpdateConsumer:
             self._kafka.unassign()
             self._assigned = False
 
-    def _handle(self, data: bytes | None) -> bool:
+    def _handle(self, message: bytes | None) -> bool:
         """Process one message; True when the consumer was repositioned (re-sync)."""
         reg = self.registry
         try:
-            data = self.open(data)
+            data = self.open(message)
         except SignatureError as err:  # before a byte of it is read: nothing it says is trusted
             return self._note(Decision("rejected", err.reason, str(err)))
         try:

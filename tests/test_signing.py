@@ -74,6 +74,29 @@ def test_a_rotation_accepts_both_keys_then_only_the_new_one() -> None:
     assert decode_update(after.open(UpdateSigner(new).sign(UPDATE)))[0].version == 2
 
 
+def test_a_replica_rereads_its_key_directory_no_restart(tmp_path: Path) -> None:
+    """The rotation as an operator runs it: the new public key is dropped into the replicas'
+    key directory (both accepted), the learner switches, the old public key is removed."""
+    keys = tmp_path / "verify"
+    keys.mkdir()
+    old_priv, old_pub = write_keypair(tmp_path / "old")
+    new_priv, new_pub = write_keypair(tmp_path / "new")
+    old, new = UpdateSigner(load_private_key(old_priv)), UpdateSigner(load_private_key(new_priv))
+    (keys / "old.pub").write_bytes(old_pub.read_bytes())
+    verifier = verifier_from([keys])
+    assert verifier is not None
+    verifier._recheck_s = 0.0  # re-read on every update (the default: at most once a second)
+    assert decode_update(verifier.open(old.sign(UPDATE)))[0].version == 2
+    assert _reason(verifier, new.sign(UPDATE)) == "unknown_key"
+    (keys / "new.pub").write_bytes(new_pub.read_bytes())
+    for signer in (old, new):
+        assert decode_update(verifier.open(signer.sign(UPDATE)))[0].version == 2
+    (keys / "old.pub").unlink()
+    assert _reason(verifier, old.sign(UPDATE)) == "unknown_key"
+    (keys / "new.pub").write_bytes(b"half-written")  # a bad file: the keys it had stay
+    assert decode_update(verifier.open(new.sign(UPDATE)))[0].version == 2
+
+
 def test_key_files_and_where_keys_come_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     priv_path, pub_path = write_keypair(tmp_path / "k")
     assert stat.S_IMODE(os.stat(priv_path).st_mode) == 0o600
