@@ -7,6 +7,7 @@ import os
 import platform
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -95,6 +96,17 @@ def machine() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def timings(fn: Callable[[], object], reps: int) -> list[float]:
+    """Seconds per call of ``fn()``, ``reps`` calls after one untimed warm-up call."""
+    fn()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
 
 
 def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = None) -> dict:

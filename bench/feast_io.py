@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import report
+from bench.common import report, timings
 
 KEYS = 10_000
 T0_MS = 1_700_000_000_000
@@ -108,12 +108,7 @@ def _writes(store, total: int) -> list[dict]:
 
 
 def _timed(fn, reps: int) -> tuple[float, float]:
-    fn()
-    lat = []
-    for _ in range(reps):
-        s = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - s)
+    lat = timings(fn, reps)
     return 1000 * statistics.median(lat), 1000 * _pct(lat, 0.99)
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import _fmt, machine, provenance
+from bench.common import _fmt, machine, provenance, timings
 from ctr.online_learner.embedding import UnifiedEmbedding
 from ctr.online_learner.encoding import EncodedBatch, FeatureEncoder
 from ctr.online_learner.hashing import ProbeLayout, numeric_keys
@@ -206,12 +206,7 @@ def sparse_update_cost(num_rows: int = 1 << 20, dim: int = 4, batch: int = 4096,
     rows = []
 
     def timed(name: str, fn, reps: int = 10) -> None:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
+        times = timings(fn, reps)
         rows.append(
             {
                 "section": "sparse table update (1 thread)",

@@ -12,27 +12,20 @@ checksum (unsigned updates) or without it (after a verification, which hashed th
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from bench.common import report
+from bench.common import report, timings
 
 ROWS = (5_000, 40_000, 160_000)
 TARGET_MS = 1.0
 
 
 def _ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) * 1000
+    return float(np.median(timings(fn, repeat))) * 1000
 
 
 def main(argv: list[str] | None = None) -> None:
