@@ -412,6 +412,20 @@ def status_cmd() -> None:
     typer.echo(json.dumps(status(), indent=2))
 
 
+@app.command("keygen")
+def keygen_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory for signing.key (private, mode 0600) and signing.pub.")],
+) -> None:
+    """Create an Ed25519 key pair for signed model updates (`ctr learn --signing-key`, `ctr serve --verify-key`)."""
+    from ctr.online_learner.signing import UpdateSigner, load_private_key, write_keypair
+
+    if (out / "signing.key").exists():
+        fail(f"{out / 'signing.key'} exists: keys are not overwritten (choose another directory)")
+    private, public = write_keypair(out)
+    typer.echo(json.dumps({"private_key": str(private), "public_key": str(public),
+                           "key_id": UpdateSigner(load_private_key(private)).key_id.hex()}, indent=2))  # fmt: skip
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -260,3 +260,21 @@ def _flip(data: bytes, at: int) -> bytes:
     out = bytearray(data)
     out[at] ^= 0x10
     return bytes(out)
+
+
+def test_ctr_keygen_writes_a_pair_and_never_overwrites(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from ctr.cli import app
+
+    first = CliRunner().invoke(app, ["keygen", str(tmp_path / "k")])
+    assert first.exit_code == 0, first.output
+    made = json.loads(first.output)
+    signer = UpdateSigner(load_private_key(made["private_key"]))
+    assert made["key_id"] == signer.key_id.hex() and "PRIVATE" not in first.output
+    verifier = UpdateVerifier([load_public_key(made["public_key"])])
+    assert decode_update(verifier.open(signer.sign(UPDATE)))[0].version == 2
+    again = CliRunner().invoke(app, ["keygen", str(tmp_path / "k")])
+    assert again.exit_code == 2 and "not overwritten" in again.output
