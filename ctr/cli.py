@@ -414,16 +414,28 @@ def status_cmd() -> None:
 
 @app.command("keygen")
 def keygen_cmd(
-    out: Annotated[Path, typer.Argument(help="Directory for signing.key (private, mode 0600) and signing.pub.")],
+    out: Annotated[Path, typer.Argument(help="Directory for signing.key (the private key, mode 0600).")],
+    public_out: Annotated[
+        Path | None, typer.Option(help="Directory for signing.pub (default: OUT), e.g. the replicas' key directory.")
+    ] = None,
+    if_missing: Annotated[
+        bool, typer.Option(help="Exit 0 without writing when OUT already holds a key (a one-shot deployment step).")
+    ] = False,
 ) -> None:
     """Create an Ed25519 key pair for signed model updates (`ctr learn --signing-key`, `ctr serve --verify-key`)."""
     from ctr.online_learner.signing import UpdateSigner, load_private_key, write_keypair
 
     if (out / "signing.key").exists():
+        if if_missing:
+            key = UpdateSigner(load_private_key(out / "signing.key"))
+            typer.echo(json.dumps({"private_key": str(out / "signing.key"), "key_id": key.key_id.hex(),
+                                   "created": False}, indent=2))  # fmt: skip
+            return
         fail(f"{out / 'signing.key'} exists: keys are not overwritten (choose another directory)")
-    private, public = write_keypair(out)
+    private, public = write_keypair(out, public_out)
     typer.echo(json.dumps({"private_key": str(private), "public_key": str(public),
-                           "key_id": UpdateSigner(load_private_key(private)).key_id.hex()}, indent=2))  # fmt: skip
+                           "key_id": UpdateSigner(load_private_key(private)).key_id.hex(), "created": True},
+                          indent=2))  # fmt: skip
 
 
 def main() -> None:  # pragma: no cover

@@ -164,11 +164,14 @@ def generate_keypair() -> tuple[Ed25519PrivateKey, Ed25519PublicKey]:
     return private, private.public_key()
 
 
-def write_keypair(directory: Path) -> tuple[Path, Path]:
-    """A new key pair as ``signing.key`` (private, mode 0600) and ``signing.pub`` in ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write_keypair(directory: Path, public_directory: Path | None = None) -> tuple[Path, Path]:
+    """A new key pair: ``signing.key`` (private, mode 0600) in ``directory``, ``signing.pub`` in
+    ``public_directory`` (default: the same)."""
+    public_directory = public_directory or directory
+    for d in (directory, public_directory):
+        d.mkdir(parents=True, exist_ok=True)
     private, public = generate_keypair()
-    priv_path, pub_path = directory / "signing.key", directory / "signing.pub"
+    priv_path, pub_path = directory / "signing.key", public_directory / "signing.pub"
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())  # fmt: skip
     fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

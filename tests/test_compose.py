@@ -194,6 +194,7 @@ def test_compose_files_are_valid_and_read_as_we_read_them(files: list[Path], var
 def test_every_ctr_command_parses_with_the_real_cli(parsed: dict[str, dict[str, Any]]) -> None:
     expected = {
         "topics": "ctr topics create",
+        "keys": "ctr keygen",
         "worker": "ctr worker",
         "reweighter": "ctr reweight",
         "learner": "ctr learn",
