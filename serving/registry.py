@@ -41,6 +41,7 @@ import copy
 import json
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,9 +179,19 @@ def _config_key(config: ModelConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True, default=str)
 
 
+_STATE: weakref.WeakKeyDictionary[CTRModel, list[torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def _tensors(model: CTRModel) -> list[torch.Tensor]:
-    """Every parameter and buffer of ``model`` (the full state), in a fixed order."""
-    return list(model.state_dict(keep_vars=True).values())
+    """Every parameter and buffer of ``model`` (the full state), in a fixed order.
+
+    Listed once per model (a module walk per version build adds up): the entries are the
+    parameter and buffer objects themselves (``keep_vars``), which stay valid when their data
+    is overwritten in place, as every build here does."""
+    got = _STATE.get(model)
+    if got is None:
+        got = _STATE[model] = list(model.state_dict(keep_vars=True).values())
+    return got
 
 
 def _touched_rows(parts: list[dict[str, np.ndarray]]) -> np.ndarray | None:
@@ -240,6 +251,7 @@ class ModelRegistry:
         self._inflight: dict[int, int] = {}
         self._pending: _Pending | None = None
         self._encoders: dict[str, FeatureEncoder] = {}
+        self._last_encoder: FeatureEncoder | None = None
         self._keyer = ValueKeyer()
         #: Newest version seen on the stream per lineage (applied or not): "how far behind".
         self.newest_seen: dict[str, int] = {}
@@ -252,17 +264,24 @@ class ModelRegistry:
 
     # -- building versions -----------------------------------------------------------------------
     def _encoder(self, config: ModelConfig) -> FeatureEncoder:
+        # a delta's version shares its base's config object: found by identity, no key built
+        # (serialising the config is most of what a version build spends in Python)
+        same = self._last_encoder
+        if same is not None and same.config is config:
+            return same
         key = _config_key(config)
         enc = self._encoders.get(key)
         if enc is None:
             enc = self._encoders[key] = FeatureEncoder(config, self._keyer)
+        self._last_encoder = enc
         return enc
 
     def _version(self, header: UpdateHeader, model: CTRModel, config: ModelConfig, source: str, t0: float,
                  parts: int = 1, touched: np.ndarray | None = None, copied_rows: int = -1) -> ModelVersion:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        if model.training:  # a recycled model is already in eval mode, without gradients
+            model.eval()
+            for p in model.parameters():
+                p.requires_grad_(False)
         return ModelVersion(
             model_id=header.model_id, version=header.version, model=model, config=config,
             encoder=self._encoder(config), source=source, base_version=header.base_version,
