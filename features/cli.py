@@ -36,8 +36,13 @@ Dir = Annotated[
     ),
 ]
 OnlineOpt = Annotated[
-    str,
-    typer.Option("--online", envvar="CTR_ONLINE_STORE", help="Online store: sqlite (embedded) or redis."),
+    str | None,
+    typer.Option(
+        "--online",
+        envvar="CTR_ONLINE_STORE",
+        help="Online store: sqlite (embedded) or redis (default: the one the store directory was set up with; "
+        "sqlite for a new one).",
+    ),
 ]
 RedisUrl = Annotated[
     str | None,
@@ -49,8 +54,10 @@ RedisUrl = Annotated[
 ]
 
 
-def check_online(online: str) -> Online:
-    """``online`` as the store's type, or a usage error (exit 2)."""
+def check_online(online: str | None) -> Online | None:
+    """``online`` as the store's type (None: the directory's), or a usage error (exit 2)."""
+    if online is None:
+        return None
     if online == "sqlite":
         return "sqlite"
     if online == "redis":
@@ -62,7 +69,7 @@ def check_online(online: str) -> Online:
 @features_app.command("apply")
 def apply(
     dir: Dir = None,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
     force: Annotated[bool, typer.Option("--force", help="Apply even when this version already is.")] = False,
 ) -> None:
@@ -96,7 +103,7 @@ def get(
         typer.Option("--field", help="A field for --field-weights (repeatable; default: spec stat fields)."),
     ] = None,
     dir: Dir = None,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
 ) -> None:
     """Print fresh online values as JSON, e.g. --user u1 --item ad7, or --field-weights.
@@ -106,10 +113,13 @@ def get(
     if not (user or item or field_value or field_weights):
         typer.secho("nothing to get: pass --user/--item/--field-value and/or --field-weights", err=True)
         raise typer.Exit(2)
-    from ctr.features.store import OnlineFeatures, open_store
+    from ctr.features.store import OnlineFeatures, configured_store, open_store
 
-    reader = OnlineFeatures(open_store(dir, check_online(online), redis_url))
-    out: dict = {}
+    store = open_store(dir, check_online(online), redis_url)
+    reader = OnlineFeatures(store)
+    kind, url = configured_store(store.repo_path) or ("sqlite", None)
+    # which store was read: a directory set up for Redis is read from Redis unless told otherwise
+    out: dict = {"online_store": f"redis at {url}" if kind == "redis" else f"sqlite in {store.repo_path}"}
     if user or item or field_value:
         out.update(reader.get_entity_stats(users=user or (), items=item or (), field_values=field_value or ()))
     if field_weights:
@@ -123,7 +133,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface; keep loopback unless you mean it.")] = "127.0.0.1",
     workers: Annotated[int, typer.Option(help="Gunicorn worker processes.")] = 1,
     dir: Dir = None,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
 ) -> None:
     """Run `feast serve` (HTTP, loopback) for --dir in the foreground until Ctrl-C.

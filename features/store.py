@@ -145,15 +145,34 @@ def default_dir() -> Path:
     return state_dir() / "feast"
 
 
-def write_config(path: Path | str | None = None, online: Online = "sqlite", redis_url: str | None = None) -> Path:
+def configured_store(path: Path | str | None = None) -> tuple[Online, str | None] | None:
+    """The online store a directory was set up with (``(type, redis connection string)``),
+    or None when it has no config yet."""
+    import yaml
+
+    target = (Path(path).resolve() if path is not None else default_dir()) / "feature_store.yaml"
+    if not target.exists():
+        return None
+    store = yaml.safe_load(target.read_text()).get("online_store", {})
+    if store.get("type") == "redis":
+        return "redis", store.get("connection_string")
+    return "sqlite", None
+
+
+def write_config(path: Path | str | None = None, online: Online | None = None, redis_url: str | None = None) -> Path:
     """Write ``feature_store.yaml`` into ``path`` from the template in ``features/repo``, with
     absolute registry / SQLite paths inside ``path`` (Redis: ``redis_url`` >
     ``$REDIS_CONNECTION_STRING`` > ``localhost:6379``, as ``host:port[,db=0,...]``).
-    The file is only rewritten when its content changes. Returns the directory."""
+    ``online`` None: the store the directory was set up with (SQLite for a new one), so a
+    command that names no store reads the one the writers use. The file is only rewritten
+    when its content changes. Returns the directory."""
     import yaml
 
     path = Path(path).resolve() if path is not None else default_dir()
     path.mkdir(parents=True, exist_ok=True)
+    if online is None:
+        online, configured_url = configured_store(path) or ("sqlite", None)
+        redis_url = redis_url or configured_url
     if online not in ("sqlite", "redis"):
         raise ValueError(f"online store must be 'sqlite' or 'redis', not {online!r}")
     template = REPO_DIR / ("feature_store.yaml" if online == "sqlite" else "feature_store.redis.yaml")
@@ -214,7 +233,7 @@ def load_definitions() -> list:
 
 def ensure_applied(
     path: Path | str | None = None,
-    online: Online = "sqlite",
+    online: Online | None = None,
     redis_url: str | None = None,
     force: bool = False,
 ) -> Path:
@@ -235,7 +254,7 @@ def ensure_applied(
 
 def open_store(
     path: Path | str | None = None,
-    online: Online = "sqlite",
+    online: Online | None = None,
     redis_url: str | None = None,
     apply: bool = True,
 ) -> FeatureStore:

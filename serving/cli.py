@@ -34,7 +34,7 @@ def serve_command(
     ] = True,
     topic: Annotated[str, typer.Option(help="The model-updates topic.")] = _D.topic,
     keep_versions: Annotated[int, typer.Option(help="Model versions kept for rollback.")] = _D.keep_versions,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
     feature_cache: Annotated[
         bool, typer.Option(help="Cache request features (--no-feature-cache reads Feast per request: baseline).")

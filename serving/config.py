@@ -21,7 +21,7 @@ class ServingConfig:
     bootstrap: str | None = None
     snapshot_dir: Path | None = None
     feast_dir: Path | None = None
-    online: str = "sqlite"
+    online: str | None = None
     redis_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000

@@ -100,7 +100,7 @@ class FeatureSource(Protocol):
 class FeastSource:
     """Blocking reads from the Feast online store. ``import feast`` happens here, once."""
 
-    def __init__(self, path: Path | str | None = None, online: str = "sqlite", redis_url: str | None = None) -> None:
+    def __init__(self, path: Path | str | None = None, online: str | None = None, redis_url: str | None = None) -> None:
         from ctr.features.store import OnlineFeatures, open_store
 
         t0 = time.perf_counter()
@@ -152,9 +152,9 @@ class FeastProcessSource:
     stale values or priors -- and a new worker is started in the background.
     """
 
-    def __init__(self, path: Path | str | None = None, online: str = "sqlite", redis_url: str | None = None,
+    def __init__(self, path: Path | str | None = None, online: str | None = None, redis_url: str | None = None,
                  timeout_s: float = 5.0, start_timeout_s: float = 300.0, wait_s: float = 1.0) -> None:
-        self.args = [str(path) if path is not None else "", online, redis_url or ""]
+        self.args = [str(path) if path is not None else "", online or "", redis_url or ""]
         self.timeout_s, self.start_timeout_s, self.wait_s = timeout_s, start_timeout_s, wait_s
         self._lock = threading.Lock()
         self._seq = 0
@@ -280,9 +280,9 @@ def feast_worker_main(argv: list[str]) -> None:  # pragma: no cover - runs in th
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # anything Feast prints goes to stderr, never into the frames
     inp = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
-    path, online, redis_url = (argv + ["", "sqlite", ""])[:3]
+    path, online, redis_url = (argv + ["", "", ""])[:3]
     try:
-        src = FeastSource(path or None, online, redis_url or None)
+        src = FeastSource(path or None, online or None, redis_url or None)
     except Exception as err:  # noqa: BLE001 - reported to the parent
         _write_frame(out, ["error", f"{type(err).__name__}: {err}"])
         return

@@ -48,7 +48,7 @@ def worker_command(
         int, typer.Option(help="provisional: how long after its impression (event time) a first example leaves.")
     ] = _W.negative_after_ms,
     features: Annotated[bool, typer.Option(help="Run the windowed feature agent (writes Feast).")] = _W.features,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
     metrics_port: MetricsPort = None,
     web_port: Annotated[int | None, typer.Option(help="Faust's web server on this port.")] = None,
@@ -95,7 +95,7 @@ def reweight_command(
     floor: Annotated[float, typer.Option(help="Smallest weight a field can get (before renormalisation).")] = 0.1,
     smoothing: Annotated[float, typer.Option(help="EMA weight of a new computation (1 = none).")] = 0.5,
     significance: Annotated[float, typer.Option(help="Null standard deviations MI must clear.")] = 2.0,
-    online: OnlineOpt = "sqlite",
+    online: OnlineOpt = None,
     redis_url: RedisUrl = None,
     metrics_port: MetricsPort = None,
     max_examples: Annotated[int | None, typer.Option(help="Stop after this many examples.")] = None,

@@ -35,7 +35,7 @@ class WorkerConfig:
     emission: str = JoinConfig.emission
     negative_after_ms: int = JoinConfig.negative_after_ms
     features: bool = True
-    online: str = "sqlite"
+    online: str | None = None
     redis_url: str | None = None
     web_port: int | None = None
     metrics_port: int | None = None

@@ -412,7 +412,7 @@ class FeastSink:
     """Writes rows with :class:`ctr.features.store.FeatureWriter` (newest event time wins), in
     this process."""
 
-    def __init__(self, feast_dir: str | None, online: str = "sqlite", redis_url: str | None = None) -> None:
+    def __init__(self, feast_dir: str | None, online: str | None = None, redis_url: str | None = None) -> None:
         from ctr.features.store import FeatureWriter, open_store
 
         self.store = open_store(feast_dir, online=online, redis_url=redis_url)  # type: ignore[arg-type]
@@ -430,7 +430,7 @@ class FeastSink:
 _child_sink: FeastSink | None = None
 
 
-def _child_init(feast_dir: str | None, online: str, redis_url: str | None) -> None:
+def _child_init(feast_dir: str | None, online: str | None, redis_url: str | None) -> None:
     from ctr.infra.procs import die_with_parent
 
     die_with_parent()
@@ -458,7 +458,7 @@ class ProcessFeastSink:
     consumes Kafka and heartbeats. The helper opens the store once (``import feast`` takes
     seconds) while the worker already consumes; writes queue behind that."""
 
-    def __init__(self, feast_dir: str | None, online: str = "sqlite", redis_url: str | None = None) -> None:
+    def __init__(self, feast_dir: str | None, online: str | None = None, redis_url: str | None = None) -> None:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 

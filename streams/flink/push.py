@@ -84,7 +84,7 @@ def push(
     *,
     group: str = "ctr-flink-push",
     until_end: bool = False,
-    online: str = "sqlite",
+    online: str | None = None,
     redis_url: str | None = None,
     merger: RowMerger | None = None,
 ) -> int:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--topic", default="flink-features")
     ap.add_argument("--feast-dir", type=Path, default=None)
     ap.add_argument("--group", default="ctr-flink-push")
-    ap.add_argument("--online", default="sqlite", choices=("sqlite", "redis"))
+    ap.add_argument("--online", default=None, choices=("sqlite", "redis"), help="default: the store directory's")
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--until-end", action="store_true", help="stop at the topic's end offsets as of the start")
     a = ap.parse_args(argv)
