@@ -12,10 +12,8 @@ declares the route (the OpenAPI document) and serves it when the middleware is n
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import msgspec
@@ -58,7 +56,8 @@ class BatchScorer:
     queued. Each version's rows go through one forward (one ``ModelVersion.predict``): the
     forward's fixed cost is paid once per batch instead of once per request.
 
-    ``executor``: run the forwards there (a scorer thread) instead of on the event loop.
+    The forwards run on the event loop: a replica gets one core, so a scorer thread would add
+    a hand-off per batch without adding parallelism.
 
     >>> import asyncio
     >>> class Version:  # stands in for a ModelVersion: one forward over the stacked rows
@@ -75,8 +74,8 @@ class BatchScorer:
     ([[1.0], [2.0, 2.0], [3.0, 3.0, 3.0]], 1)
     """
 
-    def __init__(self, max_wait_s: float = 0.0, max_rows: int = 8192, executor: Executor | None = None) -> None:
-        self.max_wait_s, self.max_rows, self.executor = max_wait_s, max_rows, executor
+    def __init__(self, max_wait_s: float = 0.0, max_rows: int = 8192) -> None:
+        self.max_wait_s, self.max_rows = max_wait_s, max_rows
         self._queue: list[tuple[Any, EncodedBatch, asyncio.Future[np.ndarray]]] = []
         self._rows = 0
         self._timer: asyncio.Handle | asyncio.TimerHandle | None = None
@@ -108,11 +107,7 @@ class BatchScorer:
             self.batches += 1
             self.requests += len(group)
             BATCH_REQUESTS.observe(len(group))
-            if self.executor is None:
-                _deliver(group, _forward(group))
-            else:
-                done = asyncio.get_running_loop().run_in_executor(self.executor, _forward, group)
-                done.add_done_callback(functools.partial(_delivered, group))
+            _deliver(group, _forward(group))
 
 
 def _forward(group: list[tuple[Any, EncodedBatch, Any]]) -> np.ndarray | BaseException:
@@ -126,11 +121,6 @@ def _forward(group: list[tuple[Any, EncodedBatch, Any]]) -> np.ndarray | BaseExc
         return group[0][0].predict(EncodedBatch(keys, numeric))
     except Exception as err:  # noqa: BLE001 - the requests answer 500, the server goes on
         return err
-
-
-def _delivered(group: list[tuple[Any, EncodedBatch, asyncio.Future[np.ndarray]]],
-               done: asyncio.Future[np.ndarray | BaseException]) -> None:
-    _deliver(group, done.result())
 
 
 def _deliver(group: list[tuple[Any, EncodedBatch, asyncio.Future[np.ndarray]]], p: np.ndarray | BaseException) -> None:
