@@ -415,7 +415,9 @@ STATUS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "built; GPU kernel verified under the CUDA simulator and by PTX compilation, not timed (no GPU); "
      "calibrated from the first event on real logs (`ctr bench quality`); served scores unbiased by the "
      "label order (provisional emission, \"Label emission\")", ("hashing", "learner", "quality")),
-    ("serving: /predict, live refresh, rollback", "built", ("serving", "freshness")),
+    ("serving: /predict, live refresh, rollback", "built; /predict answered ahead of FastAPI, concurrent "
+     "requests batched into one NumPy forward per version, one worker per process (`--workers` not built); "
+     "only updates signed by the learner's key applied (\"Signed model updates\")", ("serving", "freshness")),
     ("end-to-end demo", "broker + worker + reweighter + learner + serving, a steady prediction client and "
      "freshness probes, live view, summary, HTML report (quality, reweighting, freshness, throughput, "
      "latency), `ctr up/down/status`", ()),
