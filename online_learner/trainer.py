@@ -498,6 +498,11 @@ class Trainer:
             **event,
             **{k: (None if not np.isfinite(v) else round(float(v), 6)) for k, v in summary.items()},
         }
+        if self.learner is not None:
+            # the calibration's trust in the network's score (a) and its offset (b): how much of
+            # a published version's move comes from the features rather than the base rate
+            a, b = self.learner.model.calibration.coefficients()
+            row["calibration_a"], row["calibration_b"] = round(a, 5), round(b, 5)
         if self.oracle_metrics.count:
             row["oracle_window_auc"] = _round(self.oracle_metrics.window_auc())
             row["oracle_auc"] = _round(self.oracle_metrics.auc())

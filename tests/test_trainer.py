@@ -128,6 +128,7 @@ def test_kill_9_resumes_from_checkpoint(broker, tmp_path) -> None:
     proc.wait()
     before = [json.loads(x) for x in metrics.read_text().splitlines()][-1]
     assert before["examples"] <= first
+    assert isinstance(before["calibration_a"], float) and isinstance(before["calibration_b"], float)
     produce_examples(broker.bootstrap, exs[first:])
 
     proc = _learn_proc(broker, state, "--idle-exit", "3")
