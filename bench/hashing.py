@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import report
+from bench.common import report, timings
 from ctr.online_learner.hashing import (
     ProbeLayout,
     ValueKeyer,
@@ -32,16 +30,6 @@ from ctr.streams.datasets.criteo import CATEGORICAL
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_CPU_HASHES_PER_S = 200e6
-
-
-def _time(fn: Callable[[], object], repeats: int) -> list[float]:
-    fn()  # warm-up (JIT compile, caches)
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
 
 
 def _torch_mix_buckets(keys: torch.Tensor, layout: ProbeLayout) -> torch.Tensor:
@@ -83,19 +71,21 @@ def run(rows: int, repeats: int) -> tuple[list[dict], dict]:
     results = []
 
     twin = bucket_ids_cpu(keys, layout)
-    results.append(_row("twin: njit, 1 core", n_hashes, _time(lambda: bucket_ids_cpu(keys, layout, out), repeats)))
+    results.append(_row("twin: njit, 1 core", n_hashes, timings(lambda: bucket_ids_cpu(keys, layout, out), repeats)))
 
     small = keys[:2000]
     assert (spec_bucket_ids(small, layout) == twin[:2000]).all()
     results.append(
         _row(
-            "spec: pure Python", small.shape[0] * layout.total_probes, _time(lambda: spec_bucket_ids(small, layout), 1)
+            "spec: pure Python",
+            small.shape[0] * layout.total_probes,
+            timings(lambda: spec_bucket_ids(small, layout), 1),
         )
     )
 
     tkeys = torch.from_numpy(keys.view(np.int64))
     assert torch.equal(_torch_mix_buckets(tkeys[:1000], layout), torch.from_numpy(twin[:1000]))
-    results.append(_row("torch int64, 1 thread", n_hashes, _time(lambda: _torch_mix_buckets(tkeys, layout), repeats)))
+    results.append(_row("torch int64, 1 thread", n_hashes, timings(lambda: _torch_mix_buckets(tkeys, layout), repeats)))
 
     if torch.cuda.is_available():  # pragma: no cover - no GPU on the dev machines
         dkeys = tkeys.cuda()
@@ -108,16 +98,16 @@ def run(rows: int, repeats: int) -> tuple[list[dict], dict]:
             hash_buckets(dkeys, layout)
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsedtimings(end) / 1e3)
         results.append(_row("numba-cuda kernel", n_hashes, times[1:], device=torch.cuda.get_device_name()))
 
     # strings -> uint64 keys, the once-per-value step on the way in
     values = [f"{v:08x}" for v in rng.integers(0, 2**32, size=200_000)]
     n_vals = len(values)
-    t_xxh = _time(lambda: value_keys(values), repeats)
+    t_xxh = timings(lambda: value_keys(values), repeats)
     keyer = ValueKeyer()
     keyer(values)
-    t_cached = _time(lambda: keyer(values), repeats)
+    t_cached = timings(lambda: keyer(values), repeats)
     strings = [
         {"impl": "str->key: njit XXH64", "Mvalues/s": n_vals / min(t_xxh) / 1e6},
         {"impl": "str->key: cached", "Mvalues/s": n_vals / min(t_cached) / 1e6},

@@ -39,7 +39,7 @@ from ctr.online_learner.model import ModelConfig
 
 __all__ = ["EncodedBatch", "FeatureEncoder"]
 
-_EMPTY_KEY = np.uint64(value_key(""))
+EMPTY_KEY = np.uint64(value_key(""))
 #: Impression attributes usable as categorical fields.
 IMPRESSION_ATTRIBUTES = ("user_id", "item_id", "position")
 
@@ -74,7 +74,7 @@ def _to_float(v: Any) -> float:
         return math.nan
 
 
-def _numeric_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
+def numeric_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np.ndarray:
     """float64 ``[len(rows), len(names)]`` of ``row.get(name)``: absent, None or unparsable -> NaN.
 
     The common case -- every value a float or int, or absent -- is one C-level ``map`` per row
@@ -129,11 +129,11 @@ class FeatureEncoder:
             keys[:, rest] = self.keyer.columns(cats, [cfg.categorical_fields[f] for f in rest])
         if self.empty_is_missing:
             cat_keys = keys[:, : len(cfg.categorical_fields)]
-            cat_keys[cat_keys == _EMPTY_KEY] = MISSING_KEY
+            cat_keys[cat_keys == EMPTY_KEY] = MISSING_KEY
 
         numeric = None
         if cfg.numeric_fields:
-            values = _numeric_table(nums, cfg.numeric_fields)
+            values = numeric_table(nums, cfg.numeric_fields)
             if cfg.numeric_mode == "bucket":
                 keys[:, len(cfg.categorical_fields) :] = numeric_keys(values, cfg.numeric_resolution)
             if cfg.numeric_mode == "dense" or cfg.numeric_linear:

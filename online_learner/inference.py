@@ -90,12 +90,13 @@ class NumpyForward:
             if numeric is None:
                 raise ValueError("this model reads numeric values: pass numeric [B, F_num]")
             num = numeric.astype(np.float32, copy=False)
+            log_num = _signed_log1p(num)
         if self.linear is not None:
-            score += _signed_log1p(num) @ self.linear
+            score += log_num @ self.linear
         x = emb
         if self.dense is not None:
             w, bias, missing = self.dense
-            e = _signed_log1p(num)[:, :, None] * w + bias
+            e = log_num[:, :, None] * w + bias
             e = np.where(np.isfinite(num)[:, :, None], e, missing)
             x = np.concatenate([x, e.reshape(n, -1)], axis=1)
         if self.col_prior is not None:

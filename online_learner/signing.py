@@ -80,6 +80,14 @@ def strip(data: bytes | memoryview) -> memoryview:
     return mv[HEAD_BYTES:] if is_signed(mv) else mv
 
 
+def open_update(data: bytes | memoryview | None, verifier: UpdateVerifier | None) -> memoryview:
+    """The update in ``data``: verified when there is a verifier (raises :class:`SignatureError`),
+    else with any envelope stripped unchecked (a reader configured to accept unsigned updates)."""
+    if verifier is not None:
+        return verifier.open(data)
+    return strip(data if data is not None else b"")
+
+
 class UpdateSigner:
     """Signs encoded updates with one private key."""
 

@@ -36,7 +36,7 @@ class Refusal(Exception):
 
     def __init__(self, status: int, detail: str, body: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status = status
         self.body = body if body is not None else {"detail": detail}
 
 
@@ -126,14 +126,13 @@ def _forward(group: list[tuple[Any, EncodedBatch, Any]]) -> np.ndarray | BaseExc
 def _deliver(group: list[tuple[Any, EncodedBatch, asyncio.Future[np.ndarray]]], p: np.ndarray | BaseException) -> None:
     start = 0
     for _, enc, fut in group:
-        if fut.done():  # the request went away (client disconnect cancels it)
-            start += len(enc)
-            continue
-        if isinstance(p, BaseException):
-            fut.set_exception(p)
-        else:
-            fut.set_result(p[start:start + len(enc)])
-        start += len(enc)
+        end = start + len(enc)
+        if not fut.done():  # done: the request went away (a client disconnect cancels it)
+            if isinstance(p, BaseException):
+                fut.set_exception(p)
+            else:
+                fut.set_result(p[start:end])
+        start = end
 
 
 class Predictor:

@@ -3,13 +3,12 @@ column-wise (:func:`encode_request`), with the row-wise reference (:func:`merged
 
 from __future__ import annotations
 
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
 
-from ctr.online_learner.encoding import EncodedBatch
-from ctr.online_learner.hashing import MISSING_KEY, numeric_keys, value_key
+from ctr.online_learner.encoding import EMPTY_KEY, EncodedBatch, numeric_table
+from ctr.online_learner.hashing import MISSING_KEY, numeric_keys
 from ctr.serving.features import (
     DEFAULTS,
     FeaturePlan,
@@ -19,8 +18,6 @@ from ctr.serving.registry import ModelVersion
 
 #: Impression attributes set per request/candidate; a same-named categorical field is overridden.
 _ATTRIBUTES = frozenset({"user_id", "item_id", "position"})
-_EMPTY_KEY = np.uint64(value_key(""))
-_NAN = float("nan")
 
 
 def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) -> EncodedBatch:
@@ -65,7 +62,7 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     if names:  # every candidate column in one keyer call
         block = keyer.columns([c.categorical for c in cands], names)
         if enc.empty_is_missing:
-            block[block == _EMPTY_KEY] = MISSING_KEY
+            block[block == EMPTY_KEY] = MISSING_KEY
         put_keys(names, block)
     if "item_id" in categorical:
         keys[:, col["item_id"]] = keyer([c.item_id for c in cands])
@@ -78,15 +75,12 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     for c in cands:
         numeric_present.update(c.numeric)
     own = sorted(numeric_present & set(cfg.numeric_fields) - store_fields)
-    columns = [np.array([c.numeric.get(name, _NAN) for c in cands], dtype=np.float64) for name in own]
-    if plan.item:
+    names = own + list(plan.item)
+    if names:
         items = look.values.get("item", {})
-        rows = [items.get(c.item_id) or DEFAULTS["item"] for c in cands]
-        store = np.array(list(map(itemgetter(*plan.item), rows)), dtype=np.float64).reshape(n, len(plan.item))
-        columns += list(store.T)
-    if columns:
-        names = own + list(plan.item)
-        values = np.stack(columns, axis=1)  # [n, len(names)]
+        stored = [items.get(c.item_id) or DEFAULTS["item"] for c in cands] if plan.item else []
+        values = np.hstack([numeric_table([c.numeric for c in cands], own),
+                            numeric_table(stored, plan.item).reshape(n, len(plan.item))])  # [n, len(names)]
         if cfg.numeric_mode == "bucket":
             put_keys(names, numeric_keys(values, cfg.numeric_resolution))
         if numeric is not None:  # dense mode, or the numeric fields' linear term

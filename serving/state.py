@@ -11,7 +11,7 @@ from typing import Any
 
 from threadpoolctl import threadpool_limits
 
-from ctr.online_learner.signing import strip, verifier_from
+from ctr.online_learner.signing import open_update, verifier_from
 from ctr.serving.config import ServingConfig
 from ctr.serving.features import (
     FeastProcessSource,
@@ -114,9 +114,7 @@ class ServingState:
             log.error("no snapshot in %s", self.config.snapshot_dir)
             return
         path = max(files, key=lambda p: read_snapshot_header(p).created_ms)
-        data = path.read_bytes()
-        opened = self.verifier.open(data) if self.verifier is not None else strip(data)
-        header, tensors = decode_update(opened)
+        header, tensors = decode_update(open_update(path.read_bytes(), self.verifier))
         self.registry.install_snapshot(header, tensors)
 
     def _on_swap(self, mv: ModelVersion) -> None:

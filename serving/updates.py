@@ -42,7 +42,7 @@ from prometheus_client import Counter, Histogram
 
 from ctr.infra.kafka_io import PacedConsumer, make_consumer, offset_of
 from ctr.infra.topics import MODEL_UPDATES_TOPIC
-from ctr.online_learner.signing import ENVELOPE, HEAD_BYTES, SignatureError, UpdateVerifier, strip
+from ctr.online_learner.signing import ENVELOPE, HEAD_BYTES, SignatureError, UpdateVerifier, open_update
 from ctr.online_learner.update_format import MAX_HEADER_BYTES, UpdateError, UpdateHeader, decode_header, decode_update
 from ctr.serving.registry import Decision, ModelRegistry
 
@@ -250,9 +250,7 @@ class UpdateConsumer:
 
     def open(self, data: bytes | memoryview | None) -> memoryview:
         """The update in ``data``, verified when a verifier is set. Raises SignatureError."""
-        if self.verifier is not None:
-            return self.verifier.open(data)
-        return strip(data if data is not None else b"")
+        return open_update(data, self.verifier)
 
     def _note(self, d: Decision) -> bool:
         if d.outcome == "applied":
