@@ -183,36 +183,51 @@ class OnlineCTR:
         self, batch: Sequence[Any] | EncodedBatch, labels: Sequence[int] | np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         """Progressive step that leaves the outcomes to the caller: the pre-update
-        probabilities ``[B]`` and the network's raw scores ``[B]``. The base rate learns only
-        what :meth:`count_arrivals` counts, the calibration what :meth:`observe_outcomes`
-        gets back with *final* labels (for a stream whose first labels may still be
-        corrected: :class:`~ctr.online_learner.outcomes.HeldLabels`)."""
+        probabilities ``[B]`` and the network's raw scores ``[B]``. The base rate and the
+        calibration learn only what :meth:`observe_arrivals` hands them (for a stream whose
+        first labels may still be corrected: :class:`~ctr.online_learner.outcomes.ArrivalLearner`)."""
         scores: list[np.ndarray] = []
         p = self._step(self.encode(batch), labels, None, scores)[0]
         return p, np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
-    def count_arrivals(self, event_time_ms: np.ndarray, labels: np.ndarray, corrections: int = 0) -> None:
-        """Count the base rate as labels arrive: first examples (impression times ``[B]``,
-        labels ``[B]``) and ``corrections`` (clicks of impressions counted earlier as
-        provisional negatives). Waiting for final labels would leave a fresh model at the
-        prior's 0.5 for a whole attribution window; counting on arrival, a click -- which
-        leaves the join before its impression's cohort of non-clicks -- waits in
-        :class:`~ctr.online_learner.prior.CompleteCohorts` until a negative as new as it arrived."""
+    @torch.no_grad()
+    def observe_arrivals(
+        self,
+        event_time_ms: np.ndarray,
+        labels: np.ndarray,
+        scores: np.ndarray,
+        correction_scores: np.ndarray | None = None,
+        corrections: int = 0,
+    ) -> None:
+        """Count the base rate and fit the calibration as labels arrive: first examples
+        (impression times ``[B]``, labels ``[B]``, raw scores ``[B]`` from
+        :meth:`predict_learn_scored`) and ``corrections`` (clicks of impressions counted earlier
+        as provisional negatives; ``correction_scores`` ``[C]``, C <= corrections, the scores
+        those impressions were observed with, where still known).
+
+        Waiting for final labels would leave a fresh model at the prior for a whole attribution
+        window (the base rate at 0.5, the calibration's trust in the network at 0: no click
+        would move a served score). On arrival, a click -- which may leave the join before its
+        impression's cohort of non-clicks -- waits in
+        :class:`~ctr.online_learner.prior.CompleteCohorts` until a negative as new as it has
+        arrived; a correction is one more gradient term of the calibration
+        (:meth:`~ctr.online_learner.prior.OnlineCalibration.correct`), so it ends where the
+        final labels would have taken it."""
         t = np.asarray(event_time_ms, dtype=np.int64)
         y = np.asarray(labels, dtype=np.float32)
-        now = self.cohorts.admit(t, y, np.zeros(len(y)))
-        _, k = self.cohorts.release()
-        self.model.base_rate.count(float(y[now].sum()) + k + corrections, int(now.sum()) + k)
-
-    @torch.no_grad()
-    def observe_outcomes(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        """Fit the calibration on raw scores ``[B]`` (from :meth:`predict_learn_scored`) and
-        their final labels ``[B]``."""
-        if len(labels) == 0 or not self.calibrate:
-            return
-        score = torch.as_tensor(np.asarray(scores, dtype=np.float32)).to(self.device)
-        y = torch.as_tensor(np.asarray(labels, dtype=np.float32)).to(self.device)
-        self.model.calibration.observe(score, self.model.base_rate.log_odds(), y)
+        f = np.asarray(scores, dtype=np.float32)
+        now = self.cohorts.admit(t, y, f)
+        released, k = self.cohorts.release()
+        model = self.model
+        if self.calibrate:
+            # the offset of the base rate before these labels, as the scores were made
+            offset = model.base_rate.log_odds()
+            score = torch.from_numpy(np.concatenate([f[now], released.astype(np.float32)])).to(self.device)
+            y_cal = torch.from_numpy(np.concatenate([y[now], np.ones(k, dtype=np.float32)])).to(self.device)
+            model.calibration.observe(score, offset, y_cal)
+            if correction_scores is not None and len(correction_scores):
+                model.calibration.correct(torch.as_tensor(np.asarray(correction_scores, dtype=np.float32)))
+        model.base_rate.count(float(y[now].sum()) + k + corrections, int(now.sum()) + k)
 
     def step_size(self) -> int:
         """Examples in the next update: ``examples_seen / step_ratio``, between 1 and ``max_step``.

@@ -2,13 +2,14 @@
 
 The label join sends an impression's first example at once -- a provisional negative unless
 it was already clicked -- and a *correction* (label 1) if the click comes later within the
-attribution window (``streams/agents/label_join.py``). The network trains on every example as
-it arrives: nothing reaches it ordered by label, so it is not biased towards what was shown
-recently. Everything that judges or calibrates the model needs the *final* label of each
-impression instead: the base rate, the calibration, the progressive / served / frozen metrics
-and the quality gate. :class:`HeldLabels` keeps each first example's columns (its scores)
-until its impression is older than the attribution window, applies the corrections that
-arrive meanwhile, and then releases it with its final label.
+attribution window (``streams/agents/label_join.py``). The network, the base rate and the
+calibration learn every example as it arrives (a correction is one more gradient term of the
+calibration, so it ends where final labels would have taken it): nothing reaches them ordered
+by label, and nothing waits a window. What *judges* the model needs the final label of each
+impression instead: the progressive / served / frozen metrics and the quality gate.
+:class:`HeldLabels` keeps each first example's columns (its scores) until its impression is
+older than the attribution window, applies the corrections that arrive meanwhile, and then
+releases it with its final label.
 
 "Older than the window" is measured on the stream's own clock: the newest event time seen in
 examples (impression and click times), so replays and live streams release alike. A *final*
@@ -103,6 +104,11 @@ class HeldLabels:
         self.late_corrections += late
         return late
 
+    def column(self, ids: Sequence[str], name: str) -> np.ndarray:
+        """Column ``name`` of the held first examples ``ids`` (ids not held are skipped)."""
+        hits = [h for h in map(self._where.get, ids) if h is not None]
+        return np.array([b.columns[name][i] for b, i in hits])
+
     def release(self, now_ms: int | None = None) -> dict[str, np.ndarray] | None:
         """The held examples whose window has passed at ``now_ms`` (all of them with ``None``),
         their columns concatenated in arrival order; ``None`` if there are none."""
@@ -145,11 +151,11 @@ class ArrivalLearner:
     this, so the benchmark measures the learner users run):
 
     1. the network learns every example on arrival (:meth:`OnlineCTR.predict_learn_scored`);
-    2. the base rate counts them on arrival (:meth:`OnlineCTR.count_arrivals`);
+    2. the base rate and the calibration learn them on arrival, corrections included
+       (:meth:`OnlineCTR.observe_arrivals`);
     3. each first example is held (:class:`HeldLabels`) with its progressive probability ``p``,
        its raw ``score`` and the caller's columns until its label is final; corrections flip it;
-    4. what is released has its final label: the calibration learns it
-       (:meth:`OnlineCTR.observe_outcomes`) and :meth:`learn` returns it for judging.
+    4. what is released has its final label: :meth:`learn` returns it for judging.
 
     >>> from ctr.online_learner.learner import OnlineCTR
     >>> from ctr.infra.schema import Impression, TrainingExample
@@ -203,20 +209,18 @@ class ArrivalLearner:
         firsts = [examples[i] for i in fi]
         p, scores = learner.predict_learn_scored(enc, y)
         event_ms = np.fromiter((e.impression.event_time_ms for e in firsts), dtype=np.int64, count=len(firsts))
-        learner.count_arrivals(event_ms, y[fi], corrections=n - len(firsts))
         final = np.fromiter((not e.provisional for e in firsts), dtype=bool, count=len(firsts))
         self.held.admit([e.example_id for e in firsts], event_ms, y[fi], final=final, p=p[fi], score=scores[fi],
                         **columns)  # fmt: skip
         corrections = [e.example_id for e in examples if e.correction]
+        corrected = self.held.column(corrections, "score") if corrections else None
+        learner.observe_arrivals(event_ms, y[fi], scores[fi], corrected, corrections=len(corrections))
         if corrections:
             self.corrections += len(corrections)
             self.held.correct(corrections)
         newest = max(e.impression.event_time_ms if e.click_time_ms is None else e.click_time_ms for e in examples)
         self.clock_ms = max(self.clock_ms, newest)
-        done = self.held.release(self.clock_ms)
-        if done is not None:
-            learner.observe_outcomes(done["score"], done["label"])
-        return done
+        return self.held.release(self.clock_ms)
 
     def drain(self) -> dict[str, np.ndarray] | None:
         """Everything still held, as it stands (not learned: a correction may still come)."""

@@ -162,6 +162,22 @@ class OnlineCalibration(nn.Module):
         self.precision.copy_(torch.from_numpy(precision))
         self.coef.copy_(torch.from_numpy(coef))
 
+    @torch.no_grad()
+    def correct(self, score: Tensor) -> None:
+        """Examples observed as non-clicks whose click came later: scores ``[C]`` they were
+        observed with. In the fit's quadratic (Laplace) model an example's gradient is linear
+        in its label and its curvature does not depend on it, so turning a 0 into a 1 is exactly
+        one more gradient term, ``-[f, 1]``, and no new precision: the calibration can learn
+        every impression on arrival (provisional negatives included) and still end where
+        final labels alone would have taken it, without waiting for the attribution window."""
+        if score.numel() == 0:
+            return
+        f = score.detach().reshape(-1).double().cpu().numpy()
+        step = np.linalg.solve(self.precision.double().cpu().numpy(), np.array([f.sum(), float(f.size)]))
+        coef = np.array(self.coefficients()) + step
+        coef[0] = max(coef[0], 0.0)
+        self.coef.copy_(torch.from_numpy(coef))
+
 
 class CompleteCohorts:
     """Hands labels to the base rate and the calibration in complete impression-time cohorts.

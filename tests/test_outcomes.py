@@ -86,3 +86,45 @@ def test_provisional_negatives_and_corrections_give_final_labels_to_the_calibrat
         got.update(zip(rest["eid"], rest["label"], strict=True))
     assert got == {e.example_id: float(e.label) for e in exs}
     assert arrivals.corrections == sum(e.label for e in exs) and arrivals.held.late_corrections == 0
+
+
+def test_a_correction_takes_the_calibration_where_the_final_label_would_have() -> None:
+    """Observing provisional negatives then correcting the clicked ones equals observing the
+    final labels (one batch: exactly, in the fit's quadratic model)."""
+    import torch
+
+    from ctr.online_learner.prior import OnlineCalibration
+
+    rng = np.random.default_rng(0)
+    f = torch.from_numpy(rng.normal(size=400).astype(np.float32))
+    y = (rng.random(400) < 1 / (1 + np.exp(-2 * f.numpy() + 3))).astype(np.float32)
+    offset = torch.tensor(-3.0)
+    final, provisional = OnlineCalibration(a0=0.3), OnlineCalibration(a0=0.3)
+    final.observe(f, offset, torch.from_numpy(y))
+    provisional.observe(f, offset, torch.zeros(400))
+    provisional.correct(f[torch.from_numpy(y) == 1])
+    assert np.allclose(final.coefficients(), provisional.coefficients(), atol=1e-5)
+    assert final.coefficients()[0] > 0.3  # the scores predict the clicks: trust rises
+
+
+def test_the_calibration_learns_before_any_attribution_window_has_passed() -> None:
+    """A live stream with a 30 s window: within its first 20 s (no label final yet) the
+    calibration's trust in the network must already have moved off 0, so a click can move a
+    served score after a fresh start."""
+    exs = _examples(4_000, seed=7)
+    t0 = exs[0].impression.event_time_ms
+    early = [e for e in exs if e.impression.event_time_ms - t0 < 20_000]
+    stream = []
+    for e in early:  # provisional at once; clicks as corrections in the same poll
+        stream.append(TrainingExample(example_id=e.example_id, label=0, impression=e.impression, provisional=True))
+        if e.label:
+            stream.append(TrainingExample(example_id=e.example_id, label=1, impression=e.impression,
+                                          correction=True, click_time_ms=e.impression.event_time_ms + 100))  # fmt: skip
+    learner = OnlineCTR(categorical_fields=("user_id", "item_id", "C1"), table_bits=14, seed=0)
+    arrivals = ArrivalLearner(learner, window_ms=30_000)
+    for i in range(0, len(stream), 256):
+        assert arrivals.learn(stream[i : i + 256]) is None  # nothing is final yet
+    a, _ = learner.model.calibration.coefficients()
+    assert a > 0.1, a
+    y = np.array([e.label for e in early], dtype=np.float64)
+    assert 0.5 * y.mean() < learner.model.base_rate.rate() < 2 * y.mean()
