@@ -9,7 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.quality import Stream, example_log_loss, load, run_ctr_stream, running_mean, score
+from bench.quality import (
+    Stream,
+    calibration_z,
+    example_log_loss,
+    load,
+    run_ctr_stream,
+    running_mean,
+    score,
+    within_noise,
+)
 from ctr.online_learner.trainer import Trainer, TrainerConfig
 from ctr.streams.datasets import open_source
 from tests.learner_helpers import produce_examples
@@ -142,3 +151,18 @@ def test_quality_result_has_its_plot() -> None:
     from bench.report import ROOT
 
     assert (ROOT / "bench/results/quality.png").exists()
+
+
+def test_calibration_z_tells_noise_from_miscalibration() -> None:
+    """The bench's noise note: a calibrated predictor's clicks sit within ~2 sd of the predicted
+    count; a predictor at twice the rate does not, once there are enough clicks to tell."""
+    rng = np.random.default_rng(1)
+    p = np.full(20_000, 0.004)
+    y = (rng.random(p.size) < p).astype(np.float64)
+    assert abs(calibration_z(y, p)) < 3
+    assert calibration_z(y, 2 * p) > 5
+    # 2 clicks where 4.3 were predicted: a ratio of 2.2, and no evidence of miscalibration
+    row = {"calibration_z_first10": calibration_z(np.r_[np.ones(2), np.zeros(998)], np.full(1_000, 0.0043)),
+           "clicks_first10": 2, "click_rate": 0.004, "examples": 10_000}  # fmt: skip
+    note = within_noise(row, {"calibrated_first10": False})["calibrated_first10"]
+    assert note.startswith("z +1.") and note.endswith("within 2 sd of 2 clicks"), note
