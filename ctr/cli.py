@@ -357,6 +357,9 @@ def demo_cmd(
     kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
     bootstrap: Annotated[str | None, typer.Option(help="Use an external Kafka instead of the embedded broker.")] = None,
     seed: int = 0,
+    batch_nice: Annotated[
+        int, typer.Option(help="Niceness of worker, reweighter and learner: serving's requests go first (0: equal).")
+    ] = 10,
 ) -> None:
     """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
     from ctr.demo import run_demo
@@ -373,6 +376,7 @@ def demo_cmd(
             kind=kind,
             bootstrap=bootstrap,
             seed=seed,
+            batch_nice=batch_nice,
         )
     except ValueError as err:
         fail(str(err))

@@ -33,7 +33,7 @@ from ctr.probe import FreshnessProbe, ProbeLoop, freshness_summary
 from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
 from ctr.streams.datasets import LabeledImpression, open_source
 from ctr.streams.replay import ReplaySummary, replay
-from ctr.supervisor import Service, Supervisor, ctr_argv
+from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 from ctr.traffic import ServedImpressions, SteadyClient, TrafficLog
 
 
@@ -121,6 +121,7 @@ def run_demo(
     seed: int = 0,
     console: Console | None = None,
     predict_rate: float = 20.0,
+    batch_nice: int = BATCH_NICE,
 ) -> dict:
     console = console or Console()
     out = Path(out).resolve()
@@ -142,7 +143,8 @@ def run_demo(
         from ctr.online_learner.encoding import discover_fields
 
         fields = discover_fields([r.impression for r in open_source(data, mapping=mapping, seed=seed, events=1_000)])
-        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields, say=console.print)
+        port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields, say=console.print,
+                            batch_nice=batch_nice)  # fmt: skip
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         # one replayed impression in 40 is scored by serving as it is shown (~50 requests/s at
         # the default rate): the online quality of what was served
@@ -249,12 +251,14 @@ def start_stages(
     frozen_after: int | None = None,
     fields: tuple[Sequence[str], Sequence[str]] | None = None,
     say: Callable[[str], object] = print,
+    batch_nice: int = BATCH_NICE,
 ) -> int:
     """Start worker, reweighter, learner and serving under ``sup`` with their state in ``out``;
     returns the serving port (ready once :func:`ready` says so). ``fields``: the learner's
     (categorical, numeric) fields; None lets it discover them from its first examples. The
     learner signs every model update and serving accepts only those (a key pair for the run
-    unless the environment names one)."""
+    unless the environment names one). ``batch_nice``: the worker's, reweighter's and learner's
+    niceness (:data:`~ctr.supervisor.BATCH_NICE`; serving keeps the launcher's)."""
     feast_dir, learner_dir = str(out / "feast"), out / "learner"
     key, created = run_keys(out / "keys")
     if created:
@@ -271,7 +275,7 @@ def start_stages(
                     "--checkpoint-interval", "10", *sign, *extra],
     }  # fmt: skip
     for name, args in stages.items():
-        sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:])))
+        sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:]), nice=batch_nice))
     port = free_port()
     serve = ["serve", "--bootstrap", bootstrap, "--snapshot-dir", str(learner_dir / "snapshots"),
              "--feast-dir", feast_dir, "--port", str(port), *verify]  # fmt: skip

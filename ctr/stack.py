@@ -12,7 +12,7 @@ from pathlib import Path
 from ctr.infra.config import state_dir
 from ctr.infra.procs import pid_alive, stop_process
 from ctr.online_learner.signing import run_keys, stage_flags
-from ctr.supervisor import Service, Supervisor, ctr_argv
+from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 
 #: Stop order: consumers before what they consume from.
 STOP_ORDER = ("serve", "learner", "reweighter", "worker", "broker")
@@ -52,10 +52,12 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             "worker",
             ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1"),
             detach=True,
+            nice=BATCH_NICE,
         ),
-        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir)), detach=True),
+        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir)), detach=True,
+                nice=BATCH_NICE),
         Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign),
-                detach=True),
+                detach=True, nice=BATCH_NICE),
         Service(
             "serve",
             ctr_argv(

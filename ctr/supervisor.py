@@ -16,6 +16,14 @@ from pathlib import Path
 
 from ctr.infra.procs import die_with_parent, stop_process
 
+#: The niceness of the stages that batch their work (worker, reweighter, learner) when they
+#: share cores with serving, as in ``ctr demo`` and ``ctr up`` on one machine. A request has
+#: a deadline of milliseconds; a learner step or a feature window does not. At nice 10 the
+#: kernel's fair scheduler weighs a batch stage at about a tenth of serving, so a request that
+#: wakes serving preempts it instead of waiting out its time slice; when serving is idle the
+#: batch stages still get every cycle. 0 runs everything at one priority.
+BATCH_NICE = 10
+
 log = logging.getLogger(__name__)
 
 
@@ -27,6 +35,7 @@ class Service:
     max_restarts: int = 3
     grace_s: float = 15.0
     detach: bool = False  # ``ctr up``: outlive the launcher (no death signal, own session)
+    nice: int = 0  # added to the child's niceness (see BATCH_NICE)
     proc: subprocess.Popen | None = None
     restarts: int = 0
     log_path: Path | None = None
@@ -35,6 +44,22 @@ class Service:
 def ctr_argv(*args: str) -> list[str]:
     """argv running ``ctr ARGS`` with this interpreter (works without the console script)."""
     return [sys.executable, "-m", "ctr.cli", *args]
+
+
+def _preexec(svc: Service) -> Callable[[], None] | None:
+    """What the child runs between fork and exec: its niceness, and (unless detached) death with
+    the supervisor."""
+    nice, attach = svc.nice, not svc.detach
+    if not nice and not attach:
+        return None
+
+    def setup() -> None:  # pragma: no cover - runs in the child
+        if nice:
+            os.nice(nice)
+        if attach:
+            die_with_parent()
+
+    return setup
 
 
 class Supervisor:
@@ -52,7 +77,7 @@ class Supervisor:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **svc.env},
-            preexec_fn=None if svc.detach else die_with_parent,
+            preexec_fn=_preexec(svc),
             start_new_session=svc.detach,
         )
         out.close()
