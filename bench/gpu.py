@@ -75,7 +75,7 @@ FULL = Plan(
     train_batches=tuple(2**k for k in range(8, 15)),
     train_examples=2**17,
     train_seconds=1.5,
-    learn_examples=400_000,
+    learn_examples=300_000,
 )
 QUICK = Plan(
     hash_rows=(2**10, 2**12),
