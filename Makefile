@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # A user with a GPU may point this at their CUDA build of the same version.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean flink-setup
+.PHONY: setup demo test lint bench clean flink-setup gpu-carry
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,19 @@ lint: setup
 
 bench: setup
 	$(BIN)/ctr bench replay
+
+# What the GPU machine (the device tool) needs from here: it has Python 3.12, torch and
+# numba-cuda but no package index, so the project's other runtime needs travel as cp312 wheels in
+# .whl (ignored; carry it), with the commit, since no .git travels (bench/gpu_device.sh).
+GPU_WHEELS := msgspec confluent-kafka noida-db cryptography cffi pycparser
+gpu-carry:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .whl $$(for p in $(GPU_WHEELS); do grep -i "^$$p==" constraints.txt; done)
+	printf 'CTR_BENCH_COMMIT=%s\nCTR_BENCH_DIRTY=%s\n' "$$(git rev-parse HEAD)" \
+		"$$(git status --porcelain --untracked-files=no -- . ':!bench/results' | grep -q . && echo 1 || echo 0)" > .whl/TREE
+	@ls .whl && cat .whl/TREE
 
 clean:
 	rm -rf $(VENV) $(FLINK_VENV) .ctr runs .pytest_cache

@@ -116,6 +116,27 @@ def bench_learner(
     )
 
 
+@bench_app.command("gpu")
+def bench_gpu(
+    json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(
+        "bench/results/gpu.json"
+    ),
+    quick: Annotated[bool, typer.Option(help="Seconds instead of minutes: tiny sizes, no learner process.")] = False,
+    section: Annotated[
+        list[str] | None, typer.Option(help="Run only this section (repeatable): hashing, training, learner.")
+    ] = None,
+    learn_examples: Annotated[
+        int | None, typer.Option(help="Examples on the topic for the whole learner (0 skips it).")
+    ] = None,
+) -> None:
+    """The GPU path against the CPU on the same machine: the Numba-CUDA hashing kernel (ids/s,
+    2^16..2^24 rows), the model step and end to end by batch size with the GPU's utilisation, and
+    `ctr learn --device cuda` fed by the embedded broker. Without CUDA: the CPU side only."""
+    from bench.gpu import SECTIONS, main
+
+    main(json_path, quick=quick, sections=tuple(section or SECTIONS), learn_examples=learn_examples)
+
+
 @bench_app.command("flink")
 def bench_flink(
     json_path: Annotated[Path, typer.Option("--json", help="Where to write the JSON results.")] = Path(

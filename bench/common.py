@@ -26,8 +26,14 @@ def _git(*args: str) -> str:
 
 def _tree() -> tuple[str | None, bool]:
     # the results folder is what a bench writes: its own outputs do not make the code dirty
+    commit = _git("rev-parse", "HEAD")
+    if not commit:
+        # a copy of the tree without .git (the GPU machine): the commit and the state of the tree
+        # are stamped where git is (`make gpu-carry`), read here from the environment; unknown
+        # counts as dirty
+        return os.environ.get("CTR_BENCH_COMMIT") or None, os.environ.get("CTR_BENCH_DIRTY", "1") != "0"
     changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results")
-    return _git("rev-parse", "HEAD") or None, bool(changed)
+    return commit, bool(changed)
 
 
 #: the code and the load when the bench process started (``report`` checks both again at its end)
@@ -111,15 +117,7 @@ def timings(fn: Callable[[], object], reps: int) -> list[float]:
 
 def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = None) -> dict:
     """Print ``rows`` as a table and write them (plus machine facts) to ``json_path``."""
-    table = Table(title=title)
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    for c in cols:
-        table.add_column(c, justify="right" if any(isinstance(r.get(c), (int, float)) for r in rows) else "left")
-    for r in rows:
-        table.add_row(*[_fmt(r.get(c)) for c in cols])
-    # wide enough for every cell on one line (a pipe or CI log has no terminal width to fit)
-    need = sum(max(len(c), *(len(_fmt(r.get(c))) for r in rows)) + 3 for c in cols) + 1
-    Console(width=max(120, Console().width, need)).print(table)
+    print_table(title, rows)
     doc = {
         "bench": title,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -133,6 +131,22 @@ def report(title: str, rows: list[dict], json_path: Path, extra: dict | None = N
     json_path.write_text(json.dumps(doc, indent=2))
     Console().print(f"wrote {json_path}")
     return doc
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    """``rows`` (dicts, columns in first-seen order) as one table on stdout."""
+    if not rows:
+        Console().print(f"{title}: no rows")
+        return
+    table = Table(title=title)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    for c in cols:
+        table.add_column(c, justify="right" if any(isinstance(r.get(c), (int, float)) for r in rows) else "left")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    # wide enough for every cell on one line (a pipe or CI log has no terminal width to fit)
+    need = sum(max(len(c), *(len(_fmt(r.get(c))) for r in rows)) + 3 for c in cols) + 1
+    Console(width=max(120, Console().width, need)).print(table)
 
 
 def _fmt(v: object) -> str:

@@ -98,7 +98,7 @@ def run(rows: int, repeats: int) -> tuple[list[dict], dict]:
             hash_buckets(dkeys, layout)
             end.record()
             torch.cuda.synchronize()
-            times.append(start.elapsedtimings(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3)
         results.append(_row("numba-cuda kernel", n_hashes, times[1:], device=torch.cuda.get_device_name()))
 
     # strings -> uint64 keys, the once-per-value step on the way in

@@ -295,6 +295,10 @@ def learn_cmd(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1:PORT ($CTR_BIND).")
     ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="torch device of the model: cpu, cuda, cuda:1 (default: CUDA where torch sees one)."),
+    ] = None,
 ) -> None:
     """Train the unified-embedding model online from training-examples; publish versions."""
     from ctr.online_learner.trainer import TrainerConfig, run_trainer
@@ -319,6 +323,7 @@ def learn_cmd(
         model_options=model_options(table_bits, prior_strength, model_option or []),
         frozen_after_examples=frozen_after,
         window_ms=window_ms,
+        device=device,
     )
     result = run_trainer(cfg, metrics_port=metrics_port, max_examples=max_examples, idle_exit_s=idle_exit)
     typer.echo(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in result.items()}))

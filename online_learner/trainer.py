@@ -160,6 +160,9 @@ class TrainerConfig:
     #: the stream workers and serving, and under contention 2 threads ran the step several
     #: times slower than 1 (bench/learner.py).
     torch_threads: int = 1
+    #: torch device of the model: ``"cpu"``, ``"cuda"``, ``"cuda:1"``; None: CUDA when torch
+    #: sees one (as :class:`OnlineCTR`), else the CPU
+    device: str | None = None
 
     def model_for(self, impressions: Sequence) -> ModelConfig:
         """The model config: ``model`` if set, else one over the fields these impressions carry."""
@@ -171,7 +174,12 @@ class TrainerConfig:
     def make_learner(self, model: ModelConfig) -> OnlineCTR:
         """The learner ``ctr learn`` trains (``bench/quality.py`` evaluates this same one)."""
         return OnlineCTR(
-            model, lr_table=self.lr_table, lr_dense=self.lr_dense, seed=self.seed, num_threads=self.torch_threads
+            model,
+            lr_table=self.lr_table,
+            lr_dense=self.lr_dense,
+            seed=self.seed,
+            num_threads=self.torch_threads,
+            device=self.device,
         )
 
 
@@ -416,7 +424,7 @@ class Trainer:
             and self.cfg.frozen_after_examples is not None
             and self.metrics.count >= self.cfg.frozen_after_examples
         ):
-            self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict())
+            self.frozen = OnlineCTR.from_state_dict(self.learner.state_dict(), device=self.learner.device)
 
     def _judge(self, done: dict[str, np.ndarray] | None) -> None:
         """First examples with their final labels: the metrics and the gate judge the scores

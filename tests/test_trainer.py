@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ctr.online_learner.delta import apply_tensors
 from ctr.online_learner.model import CTRModel, ModelConfig
@@ -275,3 +276,13 @@ def test_ctr_learn_builds_the_model_the_benchmarks_evaluate() -> None:
     for bad in ("cross_layers", "no_such_option=1"):
         with pytest.raises(typer.BadParameter):
             model_options(18, 0.0, [bad])
+
+
+def test_the_device_reaches_the_learner() -> None:
+    """``ctr learn --device``: the model and its state live where it says (default: CUDA where
+    torch sees one, as ``OnlineCTR``)."""
+    model = ModelConfig(("a",), ("x",), table_bits=8)
+    learner = TrainerConfig(bootstrap="", state_dir=Path("."), device="cpu").make_learner(model)
+    assert learner.device.type == "cpu" and learner.model.table.device.type == "cpu"
+    default = TrainerConfig(bootstrap="", state_dir=Path(".")).make_learner(model)
+    assert default.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
