@@ -73,6 +73,7 @@ def _child(client: str, bootstrap: str, backoff_ms: float, seconds: float) -> di
         from aiokafka.consumer.fetcher import Fetcher
         from aiokafka.structs import TopicPartition
 
+        from ctr.infra.security import kafka_security
         from ctr.streams.app import install_fetch_backoff
 
         install_fetch_backoff()
@@ -86,7 +87,8 @@ def _child(client: str, bootstrap: str, backoff_ms: float, seconds: float) -> di
         Fetcher._proc_fetch_request = counting  # type: ignore[method-assign]
 
         async def run() -> dict:
-            c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1500)
+            c = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, fetch_max_wait_ms=1500,
+                                 **kafka_security().aiokafka())
             await c.start()
             c.assign([TopicPartition(TOPIC, q) for q in range(4)])
             await c.seek_to_beginning()

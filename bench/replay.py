@@ -48,7 +48,10 @@ def _confluent(bootstrap: str, events) -> float:
 def _kafka_python(bootstrap: str, events) -> float:
     from kafka import KafkaProducer
 
-    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024)
+    from ctr.infra.security import kafka_security
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, batch_size=256 * 1024,
+                      **kafka_security().kafka_python())
     t = time.perf_counter()
     futures = [p.send(topic, value=value, key=key) for topic, key, value in events]
     p.flush()
@@ -62,8 +65,11 @@ def _kafka_python(bootstrap: str, events) -> float:
 def _aiokafka(bootstrap: str, events) -> float:
     from aiokafka import AIOKafkaProducer
 
+    from ctr.infra.security import kafka_security
+
     async def run() -> float:
-        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024)
+        p = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024,
+                             **kafka_security().aiokafka())
         await p.start()
         t = time.perf_counter()
         futures = [await p.send(topic, value=value, key=key) for topic, key, value in events]

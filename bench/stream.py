@@ -114,6 +114,8 @@ def _settled(port: int, name: str, quiet_s: float = 1.0, timeout_s: float = 15.0
 def _raw_aiokafka(bootstrap: str, total: int) -> dict:
     from aiokafka import AIOKafkaConsumer
 
+    from ctr.infra.security import kafka_security
+
     async def run() -> dict:
         c = AIOKafkaConsumer(
             "impressions",
@@ -123,6 +125,7 @@ def _raw_aiokafka(bootstrap: str, total: int) -> dict:
             auto_offset_reset="earliest",
             enable_auto_commit=False,
             max_partition_fetch_bytes=4 * 1024 * 1024,
+            **kafka_security().aiokafka(),
         )
         await c.start()
         n = 0

@@ -104,7 +104,9 @@ def create_topics(bootstrap: str, topics: tuple[TopicSpec, ...] = TOPICS, timeou
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic  # confluent_kafka.admin re-exports it without saying so
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    from ctr.infra.kafka_io import client_config
+
+    admin = AdminClient(client_config(bootstrap))
     existing = admin.list_topics(timeout=timeout_s).topics
     wanted = [t for t in topics if t.name not in existing]
     # 1 on the embedded broker; a production cluster sets CTR_REPLICATION_FACTOR=3.
@@ -139,6 +141,8 @@ def wait_ready(bootstrap: str, timeout_s: float = 30.0, proc: subprocess.Popen[b
     """Block until the broker answers a metadata request."""
     from confluent_kafka.admin import AdminClient
 
+    from ctr.infra.kafka_io import client_config
+
     host, port = bootstrap.rsplit(":", 1)
     deadline = time.monotonic() + timeout_s
     while not port_open(host, int(port)):
@@ -147,7 +151,7 @@ def wait_ready(bootstrap: str, timeout_s: float = 30.0, proc: subprocess.Popen[b
         if time.monotonic() > deadline:
             raise TimeoutError(f"broker at {bootstrap} did not open its port within {timeout_s}s")
         time.sleep(0.05)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
 
 

@@ -19,6 +19,8 @@ Why these settings:
   consumer (README "Embedded broker" has the measurement); new data waits at most one backoff.
 * session timeout 10 s — some Kafka-protocol brokers make group joins wait for the full
   session timeout; 10 s keeps restarts quick without false rebalances.
+* security (SASL, TLS) from :func:`ctr.infra.security.kafka_security` in every config built
+  here (:func:`client_config`), so no client of the pipeline connects in the clear by omission.
 """
 
 from __future__ import annotations
@@ -26,13 +28,14 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from ctr.infra.config import fetch_backoff_s, kafka_compression
+from ctr.infra.security import KafkaSecurity, kafka_security
 
 PRODUCER_DEFAULTS: dict[str, object] = {
     "partitioner": "murmur2_random",
@@ -77,9 +80,21 @@ class DeliveryTracker:
                     self.errors.append(f"{msg.topic()}: {err}")
 
 
+def client_config(bootstrap: str, security: KafkaSecurity | None = None) -> dict[str, Any]:
+    """What every librdkafka client of the project starts from: the address and the security
+    settings (``security``, else this process's :func:`~ctr.infra.security.kafka_security`)."""
+    return {"bootstrap.servers": bootstrap.split("://", 1)[-1], **(security or kafka_security()).librdkafka()}
+
+
+def producer_config(
+    bootstrap: str, overrides: Mapping[str, object] | None = None, security: KafkaSecurity | None = None
+) -> dict[str, Any]:
+    return {**client_config(bootstrap, security), **PRODUCER_DEFAULTS, "compression.type": kafka_compression(),
+            **(overrides or {})}  # fmt: skip
+
+
 def make_producer(bootstrap: str, **overrides: object) -> Producer:
-    cfg = {"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, "compression.type": kafka_compression(), **overrides}
-    return Producer(cfg)
+    return Producer(producer_config(bootstrap, overrides))
 
 
 class PacedConsumer(Consumer):
@@ -152,8 +167,14 @@ class PacedConsumer(Consumer):
                 return msgs
 
 
+def consumer_config(
+    bootstrap: str, group_id: str, overrides: Mapping[str, object] | None = None, security: KafkaSecurity | None = None
+) -> dict[str, Any]:
+    return {**client_config(bootstrap, security), "group.id": group_id, **CONSUMER_DEFAULTS, **(overrides or {})}
+
+
 def make_consumer(bootstrap: str, group_id: str, **overrides: object) -> PacedConsumer:
-    return PacedConsumer({"bootstrap.servers": bootstrap, "group.id": group_id, **CONSUMER_DEFAULTS, **overrides})
+    return PacedConsumer(consumer_config(bootstrap, group_id, overrides))
 
 
 def produce(
@@ -204,8 +225,7 @@ class OffsetsGone(RuntimeError):
 def _partition_reader(bootstrap: str, group: str) -> Consumer:
     """A consumer for ``assign``-ed reads of one partition (no group joined, nothing committed)
     that reports the partition's end as an event."""
-    return Consumer({"bootstrap.servers": bootstrap.split("://", 1)[-1], "group.id": group, **CONSUMER_DEFAULTS,
-                     "enable.partition.eof": True})  # fmt: skip
+    return Consumer(consumer_config(bootstrap, group, {"enable.partition.eof": True}))
 
 
 def offset_of(m: Message) -> int:

@@ -50,6 +50,7 @@ from mode.utils.futures import notify
 
 from ctr.infra.config import fetch_backoff_s, kafka_compression
 from ctr.infra.kafka_io import DeliveryTracker, first_offset_from, make_producer
+from ctr.infra.security import KafkaSecurity, kafka_security
 from ctr.streams.contiguity import ContiguityGuard
 from ctr.streams.metrics import changelog_bytes
 
@@ -306,6 +307,7 @@ def create_app(
     web_port: int | None = None,
     commit_interval_s: float = 1.0,
     instance_id: str | None = None,
+    security: KafkaSecurity | None = None,
 ) -> CtrApp:
     """A Faust app for the CTR agents (agents are attached by :func:`ctr.streams.worker.build`).
 
@@ -322,14 +324,18 @@ def create_app(
     * ``processing_guarantee="at_least_once"`` -- always: the agents' versioned effects make it
       exactly-once in effect (:mod:`ctr.streams.agents.label_join`);
     * session timeout 10 s / heartbeat 1 s -- quick rebalances after a kill -9;
-    * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch.
+    * ``producer_max_request_size`` 4 MiB -- one changelog record holds a micro-batch;
+    * ``broker_credentials`` from ``security`` (default: :func:`ctr.infra.security.kafka_security`):
+      Faust gives them to every aiokafka consumer, producer and admin client of the worker.
     """
     install_fetch_backoff()
+    sasl = (security or kafka_security()).faust_credentials()
     codec = kafka_compression()
     datadir = datadir or tempfile.mkdtemp(prefix=f"{app_id}-faust-")
     return CtrApp(
         app_id,
         broker=kafka_url(bootstrap),
+        broker_credentials=None if sasl is None else faust.SASLCredentials(**sasl),
         store="memory://",
         topic_partitions=PARTITIONS,
         # the changelog topics Faust creates itself: as many replicas as infra/broker.py gives ours
