@@ -5,7 +5,8 @@ and on a cluster (``flink run -py streams/flink/job.py --bootstrap kafka:9092``)
 work is Flink SQL (:mod:`ctr.streams.flink.sql`, generated from ``features/spec.py``); Python only
 assembles it -- Python UDFs or DataStream windows would run in Python per row (platform notes).
 
-Imports only the stdlib, pyflink and the stdlib-only spec: this runs in ``.venv-flink``,
+Imports only the stdlib, pyflink and stdlib-only project modules (the spec, the security
+config: ``$CTR_KAFKA_*`` reach the connector): this runs in ``.venv-flink``,
 which cannot also hold Feast. Output rows (JSON, key = entity id) on ``--output-topic``::
 
     {"entity_type": "item", "entity_id": "ad7", "window": "5m", "window_end_ms": 1700000100000,
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from pyflink.table import TableEnvironment
 
 from ctr.features.spec import SPEC, FeatureSpec  # noqa: E402
+from ctr.infra.security import kafka_security, redact  # noqa: E402
 from ctr.streams.flink.sql import DEFAULT_ATTRIBUTION_MS, DEFAULT_OUTPUT_TOPIC, JobConfig, statements  # noqa: E402
 
 
@@ -168,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         out_of_orderness_ms=a.out_of_orderness_ms,
         end_offsets=a.end_offsets,
         bounded_latest=a.bounded,
+        # $CTR_KAFKA_*: the connector's Java client gets the password in its JAAS line
+        kafka_properties=(security := kafka_security()).flink_properties(),
     )
-    if a.explain:
-        print(";\n\n".join(statements(SPEC, cfg)) + ";")
+    if a.explain:  # the SQL quotes the JAAS line: its password is masked
+        secret = [security.password.reveal()] if security.password is not None else []
+        print(redact(";\n\n".join(statements(SPEC, cfg)) + ";", secret))
         return 0
     bounded = cfg.end_offsets is not None or cfg.bounded_latest
     # The embedded mini-cluster lives in this process: leaving would end the job. Under

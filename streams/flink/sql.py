@@ -55,6 +55,8 @@ class JobConfig:
     #: Bounded at whatever the broker reports as the end when the job starts (exact on noida
     #: and Apache Kafka, not on Tansu).
     bounded_latest: bool = False
+    #: Extra Kafka client properties of the sources and the sink, without the ``properties.``
+    #: prefix: the security settings (:meth:`ctr.infra.security.KafkaSecurity.flink_properties`).
     kafka_properties: dict[str, str] = field(default_factory=dict)
 
 
@@ -102,6 +104,11 @@ def _source_options(cfg: JobConfig, topic: str) -> str:
     return ",\n  ".join(f"{_q(k)} = {_q(v)}" for k, v in opts.items())
 
 
+def _extra_properties(cfg: JobConfig) -> str:
+    """The sink's share of ``kafka_properties`` (security settings: the sink writes with them too)."""
+    return "".join(f"\n  {_q('properties.' + k)} = {_q(v)}," for k, v in cfg.kafka_properties.items())
+
+
 def _watermark(cfg: JobConfig) -> str:
     return f"WATERMARK FOR ts AS ts - {_interval_ms(cfg.out_of_orderness_ms)}"
 
@@ -140,7 +147,7 @@ def statements(spec: FeatureSpec, cfg: JobConfig) -> list[str]:
   impressions BIGINT, clicks BIGINT, ctr DOUBLE
 ) WITH (
   'connector' = 'kafka', 'topic' = {_q(cfg.output_topic)},
-  'properties.bootstrap.servers' = {_q(cfg.bootstrap)},
+  'properties.bootstrap.servers' = {_q(cfg.bootstrap)},{_extra_properties(cfg)}
   'key.format' = 'raw', 'key.fields' = 'entity_id',
   'value.format' = 'json', 'value.fields-include' = 'ALL'
 )""",
