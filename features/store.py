@@ -40,7 +40,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ctr.features.spec import ENTITIES, SPEC, FeatureSpec
 from ctr.features.sqlite_direct import NotSqlite, SqliteDirect, datetime_to_us
+from ctr.infra.security import RedisSecurity, SecurityConfigError, redis_security
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -181,9 +181,11 @@ def write_config(path: Path | str | None = None, online: Online | None = None, r
     if online == "sqlite":
         cfg["online_store"]["path"] = str(path / "online.db")
     else:
-        cfg["online_store"]["connection_string"] = (
-            redis_url or os.environ.get("REDIS_CONNECTION_STRING") or "localhost:6379"
-        )
+        url = redis_url or os.environ.get("REDIS_CONNECTION_STRING") or "localhost:6379"
+        if "password=" in url or "username=" in url:  # this file is written to disk and printed
+            raise SecurityConfigError("the Redis connection string names a user or password: give them as "
+                                      "$CTR_REDIS_USERNAME / $CTR_REDIS_PASSWORD_FILE instead")
+        cfg["online_store"]["connection_string"] = url
     header = f"# Written by ctr.features.store.write_config from {template.name}; edits are overwritten.\n"
     text = header + yaml.safe_dump(cfg, sort_keys=False)
     target = path / "feature_store.yaml"
@@ -247,9 +249,29 @@ def ensure_applied(
         if force or not _applied(path):
             from feast import FeatureStore
 
-            FeatureStore(repo_path=str(path)).apply(load_definitions())
+            # apply deletes the rows of views that were removed: it may talk to Redis too
+            login(FeatureStore(repo_path=str(path))).apply(load_definitions())
             (path / ".applied").write_text(_fingerprint(path))
     return path
+
+
+class _WithCredentials(str):
+    """A Redis connection string with its credentials, whose ``repr`` (what a logged config
+    object shows) leaves them out."""
+
+    def __repr__(self) -> str:
+        return repr(self.split(",username=")[0].split(",password=")[0] + ",<credentials>")
+
+
+def login(store: FeatureStore, security: RedisSecurity | None = None) -> FeatureStore:
+    """Make ``store``'s Redis online store log in as the configured ACL user (``security``, else
+    :func:`~ctr.infra.security.redis_security`): the credentials join the connection string in
+    memory only, before Feast creates its client; ``feature_store.yaml`` never holds them."""
+    online = store.config.online_store
+    params = (security or redis_security()).connection_params()
+    if getattr(online, "type", None) == "redis" and params:
+        online.connection_string = _WithCredentials(str(online.connection_string) + params)
+    return store
 
 
 def open_store(
@@ -257,10 +279,11 @@ def open_store(
     online: Online | None = None,
     redis_url: str | None = None,
     apply: bool = True,
+    security: RedisSecurity | None = None,
 ) -> FeatureStore:
     """A ready :class:`feast.FeatureStore` whose config, registry and SQLite db live in ``path``
     (default :func:`default_dir`). Applies the definitions when needed (first call: ~1 s plus
-    ``import feast``; afterwards a stamp check).
+    ``import feast``; afterwards a stamp check). A Redis store logs in with :func:`login`.
 
     >>> store = open_store(tmp / "feast")                          # doctest: +SKIP
     >>> store = open_store(online="redis", redis_url="redis:6379")  # doctest: +SKIP
@@ -269,7 +292,7 @@ def open_store(
         path = ensure_applied(path, online, redis_url) if apply else write_config(path, online, redis_url)
         from feast import FeatureStore
 
-        return FeatureStore(repo_path=str(path))
+        return login(FeatureStore(repo_path=str(path)), security)
     except Exception as err:
         missing = ("FeastModuleImportError", "FeastExtrasDependencyImportError", "ModuleNotFoundError")
         if online == "redis" and type(err).__name__ in missing:
@@ -581,20 +604,11 @@ class OnlineFeatures:
 
 
 # --------------------------------------------------------------------------- feast serve
-def feast_executable() -> str:
-    """The ``feast`` console script of this interpreter's environment."""
-    local = Path(sys.executable).with_name("feast")
-    return str(local) if local.exists() else (shutil.which("feast") or "feast")
-
-
 def serve_command(path: Path | str, port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
-    """The ``feast serve`` command line for a config dir: loopback by default, and
-    ``--max-requests 0`` (Feast's default of 1000 recycles workers and stalls requests)."""
-    return [
-        feast_executable(), "-c", str(Path(path).resolve()), "serve",
-        "-h", host, "-p", str(port), "--workers", str(workers),
-        "--max-requests", "0", "--max-requests-jitter", "0", "--no-access-log",
-    ]  # fmt: skip
+    """The command line of Feast's feature server for a config dir (:mod:`ctr.features.feast_server`:
+    what ``feast serve`` runs, logged in to Redis as :func:`login` does), loopback by default."""
+    return [sys.executable, "-m", "ctr.features.feast_server", str(Path(path).resolve()),
+            "--host", host, "--port", str(port), "--workers", str(workers)]  # fmt: skip
 
 
 def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout_s: float = 60.0) -> None:
