@@ -447,6 +447,26 @@ def keygen_cmd(
                           indent=2))  # fmt: skip
 
 
+#: The password files docker-compose.yml mounts as secrets (``<name>.password``): a Kafka SCRAM
+#: user per principal of infra/docker/kafka/acls.conf and the two Redis users of
+#: infra/docker/redis/users.acl (tests/test_compose.py checks all three agree).
+COMPOSE_SECRETS = ("kafka-topics", "kafka-replay", "kafka-worker", "kafka-reweighter", "kafka-learner",
+                   "kafka-serving", "kafka-flink", "redis-writer", "redis-reader")  # fmt: skip
+
+
+@app.command("secrets")
+def secrets_cmd(
+    out: Annotated[Path, typer.Argument(help="Directory for the password files (docker-compose.yml: ./secrets).")],
+) -> None:
+    """Create the Kafka and Redis passwords of the compose deployment (random; an existing file is kept)."""
+    from ctr.infra.security import write_password_files
+
+    created = write_password_files(out, COMPOSE_SECRETS)
+    # names only: the values never leave the files
+    typer.echo(json.dumps({"directory": str(out), "created": [n for n, c in created.items() if c],
+                           "kept": [n for n, c in created.items() if not c]}, indent=2))  # fmt: skip
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -30,8 +30,9 @@ never the value, so a config can be logged or shown in an error. Only the client
 from __future__ import annotations
 
 import os
+import secrets
 import ssl
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,9 +235,30 @@ class SecurityConfig:
         return [s.reveal() for s in (self.kafka.password, self.redis.password) if s is not None]
 
 
-def redact(text: str, secrets: list[str]) -> str:
+def redact(text: str, values: list[str]) -> str:
     """``text`` with every secret value replaced by ``***`` (for output that must quote a
     config holding one, such as the Flink job's generated SQL)."""
-    for s in sorted(secrets, key=len, reverse=True):
+    for s in sorted(values, key=len, reverse=True):
         text = text.replace(s, "***")
     return text
+
+
+def write_password_files(directory: Path, names: Sequence[str]) -> dict[str, bool]:
+    """``directory/<name>.password`` with a new random password for each name that has none
+    (an existing file is kept: a deployment's users already have those). Returns name -> created.
+
+    32 random bytes, URL-safe base64: no ',', quote, bracket or '=' that a client's syntax
+    (Feast's connection string, a JAAS line, kafka-configs' list) would split on. The directory
+    is 0700 (only its owner gets at the files); the files 0644, because compose mounts each one
+    into containers whose users (the Kafka image's uid 1000, redis) are not the owner."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    created = {}
+    for name in names:
+        path = directory / f"{name}.password"
+        created[name] = not path.exists()
+        if created[name]:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+    return created

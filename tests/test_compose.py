@@ -10,6 +10,7 @@ Grafana dashboard only queries metric names the code registers.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -248,21 +249,38 @@ def test_ports_and_healthchecks_match_the_flags(cfg: dict, parsed: dict[str, dic
             assert "healthcheck" in svc, f"{name} listens on {ports} but has no healthcheck"
 
 
+def kafka_listeners(kafka: dict) -> dict[str, dict[str, str]]:
+    """Listener name -> its bind address, advertised address and security protocol."""
+    env = env_of(kafka)
+    protocols = dict(x.split(":") for x in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    bound = dict(x.split("://") for x in env["KAFKA_LISTENERS"].split(","))
+    advertised = dict(x.split("://") for x in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    return {n: {"bind": bound[n], "advertised": advertised.get(n, ""), "protocol": protocols[n]} for n in bound}
+
+
 def test_kafka_and_redis_addresses(cfg: dict) -> None:
     services = cfg["services"]
-    kafka = env_of(services["kafka"])
-    advertised = kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")
-    listeners = {int(x.rsplit(":", 1)[1]) for x in kafka["KAFKA_LISTENERS"].split(",")}
+    listeners = kafka_listeners(services["kafka"])
+    by_address = {v["advertised"]: v for v in listeners.values() if v["advertised"]}
     for name, svc in services.items():
         env = env_of(svc)
         if "CTR_BOOTSTRAP" in env:
-            assert f"PLAINTEXT://{env['CTR_BOOTSTRAP']}" in advertised, name
+            listener = by_address[env["CTR_BOOTSTRAP"]]
+            assert listener["protocol"] == env["CTR_KAFKA_SECURITY_PROTOCOL"], name  # the one config says SASL
         if "REDIS_CONNECTION_STRING" in env:
             host, port = env["REDIS_CONNECTION_STRING"].split(",")[0].split(":")
             assert host in services and int(port) == 6379, name  # redis-server's default port
             assert "--port" not in services[host]["command"]
     for p in container_ports(services["kafka"]):
-        assert p in listeners and f"EXTERNAL://localhost:{p}" in advertised
+        assert listeners["EXTERNAL"]["bind"] == f":{p}" and listeners["EXTERNAL"]["advertised"] == f"localhost:{p}"
+    # a plaintext listener is reachable from the broker's own container only
+    for name, listener in listeners.items():
+        assert listener["protocol"].startswith("SASL_") or listener["bind"].startswith("127.0.0.1:"), name
+    kafka = env_of(services["kafka"])
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false" and kafka["KAFKA_SUPER_USERS"] == "User:ANONYMOUS"
+    assert f"127.0.0.1:{listeners['INTERNAL']['bind'].rsplit(':', 1)[1]}" in " ".join(
+        services["kafka"]["healthcheck"]["test"]
+    )
 
 
 def test_learner_state_reaches_serving(cfg: dict, parsed: dict[str, dict[str, Any]]) -> None:
@@ -379,8 +397,11 @@ def test_flink_services_run_the_job_file(cfg: dict, capsys: pytest.CaptureFixtur
     assert flink_job.main([*job_args, "--explain"]) == 0 and "INSERT INTO" in capsys.readouterr().out
     topic_cmd = services["flink-topic"]["command"]
     assert job_args[job_args.index("--output-topic") + 1] == topic_cmd[topic_cmd.index("--topic") + 1]
-    kafka = env_of(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"].split(",")
-    assert f"PLAINTEXT://{topic_cmd[topic_cmd.index('--bootstrap-server') + 1]}" in kafka
+    # the topic is created as kafka-init creates users: on the broker's loopback listener
+    assert services["flink-topic"]["network_mode"] == "service:kafka"
+    internal = kafka_listeners(services["kafka"])["INTERNAL"]
+    assert topic_cmd[topic_cmd.index("--bootstrap-server") + 1] == internal["advertised"] == internal["bind"]
+    assert env_of(services["flink-job"])["CTR_KAFKA_USERNAME"] == "flink"
     venv_python = cmd[cmd.index("-pyexec") + 1]
     assert venv_python.startswith("/opt/venv/") and "python3 -m venv /opt/venv" in dockerfile
     rest_port = next(int(a.split("=")[1]) for a in cmd if a.startswith("-Drest.port="))
@@ -405,3 +426,147 @@ def test_deployment_docs_cover_every_service_and_knob() -> None:
         assert f"`{knob}`" in docs, f"docs/deployment.md does not explain {knob}"
     for name in load(COMPOSE)["services"]:
         assert f"`{name}`" in docs, f"docs/deployment.md does not mention the service {name}"
+
+
+# --------------------------------------------------------------------------- authentication
+ACLS = DOCKER / "kafka" / "acls.conf"
+REDIS_ACL = DOCKER / "redis" / "users.acl"
+
+
+def kafka_acls() -> list[tuple[str, set[str], str, str, str]]:
+    """``(principal, operations, resource, pattern, name)`` of each line of acls.conf."""
+    rows = []
+    for line in ACLS.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            principal, ops, resource, pattern, name = line.split()
+            rows.append((principal, set(ops.split(",")), resource, pattern, name))
+    return rows
+
+
+def allowed(principal: str, op: str, resource: str = "topic") -> set[str]:
+    """Names (prefixed ones end with '*') ``principal`` may ``op`` (Read and Write imply Describe)."""
+    return {name + ("*" if pattern == "prefixed" else "") for p, ops, res, pattern, name in kafka_acls()
+            if p == principal and res == resource and op in ops}  # fmt: skip
+
+
+def secret_mounts(svc: dict) -> dict[str, str]:
+    """target file name -> compose secret, for one service."""
+    out = {}
+    for s in svc.get("secrets", []):
+        source, target = (s, s) if isinstance(s, str) else (s["source"], s.get("target", s["source"]))
+        out[target] = source
+    return out
+
+
+def test_every_kafka_client_service_logs_in_as_its_own_user(cfg: dict, tmp_path: Path) -> None:
+    from ctr.infra.security import kafka_security
+
+    services, principals = cfg["services"], {row[0] for row in kafka_acls()}
+    users = {}
+    for name, svc in services.items():
+        env = env_of(svc)
+        if "CTR_BOOTSTRAP" not in env or name in ("feature-server", "keys"):  # no Kafka client in these
+            continue
+        user = env["CTR_KAFKA_USERNAME"]
+        assert user in principals, f"{name}: {user} has no ACLs"
+        assert secret_mounts(svc)["kafka-password"] == f"kafka-{user}-password", name
+        assert env["CTR_KAFKA_PASSWORD_FILE"] == "/run/secrets/kafka-password", name
+        (tmp_path / "pw").write_text("x\n")
+        k = kafka_security({**env, "CTR_KAFKA_PASSWORD_FILE": str(tmp_path / "pw")})  # what the service builds
+        assert (k.protocol, k.mechanism, k.username) == ("SASL_PLAINTEXT", "SCRAM-SHA-512", user), name
+        assert env_of(services["kafka"])["KAFKA_SASL_ENABLED_MECHANISMS"] == k.mechanism
+        users[name] = user
+    assert users == {"topics": "topics", "worker": "worker", "reweighter": "reweighter", "learner": "learner",
+                     "serving": "serving", "replay": "replay", "flink-job": "flink"}  # fmt: skip
+    # kafka-init creates every principal's credential from that principal's secret
+    init = services["kafka-init"]
+    assert set(secret_mounts(init)) == {f"kafka-{p}-password" for p in principals}
+    assert init["network_mode"] == "service:kafka" and init["command"] == ["bash", "/etc/ctr/kafka/init.sh"]
+    assert services["topics"]["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+
+
+def test_kafka_acls_match_the_code() -> None:
+    from ctr.infra.topics import (
+        CLICKS_TOPIC,
+        DEAD_LETTER_TOPIC,
+        EXAMPLES_TOPIC,
+        FIELD_WEIGHTS_TOPIC,
+        IMPRESSIONS_TOPIC,
+        LATE_TOPIC,
+        MODEL_UPDATES_TOPIC,
+        SERVED_SCORES_TOPIC,
+        TOPIC_NAMES,
+    )
+    from ctr.online_learner.trainer import TrainerConfig
+    from ctr.streams.app import DEFAULT_APP_ID
+    from ctr.streams.flink.sql import DEFAULT_OUTPUT_TOPIC, JobConfig
+    from ctr.streams.reweighting import Reweighter
+    from ctr.streams.worker import internal_topics
+
+    for principal, _, resource, pattern, name in kafka_acls():
+        assert resource in ("topic", "group") and pattern in ("literal", "prefixed"), name
+        if resource == "topic" and pattern == "literal":
+            assert name in TOPIC_NAMES | {DEFAULT_OUTPUT_TOPIC}, f"{principal}: no topic {name} in the code"
+    # only the learner may write what serving applies; serving reads it and writes only its prediction log
+    assert {p for p, ops, res, _, n in kafka_acls() if n == MODEL_UPDATES_TOPIC and "Write" in ops} == {"learner"}
+    assert allowed("serving", "Read") == {MODEL_UPDATES_TOPIC} and allowed("serving", "Write") == {SERVED_SCORES_TOPIC}
+    # the worker: raw events in, examples (and late clicks, dead letters) out, plus its own topics
+    assert allowed("worker", "Read") == {IMPRESSIONS_TOPIC, CLICKS_TOPIC, f"{DEFAULT_APP_ID}-*"}
+    assert allowed("worker", "Write") == {EXAMPLES_TOPIC, LATE_TOPIC, DEAD_LETTER_TOPIC, f"{DEFAULT_APP_ID}-*"}
+    assert all(t.name.startswith(f"{DEFAULT_APP_ID}-") for t in internal_topics(DEFAULT_APP_ID))
+    assert allowed("learner", "Read") == {EXAMPLES_TOPIC, FIELD_WEIGHTS_TOPIC, SERVED_SCORES_TOPIC, MODEL_UPDATES_TOPIC}
+    assert allowed("learner", "Write") == {MODEL_UPDATES_TOPIC, DEAD_LETTER_TOPIC}
+    assert allowed("reweighter", "Write") == {FIELD_WEIGHTS_TOPIC, DEAD_LETTER_TOPIC}
+    assert allowed("replay", "Write") == {IMPRESSIONS_TOPIC, CLICKS_TOPIC} and not allowed("replay", "Read")
+    assert allowed("topics", "Create") == TOPIC_NAMES
+    # consumer groups: the ones the code joins or commits
+    learner_group = TrainerConfig.__dataclass_fields__["group_id"].default
+    assert allowed("learner", "Read", "group") == {learner_group, f"{learner_group}-tail"}
+    assert allowed("worker", "Read", "group") == {DEFAULT_APP_ID, "ctr-range-reader", "ctr-gap-probe"}
+    reweighting = inspect.signature(Reweighter).parameters["group_id"].default
+    assert allowed("reweighter", "Read", "group") == {reweighting, f"{reweighting}-tail"}
+    assert allowed("serving", "Read", "group") == {"ctr-serving-*"}  # serving/updates.py: one group per replica
+    assert allowed("flink", "Read", "group") == {JobConfig("x").group}
+    updates = (REPO / "serving" / "updates.py").read_text()
+    assert 'f"ctr-serving-{socket.gethostname()}-{os.getpid()}"' in updates
+    kafka_io = (REPO / "infra" / "kafka_io.py").read_text()
+    assert '"ctr-range-reader"' in kafka_io and '"ctr-gap-probe"' in kafka_io
+
+
+def test_redis_users_are_the_ones_the_services_log_in_as(cfg: dict) -> None:
+    services = cfg["services"]
+    rules = {line.split()[1]: line for line in REDIS_ACL.read_text().splitlines() if line.startswith("user ")}
+    roles = {"ctr-features-writer": "writer", "ctr-features-reader": "reader"}
+    assert set(rules) == {"default", *roles}
+    assert rules["default"].endswith("-@all +ping")  # unauthenticated: the healthcheck's PING only
+    assert "+@write" not in rules["ctr-features-reader"] and "+@write" in rules["ctr-features-writer"]
+    logins = {}
+    for name, svc in services.items():
+        env = env_of(svc)
+        if env.get("CTR_ONLINE_STORE") == "redis" and name not in ("topics", "keys", "learner", "replay"):
+            user = env["CTR_REDIS_USERNAME"]
+            assert secret_mounts(svc)["redis-password"] == f"redis-{roles[user]}-password", name
+            assert env["CTR_REDIS_PASSWORD_FILE"] == "/run/secrets/redis-password", name
+            assert "password=" not in env["REDIS_CONNECTION_STRING"], name
+            logins[name] = roles[user]
+    assert logins == {"worker": "writer", "reweighter": "writer", "serving": "reader", "feature-server": "reader"}
+    redis = services["redis"]
+    start = (DOCKER / "redis" / "start.sh").read_text()
+    assert redis["entrypoint"] == ["sh", "/etc/ctr/redis/start.sh"]
+    assert "./infra/docker/redis:/etc/ctr/redis:ro" in redis["volumes"]
+    for role in roles.values():
+        assert f"/run/secrets/redis-{role}-password" in start and f"redis-{role}-password" in secret_mounts(redis)
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"]) and "ping" in redis["healthcheck"]["test"]
+
+
+def test_compose_secrets_are_the_files_ctr_secrets_writes(cfg: dict) -> None:
+    from ctr.cli import COMPOSE_SECRETS
+
+    assert cfg["secrets"] == {f"{n}-password": {"file": f"./secrets/{n}.password"} for n in COMPOSE_SECRETS}
+    mounted = {src for svc in cfg["services"].values() for src in secret_mounts(svc).values()}
+    assert mounted == set(cfg["secrets"])
+    assert "/secrets/" in (REPO / ".gitignore").read_text().splitlines()
+    # no secret value in the compose file itself: every password comes from a secret file
+    for name, svc in cfg["services"].items():
+        for var in env_of(svc):
+            assert not (var.endswith("PASSWORD") and var.startswith(("CTR_KAFKA", "CTR_REDIS"))), name
