@@ -428,9 +428,11 @@ STATUS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("PyFlink windowed-feature job", "same aggregates as the Faust agent from the same spec (parity test in "
      "CI, own venv `make flink-setup`); slower than Faust on this machine "
      "([streams/flink/README.md](streams/flink/README.md))", ()),
-    ("docker-compose production shape", "Kafka (KRaft), Redis, Faust workers, learner, serving replicas "
-     "behind nginx, Feast server, Prometheus, Grafana, optional Flink; validated by `docker-compose config` "
-     "in CI, never run here (no Docker engine) ([docs/deployment.md](docs/deployment.md))", ()),
+    ("docker-compose production shape", "Kafka (KRaft) with SASL/SCRAM and ACLs (a user per service), Redis "
+     "with ACL users, Faust workers, learner, serving replicas behind nginx, Feast server, Prometheus, Grafana, "
+     "optional Flink; every client's security from one config (`infra/security.py`); validated by "
+     "`docker-compose config` in CI, never run here (no Docker engine) ([docs/deployment.md](docs/deployment.md))",
+     ()),
 )  # fmt: skip
 
 
