@@ -290,3 +290,30 @@ def test_tansu_refuses_plaintext_with_authentication_on_but_cannot_be_given_a_us
             AdminClient({**client_config(bs, SCRAM), "log_level": 0}).list_topics(timeout=3)
     finally:
         stop_process(proc)
+
+
+def test_ctr_secrets_writes_passwords_it_never_prints(tmp_path: Path) -> None:
+    import json
+    import stat
+
+    from typer.testing import CliRunner
+
+    from ctr.cli import COMPOSE_SECRETS, app
+
+    out = tmp_path / "secrets"
+    out.mkdir()
+    (out / "kafka-worker.password").write_text("an-existing-password\n")
+    res = CliRunner().invoke(app, ["secrets", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["kept"] == ["kafka-worker"] and len(report["created"]) == len(COMPOSE_SECRETS) - 1
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    values = {p.name: p.read_text() for p in out.iterdir()}
+    assert values["kafka-worker.password"] == "an-existing-password\n"  # kept as it was
+    assert len(set(values.values())) == len(COMPOSE_SECRETS)  # one password per user
+    for name, value in values.items():
+        assert value.strip() not in res.output, name
+        assert name == "kafka-worker.password" or len(value.strip()) == 43, name
+        assert kafka_security({**SASL_ENV, "CTR_KAFKA_PASSWORD_FILE": str(out / name)}).password is not None
+    again = json.loads(CliRunner().invoke(app, ["secrets", str(out)]).output)
+    assert again["created"] == [] and len(again["kept"]) == len(COMPOSE_SECRETS)  # never overwritten
