@@ -393,12 +393,17 @@ def up_cmd(
     kind: Annotated[str, typer.Option(help="Embedded broker kind.")] = "noida",
     feast_dir: Annotated[Path | None, typer.Option(help="Feast store directory (default .ctr/feast).")] = None,
     port: Annotated[int, typer.Option(help="Serving port on 127.0.0.1.")] = 8000,
+    monitor: Annotated[
+        bool, typer.Option(help="Also start Prometheus (on PATH) scraping every stage, with the alert rules of "
+                           "infra/docker/prometheus/alerts.yml.")
+    ] = False,
+    monitor_port: Annotated[int, typer.Option(help="Prometheus' port on 127.0.0.1 (0: a free one).")] = 0,
 ) -> None:
     """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
     from ctr.stack import up
 
     try:
-        state = up(kind=kind, feast_dir=feast_dir, serve_port=port)
+        state = up(kind=kind, feast_dir=feast_dir, serve_port=port, monitor=monitor, monitor_port=monitor_port)
     except RuntimeError as err:
         fail(str(err))
     typer.echo(json.dumps(state, indent=2))
@@ -415,7 +420,7 @@ def down_cmd() -> None:
 
 @app.command("status")
 def status_cmd() -> None:
-    """Show the services `ctr up` started, their pids, liveness and log files."""
+    """Show the services `ctr up` started, their pids, liveness and log files (and Prometheus' health and alerts)."""
     from ctr.stack import status
 
     typer.echo(json.dumps(status(), indent=2))

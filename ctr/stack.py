@@ -1,6 +1,10 @@
 """``ctr up`` / ``ctr down`` / ``ctr status``: the pipeline as long-running background
 processes for someone who wants to keep them (the demo runs the same services for a bounded
 time). State (pids, ports, log files) lives in ``.ctr/stack.json``; logs in ``.ctr/logs``.
+
+Every stage serves Prometheus metrics on a free loopback port (serving on its own port), recorded
+in the state; ``--monitor`` adds a Prometheus scraping them with the project's alert rules
+(:mod:`ctr.monitor`), its config and data under ``.ctr/prometheus``.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ctr.infra.config import state_dir
-from ctr.infra.procs import pid_alive, stop_process
+from ctr.infra.procs import free_port, pid_alive, stop_process
 from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 
-#: Stop order: consumers before what they consume from.
-STOP_ORDER = ("serve", "learner", "reweighter", "worker", "broker")
+#: Stop order: the watcher first (the others stopping are no alert), then consumers before what
+#: they consume from.
+STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "broker")
 
 
 def _state_path() -> Path:
@@ -23,14 +28,19 @@ def _state_path() -> Path:
 
 
 def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000,
-       say: Callable[[str], object] = print) -> dict:
-    """Start broker, worker, reweighter, learner and serving detached; returns the recorded state.
+       say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0) -> dict:
+    """Start broker, worker, reweighter, learner and serving detached (and Prometheus with
+    ``monitor``, on ``monitor_port`` or a free one); returns the recorded state.
     Model updates are signed (a key pair for the stack unless the environment names one)."""
     from ctr.infra.broker import EmbeddedBroker
 
     path = _state_path()
     if path.exists() and any(pid_alive(s["pid"]) for s in json.loads(path.read_text())["services"].values()):
         raise RuntimeError("the stack is already up: `ctr status`, or `ctr down` first")
+    if monitor:
+        from ctr.monitor import find_prometheus
+
+        find_prometheus()  # before anything starts: a missing binary leaves nothing behind
     root = state_dir()
     feast_dir = feast_dir or root / "feast"
     broker = EmbeddedBroker(kind=kind, data_dir=root / f"broker-{kind}", detach=True).start()
@@ -47,17 +57,21 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
                       "set $CTR_SIGNING_KEY and $CTR_VERIFY_KEYS to use your own)")
     sign, verify = stage_flags(key)
     services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
+    # where each stage serves /metrics (serving on its own port); Prometheus' job names
+    metrics = {"worker": free_port(), "reweighter": free_port(), "learner": free_port(), "serve": serve_port}
+    mflag = {name: ("--metrics-port", str(port)) for name, port in metrics.items() if name != "serve"}
     plan = [
         Service(
             "worker",
-            ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1"),
+            ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1",
+                     *mflag["worker"]),
             detach=True,
             nice=BATCH_NICE,
         ),
-        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir)), detach=True,
-                nice=BATCH_NICE),
-        Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign),
-                detach=True, nice=BATCH_NICE),
+        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir),
+                                       *mflag["reweighter"]), detach=True, nice=BATCH_NICE),
+        Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign,
+                                    *mflag["learner"]), detach=True, nice=BATCH_NICE),
         Service(
             "serve",
             ctr_argv(
@@ -75,17 +89,37 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             detach=True,
         ),
     ]
+    prometheus_url = None
+    if monitor:
+        from ctr.monitor import prometheus_service
+
+        monitor_port = monitor_port or free_port()
+        prometheus_url = f"http://127.0.0.1:{monitor_port}"
+        # the compose config's job names, so both load the same rules
+        jobs = {"serving" if n == "serve" else n: p for n, p in metrics.items()}
+        plan.append(prometheus_service(root / "prometheus", jobs, monitor_port))
     for svc in plan:
         sup.start(svc)
         assert svc.proc is not None  # started
         services[svc.name] = {"pid": svc.proc.pid, "log": str(svc.log_path)}
+        if svc.name in metrics:
+            services[svc.name]["metrics"] = f"http://127.0.0.1:{metrics[svc.name]}/metrics"
     state = {
         "bootstrap": bs,
         "feast_dir": str(feast_dir),
         "predict_url": f"http://127.0.0.1:{serve_port}/predict",
         "services": services,
     }
+    if prometheus_url:
+        state["prometheus_url"] = prometheus_url
     path.write_text(json.dumps(state, indent=2))
+    if prometheus_url:
+        from ctr.monitor import wait_ready
+
+        if not wait_ready(prometheus_url):
+            down()
+            log = services["prometheus"]["log"]
+            raise RuntimeError(f"Prometheus did not become ready; the stack is stopped (log: {log})")
     return state
 
 
@@ -118,9 +152,14 @@ def status() -> dict:
     if not path.exists():
         return {"up": False}
     state = json.loads(path.read_text())
-    return {
+    out = {
         "up": True,
         "bootstrap": state["bootstrap"],
         "feast_dir": state["feast_dir"],
         "services": {n: {**s, "alive": pid_alive(s["pid"])} for n, s in state["services"].items()},
     }
+    if "prometheus_url" in state:  # ctr up --monitor: its readiness and the alerts it holds
+        from ctr.monitor import health
+
+        out["prometheus"] = health(state["prometheus_url"])
+    return out

@@ -35,6 +35,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from ctr.infra.config import fetch_backoff_s, kafka_compression
+from ctr.infra.lag import LagReporter
 from ctr.infra.security import KafkaSecurity, kafka_security
 
 PRODUCER_DEFAULTS: dict[str, object] = {
@@ -110,12 +111,21 @@ class PacedConsumer(Consumer):
     skipped or repeated, and a fetch answered while paused is kept (``tests/test_kafka_pacing.py``
     checks order and completeness through idle spells and bursts).
     Rebalance callbacks still run inside ``consume``, never between a pause and its resume.
+    ``lag``: report the consumer's lag as ``ctr_consumer_lag`` (:mod:`ctr.infra.lag`) -- a
+    stage's input consumer, not the short-lived readers of a topic's tail.
     """
 
     def __init__(
-        self, config: dict[str, Any], *, backoff_s: float | None = None, window_s: float = 0.0005, settle_s: float = 0.5
+        self,
+        config: dict[str, Any],
+        *,
+        backoff_s: float | None = None,
+        window_s: float = 0.0005,
+        settle_s: float = 0.5,
+        lag: LagReporter | None = None,
     ) -> None:
         super().__init__(config)
+        self.lag = lag
         self.backoff_s = fetch_backoff_s() if backoff_s is None else backoff_s
         self.window_s = window_s
         self.settle_s = settle_s
@@ -142,6 +152,12 @@ class PacedConsumer(Consumer):
         return now - self._assigned_at < self.settle_s
 
     def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        msgs = self._consume(num_messages, timeout)
+        if self.lag is not None:
+            self.lag.report(self)
+        return msgs
+
+    def _consume(self, num_messages: int, timeout: float) -> list[Message]:
         msgs = super().consume(num_messages, 0)
         if msgs or timeout == 0 or self.backoff_s <= 0:
             return msgs if msgs or timeout == 0 else super().consume(num_messages, timeout)
@@ -175,6 +191,13 @@ def consumer_config(
 
 def make_consumer(bootstrap: str, group_id: str, **overrides: object) -> PacedConsumer:
     return PacedConsumer(consumer_config(bootstrap, group_id, overrides))
+
+
+def stage_consumer(bootstrap: str, group_id: str) -> PacedConsumer:
+    """A stage's input consumer: :func:`make_consumer` reporting its lag (``ctr_consumer_lag``)."""
+    consumer = make_consumer(bootstrap, group_id)
+    consumer.lag = LagReporter(group_id)
+    return consumer
 
 
 def produce(

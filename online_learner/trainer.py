@@ -38,7 +38,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaExcepti
 from prometheus_client import Counter, Gauge
 
 from ctr.infra.deadletter import DeadLetterSink
-from ctr.infra.kafka_io import DeliveryTracker, make_consumer, make_producer, produce
+from ctr.infra.kafka_io import DeliveryTracker, make_consumer, make_producer, produce, stage_consumer
 from ctr.infra.schema import (
     SchemaError,
     TrainingExample,
@@ -531,7 +531,7 @@ class Trainer:
         for ``idle_exit_s``. Returns the final metrics summary."""
         stop = stop or threading.Event()
         cfg = self.cfg
-        self._consumer = make_consumer(cfg.bootstrap, cfg.group_id)
+        self._consumer = stage_consumer(cfg.bootstrap, cfg.group_id)
         self._assign()
         if self.publisher is not None:
             self._publish_first_snapshot()

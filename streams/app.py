@@ -50,6 +50,7 @@ from mode.utils.futures import notify
 
 from ctr.infra.config import fetch_backoff_s, kafka_compression
 from ctr.infra.kafka_io import DeliveryTracker, first_offset_from, make_producer
+from ctr.infra.lag import set_lag
 from ctr.infra.security import KafkaSecurity, kafka_security
 from ctr.streams.contiguity import ContiguityGuard
 from ctr.streams.metrics import changelog_bytes
@@ -200,6 +201,8 @@ class BulkConsumer(faust_aiokafka.Consumer):
             return
         self._read_offset[tp] = recs[-1].offset
         self._bulk_last[tp] = recs[-1].offset
+        if chunk.highwater is not None and chunk.highwater >= 0:  # aiokafka's, from the fetch
+            set_lag(app.conf.id, tp.topic, tp.partition, chunk.highwater - recs[-1].offset - 1)
 
     def bulk_seeks(self, tp: TP) -> int:
         """How many times an agent moved ``tp``'s position (:meth:`bulk_seek`)."""

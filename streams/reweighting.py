@@ -49,7 +49,7 @@ from prometheus_client import Counter, Gauge
 
 from ctr.infra.cli_options import run_command
 from ctr.infra.deadletter import DeadLetterSink
-from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce
+from ctr.infra.kafka_io import DeliveryTracker, flush, make_consumer, make_producer, produce, stage_consumer
 from ctr.infra.schema import (
     WATERMARK_HEADER,
     FieldWeights,
@@ -258,7 +258,7 @@ class Reweighter:
         """Consume and publish until ``stop`` is set, ``max_examples`` new examples were read, or
         nothing new arrived for ``idle_exit_s``. Returns a summary."""
         stop = stop or threading.Event()
-        self._consumer = make_consumer(self.bootstrap, self.group_id)
+        self._consumer = stage_consumer(self.bootstrap, self.group_id)
         try:
             self._assign()
             last_data = last_publish = time.monotonic()

@@ -331,6 +331,7 @@ def exposed_metric_names() -> set[str]:
     from prometheus_client import REGISTRY
 
     import ctr.infra.deadletter  # noqa: F401
+    import ctr.infra.lag  # noqa: F401
     import ctr.online_learner.publisher  # noqa: F401 - importing registers the metrics
     import ctr.online_learner.trainer  # noqa: F401
     import ctr.serving.app  # noqa: F401

@@ -122,6 +122,7 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"ctr"}
     assert "ctr/streams/agents/label_join.py" in names and "ctr/features/repo/feature_store.yaml" in names
+    assert "ctr/infra/docker/prometheus/alerts.yml" in names  # what `ctr up --monitor` loads (ctr.monitor)
     assert not any(n.startswith(("bench/", "tests/", "ctr/bench/")) for n in names)
     # the console script runs the application layer
     entry = next(n for n in names if n.endswith("entry_points.txt"))
