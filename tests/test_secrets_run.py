@@ -24,6 +24,7 @@ import pytest
 
 from ctr.infra.procs import free_port
 from tests.kafka_helpers import end_offsets
+from tests.stack_helpers import first_prediction
 from tests.test_online_redis import WRITER, Valkey, valkey  # noqa: F401 - the fixture
 
 
@@ -69,15 +70,7 @@ def test_a_short_run_never_shows_a_secret(tmp_path: Path, valkey: Valkey) -> Non
             assert time.monotonic() < deadline, "the worker did not label the replay and write its features to Redis"
             time.sleep(0.5)
         body = {"user_id": "u1", "candidates": [{"item_id": "ad1"}, {"item_id": "ad2"}]}
-        while True:  # serving becomes ready once the learner's first snapshot exists
-            try:
-                r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline + 60, "serving never answered /predict"
-            time.sleep(0.5)
+        r = first_prediction(port, body, deadline + 60)
         answers = [r.text]
         wrong = httpx.post(f"http://127.0.0.1:{port}/model/unpin", headers={"Authorization": "Bearer nope"}, timeout=5)
         right = httpx.post(f"http://127.0.0.1:{port}/model/unpin", headers={"Authorization": f"Bearer {token}"},

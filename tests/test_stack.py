@@ -8,10 +8,9 @@ import subprocess
 import sys
 import time
 
-import httpx
-
 from ctr.infra.procs import free_port, pid_alive
 from tests.kafka_helpers import end_offsets
+from tests.stack_helpers import first_prediction
 
 
 def _ctr(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -44,15 +43,7 @@ def test_up_replay_status_down(tmp_path) -> None:
         status = json.loads(_ctr("status", env=env).stdout)
         assert all(s["alive"] for s in status["services"].values()), status
         body = {"user_id": "u1", "candidates": [{"item_id": "ad1"}, {"item_id": "ad2"}]}
-        while True:  # serving becomes ready once the learner's first snapshot exists
-            try:
-                r = httpx.post(f"http://127.0.0.1:{port}/predict", json=body, timeout=5)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline + 60, "serving never answered /predict"
-            time.sleep(0.5)
+        r = first_prediction(port, body, deadline + 60)
         assert len(r.json()["predictions"]) == 2 and r.json()["model_version"] >= 1
     finally:
         down = _ctr("down", env=env)
