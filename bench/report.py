@@ -321,6 +321,17 @@ def _stream(doc: dict) -> str:
     return _md(["row", "result", "target"], rows)
 
 
+def _durability(doc: dict) -> str:
+    """``ctr bench durability``: per store and kill, acknowledged rows vs rows read back."""
+    rows = []
+    for r in doc["rows"]:
+        age = f"{r['lost_oldest_ack_s']:.1f} s" if r.get("lost_oldest_ack_s") is not None else ""
+        rows.append([r["store"], r["persistence"], r["killed"], f"{r['run_s']:.1f} s", f"{r['acked']:,}",
+                     f"**{r['lost']:,}**" if r["lost"] else "0", age])  # fmt: skip
+    return _md(["store", "persistence", "killed (kill -9 unless SIGTERM)", "writing for", "rows acknowledged", "lost",
+                "oldest lost row acknowledged before the kill"], rows)  # fmt: skip
+
+
 def _reliability(doc: dict) -> str:
     rows = []
     for r in doc["rows"]:

@@ -28,7 +28,7 @@ def test_sqlite_keeps_every_acknowledged_row_when_the_writer_is_killed(tmp_path:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_valkey_with_an_append_only_file_keeps_acknowledged_rows_across_a_server_kill(tmp_path: Path) -> None:
-    r = run(Scenario("redis", "aof", "writer+server"), tmp_path, **SIZES)
+    r = run(Scenario("redis", "aof", "writer + server"), tmp_path, **SIZES)
     assert r["acked"] >= 1000
     # The server writes its AOF before it replies, so a process kill should lose nothing; with
     # appendfsync everysec it may postpone that write by up to 2 s while a background fsync is
@@ -39,5 +39,5 @@ def test_valkey_with_an_append_only_file_keeps_acknowledged_rows_across_a_server
 @pytest.mark.integration
 @pytest.mark.slow
 def test_valkey_without_persistence_loses_everything_when_the_server_is_killed(tmp_path: Path) -> None:
-    r = run(Scenario("redis", "none", "writer+server"), tmp_path, **SIZES)
+    r = run(Scenario("redis", "none", "writer + server"), tmp_path, **SIZES)
     assert r["acked"] >= 1000 and r["lost"] == r["acked"]
