@@ -327,9 +327,9 @@ def _durability(doc: dict) -> str:
     for r in doc["rows"]:
         age = f"{r['lost_oldest_ack_s']:.1f} s" if r.get("lost_oldest_ack_s") is not None else ""
         rows.append([r["store"], r["persistence"], r["killed"], f"{r['run_s']:.1f} s", f"{r['acked']:,}",
-                     f"**{r['lost']:,}**" if r["lost"] else "0", age])  # fmt: skip
+                     f"**{r['lost']:,}**" if r["lost"] else "0", age, f"{r['unacked_present']:,}"])  # fmt: skip
     return _md(["store", "persistence", "killed (kill -9 unless SIGTERM)", "writing for", "rows acknowledged", "lost",
-                "oldest lost row acknowledged before the kill"], rows)  # fmt: skip
+                "oldest lost row acknowledged before the kill", "unacknowledged rows read back"], rows)  # fmt: skip
 
 
 def _reliability(doc: dict) -> str:
@@ -506,6 +506,7 @@ TABLES: tuple[Table, ...] = (
     Table("freshness-table", "bench/results/freshness.json", _freshness),
     Table("stream-table", "bench/results/stream.json", _stream),
     Table("reliability-table", "bench/results/reliability.json", _reliability),
+    Table("durability-table", "bench/results/online_durability.json", _durability),
     Table("status-table", TARGET_RESULTS, _status),
     Table("targets-table", TARGET_RESULTS + _loaded(TARGET_RESULTS), _targets),
 )
