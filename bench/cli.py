@@ -261,3 +261,13 @@ def bench_freshness(ctx: typer.Context) -> None:
     main(ctx.args)
 
 
+
+
+@bench_app.command("durability", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_durability(ctx: typer.Context) -> None:
+    """The Feast online store after a kill -9 of its writer (and of the Valkey server):
+    acknowledged rows vs rows read back, SQLite and Valkey per persistence mode
+    (`ctr bench durability --help` for its options)."""
+    from bench.online_durability import cli
+
+    cli(ctx.args)

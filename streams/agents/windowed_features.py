@@ -507,6 +507,8 @@ class FeastWriterLoop:
     write_seconds: float = 0.0
     on_written: Callable[[int], object] | None = None  # callback(rows) for metrics
     writes: int = 0
+    #: entities of the write in flight (0 between writes): not in the store yet either
+    in_flight: int = 0
     _task: asyncio.Task | None = None
     _busy: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -554,6 +556,7 @@ class FeastWriterLoop:
             t0 = time.perf_counter()
             loop = asyncio.get_running_loop()
             n = 0
+            self.in_flight = sum(len(r) for r, _ in by_kind.values())
             try:
                 for kind, (rows, times) in by_kind.items():
                     n += await loop.run_in_executor(None, self.sink.write, kind, rows, times)
@@ -561,6 +564,8 @@ class FeastWriterLoop:
                 for p, ents in dirty.items():
                     self.mark(p, ents)
                 raise
+            finally:
+                self.in_flight = 0
             self.write_seconds += time.perf_counter() - t0
             written = sum(len(r) for r, _ in by_kind.values())
             self.rows_written += written
@@ -583,8 +588,9 @@ def _metrics() -> dict[str, Any]:
         "batches": get("ctr_features_delta_batches_total", Counter, "Feature delta batches", ["result"]),
         "rows": get("ctr_features_feast_rows_total", Counter, "Rows written to the Feast online store"),
         "entities": get("ctr_features_entities", Gauge, "Entities with counts", ["partition"]),
-        # Feast lag: entities whose newest counts are not in the online store yet
-        "pending": get("ctr_features_pending_entities", Gauge, "Entities waiting for their Feast write"),
+        # Feast lag: entities whose newest counts are not in the online store yet (queued or
+        # being written: 0 means the store holds every count the agent has)
+        "pending": get("ctr_features_pending_entities", Gauge, "Entities waiting for their Feast write or in it"),
         "sink_ready": get("ctr_features_sink_ready", Gauge, "1 once the Feast writer has opened the store"),
     }
 
@@ -625,7 +631,7 @@ class WindowedFeatureAgent:
         self.output = output
         self.metrics = _metrics()
         self.writer.on_written = self.metrics["rows"].inc
-        self.metrics["pending"].set_function(lambda: self.writer.pending)
+        self.metrics["pending"].set_function(lambda: self.writer.pending + self.writer.in_flight)
         self.metrics["sink_ready"].set_function(lambda: float(getattr(sink, "state", "ready") == "ready"))
         outer = self
 
