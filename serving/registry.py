@@ -320,9 +320,9 @@ class ModelRegistry:
                      spare: ModelVersion | None = None) -> ModelVersion:
         """Bring a shadow to ``base`` and apply the parts to it; ``base`` is untouched.
 
-        The shadow is a retired version's model nobody holds (``spare``) or else a ``deepcopy``
-        (whose Python-level walk and storage copies hold the GIL: requests in flight
-        wait). A spare is some versions behind ``base``; the table rows that differ are the
+        The shadow is a retired version's model nobody holds (``spare``) or else a copy of the
+        base (``clone``: a ``deepcopy``, whose Python-level walk and storage copies hold the GIL:
+        requests in flight wait). A spare is some versions behind ``base``; the table rows that differ are the
         union of the rows those versions changed, so only they are copied (``index_copy_``),
         with the small dense tensors whole: a version costs what the stream changed, not the
         table size. Without that history (a snapshot in between, another lineage, history
