@@ -233,20 +233,27 @@ def _version_apply(doc: dict) -> str:
 def _serving(doc: dict) -> str:
     default = next(r["features"] for r in doc["rows"])  # the first mode is the default one
     fixed = sorted({r["rate_rps"] for r in doc["rows"] if r["kind"] == "fixed"})
-    head = ["features", "candidates", "capacity: req/s at p99 <= 10 ms, with updates", "wrk saturation req/s"]
+    many = any(r.get("workers", 1) != 1 for r in doc["rows"])  # ctr serve --workers N rows: a column more
+    head = ["features", *(["workers"] if many else []), "candidates",
+            "capacity: req/s at p99 <= 10 ms, with updates", "wrk saturation req/s"]
     head += [f"p50 / p99 ms at {rate:g} req/s, {how}" for rate in fixed for how in ("no updates", "with updates")]
     rows = []
-    for feats in dict.fromkeys(r["features"] for r in doc["rows"]):
-        for n in dict.fromkeys(r["candidates"] for r in doc["rows"] if r["features"] == feats):
-            cap = doc["capacity"].get(str(n)) if feats == default else None
+    for feats, workers in dict.fromkeys((r["features"], r.get("workers", 1)) for r in doc["rows"]):
+        mine = [r for r in doc["rows"] if r["features"] == feats and r.get("workers", 1) == workers]
+        caps = doc.get("capacity_by_workers", {}).get(str(workers)) or (doc["capacity"] if workers == 1 else {})
+        for n in dict.fromkeys(r["candidates"] for r in mine):
+            cap = caps.get(str(n)) if feats == default else None
             sat = (cap or {}).get("wrk_saturation") or {}
             best = (cap or {}).get("rps_at_p99_bar")
-            line = [feats, str(n), "" if not cap else f"{best:,.0f}" if best else "none of the offered rates",
-                    f"{sat['rps']:,.0f} (p99 {sat.get('p99_ms', 0):,.1f} ms)" if "rps" in sat else ""]
+            split = "/".join(f"{v:.2f}" for v in sat.get("worker_share", {}).values())
+            line = [feats, *([str(workers)] if many else []), str(n),
+                    "" if not cap else f"{best:,.0f}" if best else "none of the offered rates",
+                    f"{sat['rps']:,.0f} (p99 {sat.get('p99_ms', 0):,.1f} ms{'; split ' + split if split else ''})"
+                    if "rps" in sat else ""]
             for rate in fixed:
                 for updates in (False, True):
-                    r = next((r for r in doc["rows"] if r["features"] == feats and r["candidates"] == n
-                              and r["kind"] == "fixed" and r["rate_rps"] == rate and r["updates"] == updates), None)
+                    r = next((r for r in mine if r["candidates"] == n and r["kind"] == "fixed"
+                              and r["rate_rps"] == rate and r["updates"] == updates), None)
                     line.append(f"{r['p50_ms']:,.1f} / {r['p99_ms']:,.1f}" + (f" ({r['errors']} errors)" if r["errors"]
                                                                               else "") if r else "")
             rows.append(line)
