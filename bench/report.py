@@ -258,8 +258,15 @@ def _serving(doc: dict) -> str:
                                                                               else "") if r else "")
             rows.append(line)
     lines = [_md(head, rows)]
-    lines += ["", *(f"Target: {t['what']}: {t['measured']}, {_verdict(t['met'])}." for t in doc.get("targets", []))]
+    if doc.get("targets"):
+        lines += ["", *(f"Target: {t['what']}: {t['measured']}, {_verdict(t['met'])}." for t in doc["targets"])]
     return "\n".join(lines)
+
+
+def _serving_workers(doc: dict) -> str:
+    """One worker (pinned) and ``--workers 2`` from the same run; the bars are judged on the
+    serving table's own run."""
+    return _serving({**doc, "targets": []})
 
 
 def _inference(doc: dict) -> str:
@@ -476,6 +483,7 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("serving-workers-table", "bench/results/serving_workers.json", _serving_workers),
     Table("inference-table", "bench/results/inference.json", _inference),
     Table("signing-table", "bench/results/signing.json", _signing),
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),
