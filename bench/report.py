@@ -233,26 +233,40 @@ def _version_apply(doc: dict) -> str:
 def _serving(doc: dict) -> str:
     default = next(r["features"] for r in doc["rows"])  # the first mode is the default one
     fixed = sorted({r["rate_rps"] for r in doc["rows"] if r["kind"] == "fixed"})
-    head = ["features", "candidates", "capacity: req/s at p99 <= 10 ms, with updates", "wrk saturation req/s"]
+    many = any(r.get("workers", 1) != 1 for r in doc["rows"])  # ctr serve --workers N rows: a column more
+    head = ["features", *(["workers"] if many else []), "candidates",
+            "capacity: req/s at p99 <= 10 ms, with updates", "wrk saturation req/s"]
     head += [f"p50 / p99 ms at {rate:g} req/s, {how}" for rate in fixed for how in ("no updates", "with updates")]
     rows = []
-    for feats in dict.fromkeys(r["features"] for r in doc["rows"]):
-        for n in dict.fromkeys(r["candidates"] for r in doc["rows"] if r["features"] == feats):
-            cap = doc["capacity"].get(str(n)) if feats == default else None
+    for feats, workers in dict.fromkeys((r["features"], r.get("workers", 1)) for r in doc["rows"]):
+        mine = [r for r in doc["rows"] if r["features"] == feats and r.get("workers", 1) == workers]
+        caps = doc.get("capacity_by_workers", {}).get(str(workers)) or (doc["capacity"] if workers == 1 else {})
+        for n in dict.fromkeys(r["candidates"] for r in mine):
+            cap = caps.get(str(n)) if feats == default else None
             sat = (cap or {}).get("wrk_saturation") or {}
             best = (cap or {}).get("rps_at_p99_bar")
-            line = [feats, str(n), "" if not cap else f"{best:,.0f}" if best else "none of the offered rates",
-                    f"{sat['rps']:,.0f} (p99 {sat.get('p99_ms', 0):,.1f} ms)" if "rps" in sat else ""]
+            split = "/".join(f"{v:.2f}" for v in sat.get("worker_share", {}).values())
+            line = [feats, *([str(workers)] if many else []), str(n),
+                    "" if not cap else f"{best:,.0f}" if best else "none of the offered rates",
+                    f"{sat['rps']:,.0f} (p99 {sat.get('p99_ms', 0):,.1f} ms{'; split ' + split if split else ''})"
+                    if "rps" in sat else ""]
             for rate in fixed:
                 for updates in (False, True):
-                    r = next((r for r in doc["rows"] if r["features"] == feats and r["candidates"] == n
-                              and r["kind"] == "fixed" and r["rate_rps"] == rate and r["updates"] == updates), None)
+                    r = next((r for r in mine if r["candidates"] == n and r["kind"] == "fixed"
+                              and r["rate_rps"] == rate and r["updates"] == updates), None)
                     line.append(f"{r['p50_ms']:,.1f} / {r['p99_ms']:,.1f}" + (f" ({r['errors']} errors)" if r["errors"]
                                                                               else "") if r else "")
             rows.append(line)
     lines = [_md(head, rows)]
-    lines += ["", *(f"Target: {t['what']}: {t['measured']}, {_verdict(t['met'])}." for t in doc.get("targets", []))]
+    if doc.get("targets"):
+        lines += ["", *(f"Target: {t['what']}: {t['measured']}, {_verdict(t['met'])}." for t in doc["targets"])]
     return "\n".join(lines)
+
+
+def _serving_workers(doc: dict) -> str:
+    """One worker (pinned) and ``--workers 2`` from the same run; the bars are judged on the
+    serving table's own run."""
+    return _serving({**doc, "targets": []})
 
 
 def _inference(doc: dict) -> str:
@@ -445,7 +459,8 @@ STATUS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "calibrated from the first event on real logs (`ctr bench quality`); served scores unbiased by the "
      "label order (provisional emission, \"Label emission\")", ("hashing", "learner", "quality")),
     ("serving: /predict, live refresh, rollback", "built; /predict answered ahead of FastAPI, concurrent "
-     "requests batched into one NumPy forward per version, one worker per process (`--workers` not built); "
+     "requests batched into one NumPy forward per version; `--workers N` HTTP workers over one shared-memory "
+     "copy of each version, one updater; "
      "only updates signed by the learner's key applied (\"Signed model updates\")", ("serving", "freshness")),
     ("end-to-end demo", "broker + worker + reweighter + learner + serving, a steady prediction client and "
      "freshness probes, live view, summary, HTML report (quality, reweighting, freshness, throughput, "
@@ -499,6 +514,7 @@ TABLES: tuple[Table, ...] = (
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io),
     Table("feast-io-table", "bench/results/feast_io.json", _feast_io, doc="features/README.md"),
     Table("serving-table", "bench/results/serving.json", _serving),
+    Table("serving-workers-table", "bench/results/serving_workers.json", _serving_workers),
     Table("inference-table", "bench/results/inference.json", _inference),
     Table("signing-table", "bench/results/signing.json", _signing),
     Table("version-apply-table", "bench/results/version_apply.json", _version_apply),

@@ -19,6 +19,12 @@ What runs (all real, all on this machine):
   reader process included (it stands in for the online store, on its own hosts in production).
   Modes
   (:data:`MODES`): the default (feature cache, Feast read by a worker process) and baselines;
+* ``--workers 1,2``: the default mode again as ``ctr serve --workers 2`` (an updater and two
+  HTTP workers sharing each version in shared memory), NOT pinned: its processes may use every
+  core, which they share with the load generator, wrk, the broker and the publisher (on a
+  2-core machine, two workers and the client split 2 cores). Each such row also records how
+  the requests split between the workers (``worker_share``: connections are spread by the
+  kernel, SO_REUSEPORT);
 * per candidate count: fixed rates (``--rates``) without and with updates, then a capacity
   search with updates: offered rates climb (``--ladder``) until p99 passes 10 ms or the server
   falls behind; then ``wrk`` (a compiled closed-loop client, if installed) measures saturation;
@@ -38,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -292,6 +299,20 @@ def _server(world: World, port: int, flags: list[str], log: Path, cpus: set[int]
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _all_workers_listen(port: int, workers: int, timeout_s: float = 180) -> None:
+    """With ``--workers N``: wait until new connections reach every worker (each listens once
+    its feature store is open)."""
+    import httpx
+
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < workers:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only workers {sorted(seen)} of {workers} answer")
+        with httpx.Client(timeout=5) as c:
+            seen.add(c.get(f"http://127.0.0.1:{port}/model").json()["worker"]["index"])
+
+
 def _wait_ready(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
     import httpx
 
@@ -313,16 +334,23 @@ def _server_stats(port: int) -> dict:
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     vals: dict[str, float] = {}
+    per_worker: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
             continue
         name, v = line.rsplit(" ", 1)
-        vals[name] = float(v)
+        # --workers N: every process's samples, labelled worker="..."; summed over processes here
+        worker = re.search(r',?worker="([^"]*)"', name)
+        if worker is not None:
+            name = name.replace(worker.group(0), "").replace("{}", "").replace("{,", "{")
+            if name == 'ctr_serving_requests_total{endpoint="/predict",status="200"}':
+                per_worker[worker.group(1)] = float(v)
+        vals[name] = vals.get(name, 0.0) + float(v)
     built = vals.get('ctr_serving_version_build_seconds_count{kind="delta"}', 0)
     buckets = {float(k.split('le="')[1].rstrip('"}')): v for k, v in vals.items()
                if k.startswith('ctr_serving_request_seconds_bucket{endpoint="/predict"')}
     return {
-        "_predict_buckets": buckets,
+        "_predict_buckets": buckets, "_per_worker": per_worker,
         "build_s": vals.get('ctr_serving_version_build_seconds_sum{kind="delta"}', 0), "built": built,
         "applied_deltas": vals.get('ctr_serving_updates_applied_total{kind="delta"}', 0),
         "rejected": sum(v for k, v in vals.items() if k.startswith("ctr_serving_updates_rejected_total")),
@@ -359,7 +387,8 @@ TARGET_P99_RATE = 500
 
 
 def _pin(cpus: set[int]) -> Callable[[], None]:
-    """``preexec_fn``: die with the parent, and run on ``cpus`` (the server's one core)."""
+    """``preexec_fn``: die with the parent, and run on ``cpus`` (the server's one core, or every
+    core this bench was given: ``--workers N``)."""
     from ctr.infra.procs import die_with_parent
 
     def pre() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -428,6 +457,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baseline-candidates", default="100",
                    help="Candidate counts for the modes other than the default (the lowest fixed rate only)")
     p.add_argument("--server-flags", default="", help="Extra flags for every server (e.g. '--cache-ttl 5')")
+    p.add_argument("--workers", default="1,2",
+                   help="Worker counts for the default mode (ctr serve --workers N; N > 1 is not pinned)")
     a = p.parse_args(argv)
 
     from ctr.infra.procs import free_port, stop_process
@@ -439,7 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     if len(cores) > 1:
         os.sched_setaffinity(0, set(cores[1:]))
     rows: list[dict] = []
-    extra: dict = {"capacity": {}}
+    # capacity: one worker (pinned, the issue's bar); capacity_by_workers: every worker count
+    extra: dict = {"capacity": {}, "capacity_by_workers": {}}
+    worker_counts = [int(w) for w in a.workers.split(",") if w]
     fixed = [float(r) for r in a.rates.split(",") if r]
     ladder = [float(r) for r in a.ladder.split(",") if r]
     with tempfile.TemporaryDirectory(prefix="ctr-bench-serving-") as d:
@@ -455,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
                           "request_bound": a.requests, "server_cpus": sorted(server_cpus),
                           "client_cpus": cores[1:] if len(cores) > 1 else cores}
 
-        def measure(port: int, mode: str, n: int, rate: float, updates: bool, kind: str) -> dict:
+        def measure(port: int, mode: str, n: int, rate: float, updates: bool, kind: str, workers: int) -> dict:
             before = _server_stats(port)
             load0 = os.getloadavg()[0]
             cpu0 = os.times()
@@ -469,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
             built = after["built"] - before["built"]
             served = {int(v) for v in res["versions"]}
             row = {
-                "features": MODES[mode][0], "kind": kind, "candidates": n, "updates": updates,
+                "features": MODES[mode][0], "workers": workers, "kind": kind, "candidates": n, "updates": updates,
                 "rate_rps": rate, "requests": len(res["lat"]),
                 "achieved_rps": round(len(res["lat"]) / res["wall"], 1),
                 "p50_ms": round(_pct(lat, 0.5), 2), "p90_ms": round(_pct(lat, 0.9), 2),
@@ -488,23 +521,30 @@ def main(argv: list[str] | None = None) -> None:
                 "cache_hit_pct": round(100 * (after["cache_hits"] - before["cache_hits"]) / looked, 1)
                 if looked and "--no-feature-cache" not in MODES[mode][1] else None,
             }
+            if workers > 1:
+                row["worker_share"] = _shares(before, after)
             if res["errors"]:
                 extra.setdefault("errors", []).extend(res["errors"][:3])
-            print(f"  {mode} n={n} {kind} {rate:g} req/s updates={updates}: achieved {row['achieved_rps']:g}, "
-                  f"p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, errors {row['errors']}", flush=True)
+            print(f"  {mode} x{workers} n={n} {kind} {rate:g} req/s updates={updates}: "
+                  f"achieved {row['achieved_rps']:g}, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+                  f"errors {row['errors']}", flush=True)
             return row
 
+        setups = [(mode, w) for mode in a.modes.split(",") for w in (worker_counts if mode == "cache" else [1])]
         try:
-            for mode in a.modes.split(","):
+            for mode, workers in setups:
                 port = free_port()
-                log = tmp / f"server-{mode}.log"
-                flags = MODES[mode][1] + a.server_flags.split()
-                proc = _server(world, port, flags, log, server_cpus)
+                name = mode if workers == 1 else f"{mode}-x{workers}"
+                log = tmp / f"server-{name}.log"
+                flags = MODES[mode][1] + a.server_flags.split() + (["--workers", str(workers)] if workers > 1 else [])
+                proc = _server(world, port, flags, log, server_cpus if workers == 1 else set(cores))
                 try:
                     t = time.perf_counter()
                     _wait_ready(port, proc, log)
-                    extra.setdefault("server_ready_s", {})[mode] = round(time.perf_counter() - t, 1)
-                    if len(cores) > 1:
+                    if workers > 1:
+                        _all_workers_listen(port, workers)
+                    extra.setdefault("server_ready_s", {})[name] = round(time.perf_counter() - t, 1)
+                    if len(cores) > 1 and workers == 1:
                         # the replica's Feast reader process stands in for the online store (Redis on
                         # its own hosts in production): it runs beside the client, not on the
                         # server's core, where its cache refreshes would preempt requests
@@ -518,31 +558,37 @@ def main(argv: list[str] | None = None) -> None:
                     for n in counts:
                         # warm-up with the row's own requests: the feature cache holds their users and
                         # items, as a replica's does after its first seconds of traffic
-                        run_load(port, world.bodies(n), 100, 400, 4, a.connections, tmp)
+                        run_load(port, world.bodies(n), 100, 400 * workers, 4, a.connections, tmp)
                         rates = fixed if default else fixed[:1]  # a baseline: its lowest rate only
                         for rate in rates:  # without updates
-                            rows.append(measure(port, mode, n, rate, False, "fixed"))
+                            rows.append(measure(port, mode, n, rate, False, "fixed", workers))
                         world.start_updates(a.update_interval)
                         try:
                             for rate in rates:
-                                rows.append(measure(port, mode, n, rate, True, "fixed"))
+                                rows.append(measure(port, mode, n, rate, True, "fixed", workers))
                             if not default:
                                 continue
                             best = None
                             for rate in ladder:  # the capacity search, with updates
-                                row = measure(port, mode, n, rate, True, "capacity search")
+                                row = measure(port, mode, n, rate, True, "capacity search", workers)
                                 rows.append(row)
                                 if (row["p99_ms"] > P99_BAR_MS or row["errors"]
                                         or row["achieved_rps"] < 0.95 * rate):
                                     break
                                 best = rate
+                            before = _server_stats(port)
                             sat = _wrk(port, world.bodies(n), tmp, a.seconds, a.connections)
-                            extra["capacity"][str(n)] = {"p99_bar_ms": P99_BAR_MS, "rps_at_p99_bar": best,
-                                                         "wrk_saturation": sat}
-                            print(f"  n={n}: capacity {best} req/s at p99 <= {P99_BAR_MS:g} ms; wrk {sat}", flush=True)
+                            if sat is not None and workers > 1:
+                                sat["worker_share"] = _shares(before, _server_stats(port))
+                            cap = {"p99_bar_ms": P99_BAR_MS, "rps_at_p99_bar": best, "wrk_saturation": sat}
+                            extra["capacity_by_workers"].setdefault(str(workers), {})[str(n)] = cap
+                            if workers == 1:
+                                extra["capacity"][str(n)] = cap
+                            print(f"  x{workers} n={n}: capacity {best} req/s at p99 <= {P99_BAR_MS:g} ms; wrk {sat}",
+                                  flush=True)
                         finally:
                             world.stop_updates()
-                    extra.setdefault("server", {})[mode] = _server_stats(port)
+                    extra.setdefault("server", {})[name] = _server_stats(port)
                 finally:
                     world.stop_updates()
                     stop_process(proc)
@@ -551,18 +597,29 @@ def main(argv: list[str] | None = None) -> None:
         extra["deltas_published"] = world.published
         extra["delta_bytes_avg"] = round(world.delta_bytes / max(1, world.published))
     extra["notes"] = ("latency = response received - scheduled send time (open loop, includes client queueing); "
-                      "svc = response received - actual send; one server process pinned to one core "
+                      "svc = response received - actual send; workers 1: one server process pinned to one core "
                       f"({sorted(server_cpus)}), the load generator, wrk, the delta publisher and the broker on the "
-                      "other core(s); one worker only (--workers N is not built)")
+                      f"other core(s) ({cores[1:] if len(cores) > 1 else cores}); workers N > 1: ctr serve --workers N "
+                      f"(N HTTP workers + the updater) on every core of the machine ({len(cores)}), which it shares "
+                      "with the load generator, wrk, the broker and the publisher: more workers than cores left "
+                      "to them measures the sharing, not the scaling")
     extra["targets"] = _targets(rows, extra["capacity"], a.update_interval)
     extra["target"] = extra["targets"][0] if extra["targets"] else None
     report("Serving /predict latency (loopback, features included, live model updates)", rows, a.json, extra)
+
+
+def _shares(before: dict, after: dict) -> dict[str, float]:
+    """Each worker's share of the /predict answers between two scrapes (``--workers N``)."""
+    got = {w: after["_per_worker"][w] - before["_per_worker"].get(w, 0.0) for w in after["_per_worker"]}
+    total = sum(got.values())
+    return {w: round(n / total, 3) for w, n in sorted(got.items())} if total else {}
 
 
 def _targets(rows: list[dict], capacity: dict, interval: float) -> list[dict]:
     """The issue's bars, 100 candidates, default features, a version every ``interval`` s."""
     out = []
     default = MODES["cache"][0]
+    rows = [r for r in rows if r.get("workers", 1) == 1]  # the bars are for one worker on one core
     cap = capacity.get("100")
     if cap is not None:
         got = cap["rps_at_p99_bar"] or 0

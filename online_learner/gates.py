@@ -128,6 +128,11 @@ class FieldGate(nn.Module):
         mean = w.mean()
         w = w / mean if mean > 0 else torch.ones_like(w)
         self.prior.copy_(w.pow(self.prior_strength) if self.prior_strength != 1.0 else w)
+        self.note_prior()
+
+    def note_prior(self) -> None:
+        """Re-derive the Python-side shortcut from the ``prior`` buffer, reading it only: for a
+        gate whose buffers were attached from elsewhere (serving's read-only shared memory)."""
         self._neutral_prior = bool((self.prior == 1.0).all())
 
     # keep prior consistent with weights; torch leaves this hook's arguments untyped: passed through

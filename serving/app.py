@@ -24,11 +24,14 @@ The parts: ``config``, ``schema`` (request/response types), ``guard`` (body-size
 # No ``from __future__ import annotations``: FastAPI must see the real class of the request
 # model built per app (``request_type``), not a string it would resolve in module globals.
 
+import asyncio
 import logging
 import secrets
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -47,17 +50,22 @@ from ctr.serving.metrics import READY, bind_gauges
 from ctr.serving.predict import BatchScorer, Predictor, PredictPath, Refusal
 from ctr.serving.registry import ModelRegistry, RegistryError
 from ctr.serving.schema import EXAMPLE_REQUEST, PredictResponse, Problem, RollbackRequest, request_type
-from ctr.serving.state import ServingState
+from ctr.serving.state import ServingState, UpdatesView
 
 log = logging.getLogger(__name__)
 
 
 def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry | None = None,
-               features: FeatureSource | None = None) -> FastAPI:
+               features: FeatureSource | None = None, updates: UpdatesView | None = None,
+               exposition: Callable[[], bytes] | None = None, features_wait_s: float = 0.0) -> FastAPI:
     """The FastAPI app of one replica. ``registry`` / ``features`` may be injected (tests);
-    otherwise the lifespan starts the update consumer and opens Feast in the background."""
+    otherwise the lifespan starts the update consumer and opens Feast in the background.
+    A worker of ``ctr serve --workers`` passes ``updates`` (the updater's consumer as reported;
+    ``registry`` follows the updater), ``exposition`` (what ``/metrics`` answers: every
+    process's metrics, gathered by the updater; default: this process's) and ``features_wait_s``
+    (how long start-up waits for the feature store to open: uvicorn listens after it)."""
     config = config or ServingConfig()
-    state = ServingState(config, registry, features)
+    state = ServingState(config, registry, features, updates)
     request_struct = request_type(config.max_candidates)
     scorer = BatchScorer(max_wait_s=config.batch_wait_ms / 1000)
     predictor = Predictor(state, request_struct, scorer)
@@ -65,6 +73,9 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.start()
+        deadline = time.monotonic() + features_wait_s
+        while state.cache is None and state.feature_error is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         try:
             yield
         finally:
@@ -76,7 +87,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     app.state.predictor = predictor
     bearer = HTTPBearer(auto_error=False, description="Admin token ($CTR_ADMIN_TOKEN)")
 
-    bind_gauges(state)
+    bind_gauges(state.registry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,7 +145,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
             raise HTTPException(err.status, str(err)) from None
         log.warning("rolled back to v%d of %s (pinned)", mv.version, mv.model_id)
         return {"pinned": True, "version": mv.version, "model_id": mv.model_id,
-                "head_version": state.registry.head.version if state.registry.head else None}
+                "head_version": state.registry.head_version()}
 
     @app.post("/model/unpin", tags=["model"], dependencies=[Depends(require_admin)],
               responses={401: {"model": Problem}, 403: {"model": Problem}})
@@ -147,9 +158,12 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     @app.get("/healthz", tags=["ops"])
     def healthz() -> JSONResponse:
         """Liveness: the process answers and its update consumer thread is alive."""
+        cur = state.registry.current
+        version = cur.version if cur else None
         if state.updates is not None and state.updates.state == "failed":
-            return JSONResponse({"status": "failing", "detail": state.updates.error}, status_code=503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({"status": "failing", "detail": state.updates.error, "version": version},
+                                status_code=503)
+        return JSONResponse({"status": "ok", "version": version})
 
     @app.get("/readyz", tags=["ops"])
     def readyz() -> JSONResponse:
@@ -164,7 +178,8 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     def metrics() -> Response:
         ok, _ = state.readiness()
         READY.set(1 if ok else 0)
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition() if exposition is not None else generate_latest(),
+                        media_type=CONTENT_TYPE_LATEST)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -187,19 +202,19 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     return app
 
 
-
-
-def run_server(config: ServingConfig) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn, one process, uvloop + httptools)."""
-    import uvicorn
-
+def setup_process(config: ServingConfig, name: str = "") -> None:
+    """Logging and the interpreter settings of a serving process (``name``: who logs, if not alone)."""
     logging.basicConfig(level=getattr(logging, config.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s {name + ' ' if name else ''}%(name)s: %(message)s")
     if config.gil_switch_interval_s:
         sys.setswitchinterval(config.gil_switch_interval_s)
-    if config.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: the API is reachable beyond loopback", config.host)
-    app = create_app(config)
+
+
+def serve(app: FastAPI, config: ServingConfig, sock: socket.socket | None = None) -> None:
+    """Run ``app`` on uvicorn (uvloop + httptools) until SIGINT/SIGTERM, on ``config``'s host
+    and port or on ``sock`` (bound already: a worker of ``ctr serve --workers``)."""
+    import uvicorn
+
     uv = uvicorn.Config(app, host=config.host, port=config.port, loop="uvloop", http="httptools",
                         lifespan="on", access_log=False, log_level=config.log_level.lower(),
                         timeout_keep_alive=30, server_header=False)
@@ -211,4 +226,18 @@ def run_server(config: ServingConfig) -> None:
     # it found (uvicorn/server.py ``capture_signals``): with the default one the process would
     # die by the signal (exit -15) after a clean shutdown; this one makes the exit status say 0.
     signal.signal(signal.SIGTERM, stopped)
-    uvicorn.Server(uv).run()
+    uvicorn.Server(uv).run(sockets=[sock] if sock is not None else None)
+
+
+def run_server(config: ServingConfig) -> None:
+    """Serve until SIGINT/SIGTERM: one process, or with ``config.workers`` > 1 an updater and
+    that many HTTP worker processes sharing its model versions (:mod:`ctr.serving.workers`)."""
+    setup_process(config, "updater" if config.workers > 1 else "")
+    if config.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding %s: the API is reachable beyond loopback", config.host)
+    if config.workers > 1:
+        from ctr.serving.workers import run_workers
+
+        run_workers(config)
+        return
+    serve(create_app(config), config)

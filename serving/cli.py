@@ -64,6 +64,10 @@ def serve_command(
     batch_wait: Annotated[
         float, typer.Option(help="Dynamic batching: ms the first queued request waits for others (0: none).")
     ] = _D.batch_wait_ms,
+    workers: Annotated[
+        int, typer.Option(min=1, help="HTTP worker processes sharing one copy of each model version in shared "
+                          "memory; this process then applies the updates (1: serve in this process).")
+    ] = _D.workers,
     log_level: Annotated[str, typer.Option(help="Log level.")] = _D.log_level,
 ) -> None:
     """HTTP /predict with live model refresh, rollback and Prometheus /metrics (admin token: CTR_ADMIN_TOKEN)."""
@@ -77,6 +81,6 @@ def serve_command(
             cache_ttl_s=cache_ttl, cache_max_stale_s=cache_max_stale, max_candidates=max_candidates,
             max_body_bytes=max_body_bytes, torch_threads=torch_threads, gil_switch_interval_s=gil_switch_interval,
             gc_threshold=gc_threshold, batch_wait_ms=batch_wait, verify_keys=tuple(verify_key or ()),
-            log_level=log_level,
+            workers=workers, log_level=log_level,
         )
     )  # fmt: skip

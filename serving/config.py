@@ -52,5 +52,9 @@ class ServingConfig:
     #: default 700). A 100-candidate request allocates thousands of short-lived objects: at 700
     #: the collector runs several times per request. 0: leave CPython's.
     gc_threshold: int = 50_000
+    #: HTTP worker processes. 1: this process serves alone. N > 1: this process becomes the
+    #: updater (it applies updates, in shared memory) and N workers answer on the port
+    #: (:mod:`ctr.serving.workers`).
+    workers: int = 1
     log_level: str = "info"
     replica_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")

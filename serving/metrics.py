@@ -6,10 +6,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
-    from ctr.serving.state import ServingState
+    from ctr.serving.registry import ModelRegistry
 
 
 _LAT_BUCKETS = (0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
@@ -40,26 +43,22 @@ def observe(endpoint: str, status: int, t0: float) -> None:
     REQUESTS.labels(endpoint, str(status)).inc()
 
 
-def bind_gauges(state: ServingState) -> None:
-    reg = state.registry
-
+def bind_gauges(reg: ModelRegistry) -> None:
     def version(which: str) -> Callable[[], float]:
         def get() -> float:
             if which == "current":
                 mv = reg.current
                 return float(mv.version) if mv else -1.0
-            if which == "head":
-                return float(reg.head.version) if reg.head else -1.0
-            head = reg.head
-            return float(reg.newest_seen.get(head.model_id, head.version)) if head else -1.0
+            got = reg.head_version() if which == "head" else reg.learner_version()
+            return float(got) if got is not None else -1.0
         return get
 
     for which in ("current", "head", "learner"):
         MODEL_VERSION.labels(which).set_function(version(which))
 
     def behind() -> float:
-        head = reg.head
-        return float(reg.newest_seen.get(head.model_id, head.version) - head.version) if head else 0.0
+        head, learner = reg.head_version(), reg.learner_version()
+        return float(learner - head) if head is not None and learner is not None else 0.0
 
     def age() -> float:
         mv = reg.current
@@ -73,3 +72,22 @@ def bind_gauges(state: ServingState) -> None:
     MODEL_AGE.set_function(age)
     EVENT_LAG.set_function(event_lag)
     PINNED.set_function(lambda: 1.0 if reg.pinned is not None else 0.0)
+
+
+def merge_expositions(texts: dict[str, bytes]) -> bytes:
+    """Prometheus text expositions of several processes as one, each sample labelled
+    ``worker=<key>`` (``*_created`` series are left out: each process has its own)."""
+    families: dict[str, Metric] = {}
+    for worker, text in texts.items():
+        for fam in text_string_to_metric_families(text.decode()):
+            if fam.name.endswith("_created"):
+                continue
+            out = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+            out.samples += [Sample(s.name, {**s.labels, "worker": worker}, s.value, s.timestamp, s.exemplar)
+                            for s in fam.samples if not s.name.endswith("_created")]
+
+    class Gathered:
+        def collect(self) -> list[Metric]:
+            return list(families.values())
+
+    return generate_latest(Gathered())

@@ -261,6 +261,12 @@ class ModelRegistry:
         #: (model_id, version) -> (base_version, rows it changed or None): what a recycled model
         #: lacks is the union over the versions after its own (see _rows_between).
         self._changes: OrderedDict[tuple[str, int], tuple[int, np.ndarray | None]] = OrderedDict()
+        #: Where the models live. ``place`` is called with a snapshot's model once it is filled,
+        #: ``clone`` makes a shadow when no retired model is free; a recycled model stays where it
+        #: is (written in place). ``ctr serve --workers`` puts them in shared memory
+        #: (:func:`ctr.serving.shared.share_model`, :func:`~ctr.serving.shared.shared_copy`).
+        self.place: Callable[[CTRModel], None] | None = None
+        self.clone: Callable[[CTRModel], CTRModel] = copy.deepcopy
 
     # -- building versions -----------------------------------------------------------------------
     def _encoder(self, config: ModelConfig) -> FeatureEncoder:
@@ -306,15 +312,17 @@ class ModelRegistry:
         model = CTRModel(config)
         apply_tensors(model, tensors)
         refresh_derived_state(model)
+        if self.place is not None:
+            self.place(model)
         return self._version(header, model, config, "snapshot", t0)
 
     def _build_delta(self, base: ModelVersion, header: UpdateHeader, parts: list[dict[str, np.ndarray]],
                      spare: ModelVersion | None = None) -> ModelVersion:
         """Bring a shadow to ``base`` and apply the parts to it; ``base`` is untouched.
 
-        The shadow is a retired version's model nobody holds (``spare``) or else a ``deepcopy``
-        (whose Python-level walk and storage copies hold the GIL: requests in flight
-        wait). A spare is some versions behind ``base``; the table rows that differ are the
+        The shadow is a retired version's model nobody holds (``spare``) or else a copy of the
+        base (``clone``: a ``deepcopy``, whose Python-level walk and storage copies hold the GIL:
+        requests in flight wait). A spare is some versions behind ``base``; the table rows that differ are the
         union of the rows those versions changed, so only they are copied (``index_copy_``),
         with the small dense tensors whole: a version costs what the stream changed, not the
         table size. Without that history (a snapshot in between, another lineage, history
@@ -338,7 +346,7 @@ class ModelRegistry:
             if rows is not None:
                 copied = len(rows)
         else:
-            shadow = copy.deepcopy(base.model)
+            shadow = self.clone(base.model)
         for tensors in parts:
             apply_tensors(shadow, tensors)  # validates each part before writing it
         refresh_derived_state(shadow)
@@ -376,6 +384,13 @@ class ModelRegistry:
             if mv is not None:
                 self._inflight[id(mv)] = self._inflight.get(id(mv), 0) + 1
             return mv
+
+    def hold(self, mv: ModelVersion) -> None:
+        """Count ``mv`` as in use, as :meth:`acquire` does, until a matching :meth:`release`:
+        a reader outside this registry (a worker process mapping its tensors) still reads it, so
+        its model must not be recycled."""
+        with self._lock:
+            self._inflight[id(mv)] = self._inflight.get(id(mv), 0) + 1
 
     def release(self, mv: ModelVersion | None) -> None:
         if mv is None:
@@ -429,7 +444,9 @@ class ModelRegistry:
         mv = self.build_snapshot(header, tensors)
         with self._lock:
             self._pending = None
-            self._install(mv)
+        # not under the lock: listeners run unlocked on every path (a listener may take locks of
+        # its own, which would otherwise be ordered both ways); the update consumer is the only writer
+        self._install(mv)
         return mv
 
     def _note_seen(self, model_id: str, version: int) -> None:
@@ -559,6 +576,16 @@ class ModelRegistry:
             for fn in self.listeners:
                 fn(mv)
         return mv
+
+    def head_version(self) -> int | None:
+        """The newest version built from the stream (None: nothing loaded)."""
+        head = self.head
+        return head.version if head is not None else None
+
+    def learner_version(self) -> int | None:
+        """The newest version seen on the stream of the head's lineage (applied or not)."""
+        head = self.head
+        return self.newest_seen.get(head.model_id, head.version) if head is not None else None
 
     def status(self) -> dict[str, Any]:
         now = _now_ms()

@@ -7,11 +7,11 @@ import logging
 import os
 import threading
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from threadpoolctl import threadpool_limits
 
-from ctr.online_learner.signing import open_update, verifier_from
+from ctr.online_learner.signing import verifier_from
 from ctr.serving.config import ServingConfig
 from ctr.serving.features import (
     FeastProcessSource,
@@ -22,19 +22,39 @@ from ctr.serving.features import (
 )
 from ctr.serving.registry import ModelRegistry, ModelVersion
 from ctr.serving.score_log import ScoreLog
-from ctr.serving.updates import UpdateConsumer, read_snapshot_header, snapshot_files
+from ctr.serving.updates import UpdateConsumer, load_newest_snapshot
 
 log = logging.getLogger(__name__)
 
 
+class UpdatesView(Protocol):
+    """What a replica reads of the consumer of ``model-updates``: its own
+    (:class:`~ctr.serving.updates.UpdateConsumer`) or, in a worker of ``ctr serve --workers``,
+    the updater's as it last reported it."""
+
+    state: str
+    error: str | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
 class ServingState:
-    """A replica's moving parts: registry, update consumer, feature cache, readiness."""
+    """A replica's moving parts: registry, update consumer, feature cache, readiness.
+
+    ``updates`` given: a worker of ``ctr serve --workers``, whose versions are applied by the
+    updater process (``registry`` follows it); no consumer, no snapshot load here."""
 
     def __init__(self, config: ServingConfig, registry: ModelRegistry | None = None,
-                 features: FeatureSource | None = None) -> None:
+                 features: FeatureSource | None = None, updates: UpdatesView | None = None) -> None:
         self.config = config
         self.registry = registry or ModelRegistry(keep=config.keep_versions)
-        self.updates: UpdateConsumer | None = None
+        self.updates: UpdatesView | None = updates
+        self._follower = updates is not None
         self.cache: FeatureCache | None = None
         self.feature_error: str | None = None
         self.started_ms = int(time.time() * 1000)
@@ -69,12 +89,15 @@ class ServingState:
             self._threads.append(t)
         cfg = self.config
         if cfg.bootstrap:
+            self.score_log = ScoreLog(cfg.bootstrap)
+        if self._follower:
+            return
+        if cfg.bootstrap:
             if self.verifier is None:
                 log.warning("model updates are not verified: no --verify-key / $CTR_VERIFY_KEYS (any writer "
                             "of %s decides what is served)", cfg.topic)
             self.updates = UpdateConsumer(self.registry, cfg.bootstrap, topic=cfg.topic,
                                           snapshot_dir=cfg.snapshot_dir, verifier=self.verifier).start()
-            self.score_log = ScoreLog(cfg.bootstrap)
         elif cfg.snapshot_dir is not None:
             t = threading.Thread(target=self._load_static, name="snapshot-load", daemon=True)
             t.start()
@@ -107,15 +130,7 @@ class ServingState:
             self.feature_error = f"{type(err).__name__}: {err}"
 
     def _load_static(self) -> None:
-        from ctr.online_learner.update_format import decode_update
-
-        files = snapshot_files(self.config.snapshot_dir)
-        if not files:
-            log.error("no snapshot in %s", self.config.snapshot_dir)
-            return
-        path = max(files, key=lambda p: read_snapshot_header(p).created_ms)
-        header, tensors = decode_update(open_update(path.read_bytes(), self.verifier))
-        self.registry.install_snapshot(header, tensors)
+        load_newest_snapshot(self.registry, self.config.snapshot_dir, self.verifier)
 
     def _on_swap(self, mv: ModelVersion) -> None:
         if self.warm_version is None or self.warm_version[0] != mv.model_id:
@@ -183,6 +198,7 @@ class ServingState:
             "updates": self.updates.status() if self.updates else None,
             "features": self.cache.status() if self.cache else None,
             "feature_source": self._source_status(),
+            "worker": reg.get("worker"),
         }
 
     def _source_status(self) -> dict[str, Any] | None:

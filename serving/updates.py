@@ -84,6 +84,20 @@ def snapshot_files(snapshot_dir: Path | None) -> list[Path]:
     return sorted(Path(snapshot_dir).glob("snapshot-*.ctru"))
 
 
+def load_newest_snapshot(registry: ModelRegistry, snapshot_dir: Path | None,
+                         verifier: UpdateVerifier | None) -> bool:
+    """Install the newest snapshot file of ``snapshot_dir`` (by ``created_ms``): a replica
+    without live updates. False when there is none."""
+    files = snapshot_files(snapshot_dir)
+    if not files:
+        log.error("no snapshot in %s", snapshot_dir)
+        return False
+    path = max(files, key=lambda p: read_snapshot_header(p).created_ms)
+    header, tensors = decode_update(open_update(path.read_bytes(), verifier))
+    registry.install_snapshot(header, tensors)
+    return True
+
+
 class UpdateConsumer:
     """Feeds ``model-updates`` into a :class:`ModelRegistry` from a daemon thread.
 
