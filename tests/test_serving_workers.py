@@ -49,7 +49,7 @@ from tests.test_serving import (
     Replica,
     expected_rows,
     make_request,
-    read_updates,
+    published_states,
     reference_scores,
     stats_for,
 )
@@ -119,28 +119,6 @@ def _maps(pid: int, target: str) -> int:
     with open(f"/proc/{pid}/maps") as f:
         return len({line.split()[0] for line in f if target in line})
 
-
-def _states(bs: str) -> dict[int, dict]:
-    """Every published version's state dict: the first announced snapshot + the deltas."""
-    import copy
-
-    from ctr.online_learner.delta import apply_tensors
-    from ctr.online_learner.update_format import decode_update
-
-    updates = read_updates(bs)
-    first = next(h for h, _ in updates if h.kind == "snapshot" and h.snapshot_uri)
-    model = CTRModel(MODEL)
-    apply_tensors(model, decode_update(Path(first.snapshot_uri).read_bytes())[1])
-    states = {first.version: copy.deepcopy(model.state_dict())}
-    parts: dict[int, list[dict]] = defaultdict(list)
-    for h, t in updates:
-        if h.kind == "delta":
-            parts[h.version].append(t)
-    for v in sorted(parts):
-        for t in parts[v]:
-            apply_tensors(model, t)
-        states[v] = copy.deepcopy(model.state_dict())
-    return states
 
 
 def _same_answers(clients: dict[str, httpx.Client], reqs: list[dict]) -> int:
@@ -242,7 +220,7 @@ def test_two_workers_end_to_end(broker, tmp_path: Path) -> None:
             by_worker[index].add(resp["model_version"])
         assert set(by_worker) == {0, 1}, sorted(by_worker)
         assert all(len(v) >= 3 for v in by_worker.values()), f"versions must land during the load: {by_worker}"
-        states = _states(bs)
+        states = published_states(bs)
         by_version: dict[int, list[tuple[dict, dict]]] = defaultdict(list)
         for _, req, resp in responses:
             by_version[resp["model_version"]].append((req, resp))
