@@ -302,21 +302,13 @@ class OnlineCTR:
         self, score: torch.Tensor, offset: torch.Tensor, y: torch.Tensor, t: np.ndarray | None
     ) -> None:
         """Count labels into the base rate and fit the calibration -- at once, or (with event
-        times) once their impression-time cohort is complete."""
-        model = self.model
+        times) once their impression-time cohort is complete (:meth:`observe_arrivals`)."""
         if t is not None:
-            now = torch.from_numpy(self.cohorts.admit(t, y.cpu().numpy(), score.cpu().numpy())).to(y.device)
-            if not bool(now.all()):
-                score, y = score[now], y[now]
-            released, k = self.cohorts.release()
-            if k:
-                score = torch.cat([score, torch.from_numpy(released).to(score)])
-                y = torch.cat([y, y.new_ones(k)])
-        if y.numel() == 0:
+            self.observe_arrivals(t, y.cpu().numpy(), score.cpu().numpy())
             return
         if self.calibrate:
-            model.calibration.observe(score, offset, y)
-        model.base_rate.observe(y)
+            self.model.calibration.observe(score, offset, y)
+        self.model.base_rate.observe(y)
 
     # -- field weights / publishing ---------------------------------------------------------------
     def set_field_weights(self, weights: Mapping[str, float], default: float | None = None) -> list[str]:
