@@ -54,6 +54,7 @@ True
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import types
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -257,6 +258,9 @@ _JIT = _build_namespace(np.uint64, np.uint64, lambda f: numba.njit(inline="alway
 # (this note came with the move under ``ctr``: caches from before it failed to load).
 _twin_bucket_ids = numba.njit(nogil=True, boundscheck=False, cache=True)(_rebind(_bucket_ids_loop, _JIT))
 _twin_xxh64_many = numba.njit(nogil=True, boundscheck=False, cache=True)(_rebind(_xxh64_many, _JIT))
+#: XXH64 of ``buf[start:start + length]`` (uint8 buffer; ``seed`` an ``np.uint64``) for other
+#: njit code: what :func:`value_keys` computes per value, callable on spans of a larger buffer.
+xxh64_span = _JIT["_xxh64"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -513,12 +517,24 @@ class ValueKeyer:
         >>> bool((k.columns(rows, ["a", "b"]) == np.stack([k.column(rows, "a"), k.column(rows, "b")], 1)).all())
         True
         """
+        n = len(rows)
+        if n > 1 and isinstance(rows[0], dict):
+            # Rows that name the same fields in the same order (what one client's serialiser
+            # sends): key every value in one pass over the dicts' values, then pick the columns.
+            order = tuple(rows[0])
+            if set(names) <= set(order) and list(map(tuple, rows)).count(order) == n:
+                try:
+                    every = self._keys(list(itertools.chain.from_iterable(map(dict.values, rows))))  # type: ignore[arg-type]
+                except TypeError:  # a row not a dict, or an unhashable value in a field not asked for: per name
+                    pass
+                else:
+                    return every.reshape(n, len(order))[:, [order.index(name) for name in names]]
         flat: list[Any] = []
         extend = flat.extend
         absent = [ABSENT_TEXT] * len(names)  # an all-string column joins in one go
         for r in rows:
             extend(map(r.get, names, absent))
-        return self._keys(flat).reshape(len(rows), len(names))
+        return self._keys(flat).reshape(n, len(names))
 
     def _keys(self, values: list[Any]) -> np.ndarray:
         if len(values) >= _BULK:  # hashing all beats looking up in a big cache (cache misses)

@@ -49,7 +49,14 @@ from ctr.serving.guard import Guard
 from ctr.serving.metrics import READY, bind_gauges
 from ctr.serving.predict import BatchScorer, Predictor, PredictPath, Refusal
 from ctr.serving.registry import ModelRegistry, RegistryError
-from ctr.serving.schema import EXAMPLE_REQUEST, PredictResponse, Problem, RollbackRequest, request_type
+from ctr.serving.schema import (
+    EXAMPLE_REQUEST,
+    PredictResponse,
+    Problem,
+    RollbackRequest,
+    lazy_request_type,
+    request_type,
+)
 from ctr.serving.state import ServingState, UpdatesView
 
 log = logging.getLogger(__name__)
@@ -68,7 +75,7 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
     state = ServingState(config, registry, features, updates)
     request_struct = request_type(config.max_candidates)
     scorer = BatchScorer(max_wait_s=config.batch_wait_ms / 1000)
-    predictor = Predictor(state, request_struct, scorer)
+    predictor = Predictor(state, request_struct, scorer, lazy_request_type(config.max_candidates))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -24,6 +24,9 @@ SCORE_SECONDS = Histogram("ctr_serving_score_seconds", "Encode + model forward p
 REQUESTS = Counter("ctr_serving_requests_total", "HTTP requests", ["endpoint", "status"])
 BATCH_REQUESTS = Histogram("ctr_serving_batch_requests", "Requests scored together in one forward (dynamic batching)",
                            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+CANDIDATE_SCAN_DECLINED = Counter("ctr_serving_candidate_scan_declined_total",
+                                  "Requests whose candidates' fields could not be keyed from the bytes (escapes, "
+                                  "non-ASCII, a field named twice...) and were decoded fully instead", ["reason"])
 CANDIDATES = Histogram("ctr_serving_candidates", "Candidates per /predict",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000))
 MODEL_VERSION = Gauge("ctr_serving_model_version", "Model version: current (serving), head (newest applied), "

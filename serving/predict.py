@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ctr.online_learner.encoding import EncodedBatch
+from ctr.serving.candidate_fields import DECLINE_REASONS, CandidateFields
 from ctr.serving.features import Lookup, record
-from ctr.serving.metrics import BATCH_REQUESTS, CANDIDATES, SCORE_SECONDS
+from ctr.serving.metrics import BATCH_REQUESTS, CANDIDATE_SCAN_DECLINED, CANDIDATES, SCORE_SECONDS
 from ctr.serving.registry import ModelVersion
-from ctr.serving.request_encoding import encode_request
+from ctr.serving.request_encoding import ATTRIBUTES, encode_request
 from ctr.serving.state import ServingState
 
 _JSON = [(b"content-type", b"application/json")]
@@ -138,28 +139,68 @@ def _deliver(group: list[tuple[Any, EncodedBatch, asyncio.Future[np.ndarray]]], 
 class Predictor:
     """One ``/predict``: decode, acquire a version, features, encode, score, respond."""
 
-    def __init__(self, state: ServingState, request_struct: type[msgspec.Struct], scorer: BatchScorer) -> None:
+    def __init__(self, state: ServingState, request_struct: type[msgspec.Struct], scorer: BatchScorer,
+                 lazy_struct: type[msgspec.Struct] | None = None) -> None:
+        """``lazy_struct``: the request type whose candidates keep ``categorical`` as raw JSON
+        (:func:`ctr.serving.schema.lazy_request_type`), for the fast path; None: always decode
+        fully."""
         self.state, self.scorer = state, scorer
         self.decoder = msgspec.json.Decoder(request_struct)
+        self.lazy_decoder = msgspec.json.Decoder(lazy_struct) if lazy_struct is not None else None
+        self._fields: dict[int, tuple[Any, CandidateFields]] = {}
 
-    async def respond(self, body: bytes, explain: bool = False) -> bytes:
-        """The response body. Raises :class:`Refusal` for a 4xx/5xx answer."""
+    def decode(self, body: bytes) -> Any:
+        """The request, fully decoded and validated. Raises :class:`Refusal` (422)."""
         try:
-            req = self.decoder.decode(body)
+            return self.decoder.decode(body)
         except msgspec.ValidationError as err:
             raise Refusal(422, f"invalid request: {err}", {"error": f"invalid request: {err}",
                                                             "detail": [{"msg": str(err), "type": "invalid"}]}) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as err:  # msgspec: bad UTF-8 is not a DecodeError
             raise Refusal(422, f"malformed JSON: {err}", {"error": f"malformed JSON: {err}",
                                                          "detail": [{"msg": str(err), "type": "json"}]}) from None
+
+    async def respond(self, body: bytes, explain: bool = False) -> bytes:
+        """The response body. Raises :class:`Refusal` for a 4xx/5xx answer.
+
+        The fast path decodes the candidates' categorical objects lazily and keys them from the
+        bytes (:mod:`ctr.serving.candidate_fields`); when it cannot (an error, an unusual
+        shape, ``explain``), the request is decoded fully: the same answer, errors included."""
+        lazy = None
+        if self.lazy_decoder is not None and not explain:
+            try:
+                lazy = self.lazy_decoder.decode(body)
+            except (msgspec.DecodeError, UnicodeDecodeError):
+                lazy = None  # the full decode below says what is wrong
+        req = self.decode(body) if lazy is None else lazy
         registry = self.state.registry
         mv = registry.acquire()  # grabbed once: this version scores the whole request
         try:
-            return await self._score(mv, req, explain)
+            keys = None
+            if lazy is not None:
+                # (a learner's empty-is-missing convention is not in the bytes pass: decoded fully)
+                keys = (self._candidate_keys(mv, lazy) if mv is not None and not mv.encoder.empty_is_missing
+                        else None)
+                if keys is None:
+                    req = self.decode(body)
+            return await self._score(mv, req, explain, keys)
         finally:
             registry.release(mv)
 
-    async def _score(self, mv: ModelVersion | None, req: Any, explain: bool) -> bytes:
+    def _candidate_keys(self, mv: ModelVersion, req: Any) -> np.ndarray | None:
+        entry = self._fields.get(id(mv.encoder))
+        if entry is None or entry[0] is not mv.encoder:
+            if len(self._fields) > 16:  # encoders are per model config: a handful at most
+                self._fields.clear()
+            entry = self._fields[id(mv.encoder)] = (mv.encoder, CandidateFields(mv.config, tuple(ATTRIBUTES)))
+        fields = entry[1]
+        keys = fields.keys([c.categorical for c in req.candidates])
+        if keys is None:
+            CANDIDATE_SCAN_DECLINED.labels(DECLINE_REASONS[fields.reason]).inc()
+        return keys
+
+    async def _score(self, mv: ModelVersion | None, req: Any, explain: bool,
+                     candidate_keys: np.ndarray | None = None) -> bytes:
         state = self.state
         if mv is None:
             raise Refusal(503, "no model loaded yet")
@@ -184,7 +225,7 @@ class Predictor:
             look.seconds = time.perf_counter() - t0
             record(look)
         t0 = time.perf_counter()
-        p = (await self.scorer.score(mv, encode_request(mv, req, plan, look))).tolist()
+        p = (await self.scorer.score(mv, encode_request(mv, req, plan, look, candidate_keys))).tolist()
         SCORE_SECONDS.observe(time.perf_counter() - t0)
         CANDIDATES.observe(len(cands))
         preds = [_Prediction(c.item_id, c.position if c.position is not None else i, p[i])

@@ -3,12 +3,13 @@ column-wise (:func:`encode_request`), with the row-wise reference (:func:`merged
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from ctr.online_learner.encoding import EMPTY_KEY, EncodedBatch, numeric_table
-from ctr.online_learner.hashing import MISSING_KEY, numeric_keys
+from ctr.online_learner.hashing import MISSING_KEY, numeric_keys, value_keys
 from ctr.serving.features import (
     DEFAULTS,
     FeaturePlan,
@@ -17,10 +18,17 @@ from ctr.serving.features import (
 from ctr.serving.registry import ModelVersion
 
 #: Impression attributes set per request/candidate; a same-named categorical field is overridden.
-_ATTRIBUTES = frozenset({"user_id", "item_id", "position"})
+ATTRIBUTES = frozenset({"user_id", "item_id", "position"})
 
 
-def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) -> EncodedBatch:
+@functools.lru_cache(maxsize=8)
+def _index_keys(n: int) -> np.ndarray:
+    """Keys of the default positions ``"0" .. str(n - 1)`` (a candidate's index)."""
+    return value_keys([str(i) for i in range(n)])
+
+
+def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup,
+                   candidate_keys: np.ndarray | None = None) -> EncodedBatch:
     """Model inputs, one row per candidate, with the semantics of encoding, per candidate, the
     merged row (what :func:`merged_rows` builds)::
 
@@ -34,7 +42,11 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     parts) and written over it where a candidate has a value: for 100 candidates a fraction of
     the model's columns, where encoding every merged row used to cost more than the forward
     pass. ``tests/test_serving.py`` checks the equivalence on random requests and end to end
-    against the learner's encoder."""
+    against the learner's encoder.
+
+    ``candidate_keys`` ``[n, H]``: the candidates' categorical keys already computed from the
+    request's bytes (:class:`ctr.serving.candidate_fields.CandidateFields`; MISSING_KEY where a
+    candidate lacks the field); ``req.candidates[i].categorical`` is then not read."""
     cfg, enc = mv.config, mv.encoder
     cands = req.candidates
     n = len(cands)
@@ -46,41 +58,44 @@ def encode_request(mv: ModelVersion, req: Any, plan: FeaturePlan, look: Lookup) 
     ctx = enc.encode([{"categorical": {**req.context.categorical, "user_id": user}, "numeric": ctx_num}])
     keys = np.repeat(ctx.keys, n, axis=0)
     numeric = np.repeat(ctx.numeric, n, axis=0) if ctx.numeric is not None else None
-    col = {name: j for j, name in enumerate(cfg.hashed_fields)}
+    col = enc.column_of
     keyer = enc.keyer
 
-    def put_keys(names: list[str], block: np.ndarray) -> None:
-        """Candidate keys ``[n, len(names)]`` over the context's, where a candidate has a value."""
+    def put_keys(names: list[str], block: np.ndarray, has: np.ndarray | None = None) -> None:
+        """Candidate keys ``[n, len(names)]`` over the context's, where a candidate has a value
+        (``has``; default: where its key is not MISSING_KEY)."""
         cols = [col[name] for name in names]
-        keys[:, cols] = np.where(block == MISSING_KEY, keys[:, cols], block)
+        keys[:, cols] = np.where(block != MISSING_KEY if has is None else has, block, keys[:, cols])
 
     categorical = set(cfg.categorical_fields)
-    present: set[str] = set()
-    for c in cands:
-        present.update(c.categorical)
-    names = sorted(present & categorical - _ATTRIBUTES)
+    if candidate_keys is not None:
+        np.copyto(keys, candidate_keys, where=candidate_keys != MISSING_KEY)
+        names = []
+    else:
+        names = sorted(set().union(*[c.categorical for c in cands]) & categorical - ATTRIBUTES)
     if names:  # every candidate column in one keyer call
         block = keyer.columns([c.categorical for c in cands], names)
-        if enc.empty_is_missing:
+        has = block != MISSING_KEY
+        if enc.empty_is_missing:  # a candidate's "" is its value (missing): the context's does not show
             block[block == EMPTY_KEY] = MISSING_KEY
-        put_keys(names, block)
+        put_keys(names, block, has)
     if "item_id" in categorical:
         keys[:, col["item_id"]] = keyer([c.item_id for c in cands])
     if "position" in categorical:
-        keys[:, col["position"]] = keyer([str(c.position if c.position is not None else i)
-                                          for i, c in enumerate(cands)])
+        positions = [c.position for c in cands]
+        keys[:, col["position"]] = (_index_keys(n) if positions.count(None) == n else
+                                    keyer([str(i if p is None else p) for i, p in enumerate(positions)]))
 
     store_fields = set(plan.user) | set(plan.item)
-    numeric_present: set[str] = set()
-    for c in cands:
-        numeric_present.update(c.numeric)
+    numeric_present = set().union(*[c.numeric for c in cands])
     own = sorted(numeric_present & set(cfg.numeric_fields) - store_fields)
     names = own + list(plan.item)
     if names:
         items = look.values.get("item", {})
         stored = [items.get(c.item_id) or DEFAULTS["item"] for c in cands] if plan.item else []
-        values = np.hstack([numeric_table([c.numeric for c in cands], own),
-                            numeric_table(stored, plan.item).reshape(n, len(plan.item))])  # [n, len(names)]
+        values = numeric_table(stored, plan.item)  # [n, len(plan.item)]
+        if own:
+            values = np.hstack([numeric_table([c.numeric for c in cands], own), values.reshape(n, len(plan.item))])
         if cfg.numeric_mode == "bucket":
             put_keys(names, numeric_keys(values, cfg.numeric_resolution))
         if numeric is not None:  # dense mode, or the numeric fields' linear term

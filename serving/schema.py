@@ -46,6 +46,28 @@ def request_type(max_candidates: int) -> type[msgspec.Struct]:
         forbid_unknown_fields=True, kw_only=True)
 
 
+class LazyCandidate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """:class:`Candidate` with its ``categorical`` object left as raw JSON (syntax checked),
+    read by :class:`ctr.serving.candidate_fields.CandidateFields` or, if that declines,
+    decoded again as :class:`Candidate`."""
+
+    item_id: Id
+    position: Annotated[int, msgspec.Meta(ge=0, le=10_000)] | None = None
+    categorical: msgspec.Raw = msgspec.Raw(b"")
+    numeric: Numerics = {}
+    impression_id: Id | None = None
+
+
+def lazy_request_type(max_candidates: int) -> type[msgspec.Struct]:
+    """:func:`request_type` with :class:`LazyCandidate` candidates."""
+    return msgspec.defstruct(
+        "LazyPredictRequest",
+        [("user_id", Id), ("context", Context, msgspec.field(default_factory=Context)),
+         ("candidates", Annotated[list[LazyCandidate], msgspec.Meta(min_length=1, max_length=max_candidates)]),
+         ("request_id", Annotated[str, msgspec.Meta(max_length=128)] | None, None)],
+        forbid_unknown_fields=True, kw_only=True)
+
+
 EXAMPLE_REQUEST = {"user_id": "u42",
             "context": {"categorical": {"site": "news", "device": "mobile"}, "numeric": {"hour": 13}},
             "candidates": [{"item_id": "ad7", "categorical": {"campaign": "c1"}}, {"item_id": "ad9", "position": 1}]}
