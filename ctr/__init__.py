@@ -14,3 +14,18 @@ One namespace, layered bottom to top (``tests/test_layers.py`` holds the order):
 In a checkout the stage folders sit at the top (``streams/``, ``features/``, ...); installing
 maps them under ``ctr`` (pyproject's package-dir).
 """
+
+import os as _os
+
+# Importing Feast (its ``feast.metrics``) puts PROMETHEUS_MULTIPROC_DIR in os.environ, pointing
+# at a fresh ``feast_metrics_*`` temp directory, and every process started by one that imported
+# Feast inherits it: prometheus_client then keeps each metric in an mmap'ed file (twice the
+# cost per update, files left per pid) although no stage asked for multiprocess metrics. A
+# directory Feast made is dropped here, before any stage imports prometheus_client; one a
+# user set on purpose is kept.
+for _var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "PROMETHEUS_MULTIPROCESS_DIR"):
+    if _os.path.basename(_os.environ.get(_var, "").rstrip("/")).startswith("feast_metrics_"):
+        del _os.environ[_var]
+# ... and prometheus_client's value class is chosen now, so a later Feast import in this
+# process cannot switch it either.
+import prometheus_client.values  # noqa: E402, F401

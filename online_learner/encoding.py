@@ -27,6 +27,7 @@ distinct value (:class:`~ctr.online_learner.hashing.ValueKeyer`).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -83,9 +84,11 @@ def numeric_table(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> np
     one ``fromiter``; anything else (None, strings) takes the per-value path."""
     n, f = len(rows), len(names)
     if n and f:
-        try:  # every row holds every name (a store's rows): one C-level pass, None -> NaN
-            return np.array(list(map(itemgetter(*names), rows)), dtype=np.float64).reshape(n, f)
-        except (KeyError, TypeError, ValueError, OverflowError):  # an absent name, or a value float() rejects
+        try:  # every row holds every name (a store's rows): one C-level pass
+            got = map(itemgetter(*names), rows)
+            return np.fromiter(got if f == 1 else itertools.chain.from_iterable(got),
+                               dtype=np.float64, count=n * f).reshape(n, f)
+        except (KeyError, TypeError, ValueError, OverflowError):  # an absent name, or not a number
             pass
     flat: list[Any] = []
     extend = flat.extend

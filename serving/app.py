@@ -11,7 +11,7 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 * ``GET /healthz`` (process alive, update thread alive), ``GET /readyz`` (a model and the
   feature store), ``GET /metrics`` (Prometheus).
 
-The request path (``predict``: ``Predictor``, answered ahead of FastAPI by ``PredictPath``)
+The request path (``predict``: ``Predictor``, answered in front of FastAPI by ``PredictPath``)
 grabs ``registry.current`` ONCE, fetches features (cache, or one batched Feast read for what
 the cache lacks, in a worker thread), encodes, scores with that one immutable version in a
 forward shared with the requests in flight (``BatchScorer``), and reports that version. See
@@ -88,8 +88,9 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
         finally:
             state.stop()
 
-    app = FastAPI(title="ctr serve", version="1.0", lifespan=lifespan,
-                  description="Real-time CTR scoring with live model refresh. See serving/README.md.")
+    app = ServingAPI(title="ctr serve", version="1.0", lifespan=lifespan,
+                     description="Real-time CTR scoring with live model refresh. See serving/README.md.")
+    app.predict_path = PredictPath(predictor, config.max_body_bytes)
     app.state.serving = state
     app.state.predictor = predictor
     bearer = HTTPBearer(auto_error=False, description="Admin token ($CTR_ADMIN_TOKEN)")
@@ -202,11 +203,24 @@ def create_app(config: ServingConfig | None = None, *, registry: ModelRegistry |
 
     # User middleware sits inside the server-error middleware (an unexpected error is a 500
     # from ``_unexpected``) and outside FastAPI's exception middleware: a PayloadTooLarge raised
-    # while a route reads the body is an HTTPException and renders as a 413. The last added is
-    # outermost: Guard (size limit, latency) -> PredictPath (plain POST /predict) -> FastAPI.
-    app.add_middleware(PredictPath, predictor=predictor)
+    # while a route reads the body is an HTTPException and renders as a 413.
     app.add_middleware(Guard, max_body_bytes=config.max_body_bytes)
     return app
+
+
+class ServingAPI(FastAPI):
+    """The FastAPI app, with a plain ``POST /predict`` answered in front of it by
+    :class:`PredictPath`: routing, validation, dependencies and the middleware stack cost more
+    than scoring a small request. FastAPI still declares the route (OpenAPI) and serves
+    ``/predict?explain=true``."""
+
+    predict_path: PredictPath | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.predict_path is not None and PredictPath.matches(scope):
+            await self.predict_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def setup_process(config: ServingConfig, name: str = "") -> None:

@@ -64,6 +64,12 @@ def _scan(buf, offsets, names, name_off, name_hash, name_col, out):  # type: ign
     of the reason it declined in DECLINE_REASONS."""
     seed = np.uint64(0)
     seen = np.empty(_FIELDS_MAX, dtype=np.uint64)
+    # The k-th name of the previous object (its span) and its model column (-1: none): client
+    # serialisers write every candidate's fields in one order, so a name is usually found by
+    # one comparison with the name at its place in the candidate before.
+    hint_at = np.full(_FIELDS_MAX, -1, dtype=np.int64)
+    hint_len = np.zeros(_FIELDS_MAX, dtype=np.int64)
+    hint_col = np.full(_FIELDS_MAX, -1, dtype=np.int64)
     for i in range(out.shape[0]):
         p, end = offsets[i], offsets[i + 1]
         if p == end:  # no "categorical" in this candidate
@@ -110,16 +116,29 @@ def _scan(buf, offsets, names, name_off, name_hash, name_col, out):  # type: ign
                     return 2
                 if q - v > _VALUE_MAX:
                     return 4
-                for j in range(name_hash.shape[0]):  # the model's column for this name, if any
-                    a, b = name_off[j], name_off[j + 1]
-                    if name_hash[j] != h or b - a != length:
-                        continue
+                col = -2
+                a = hint_at[k - 1]
+                if a >= 0 and hint_len[k - 1] == length:
                     t = 0
-                    while t < length and names[a + t] == buf[s + t]:
+                    while t < length and buf[a + t] == buf[s + t]:
                         t += 1
                     if t == length:
-                        out[i, name_col[j]] = xxh64_span(buf, v, q - v, seed)
-                        break
+                        col = hint_col[k - 1]
+                if col == -2:  # the model's column for this name, if any
+                    col = -1
+                    for j in range(name_hash.shape[0]):
+                        a = name_off[j]
+                        if name_hash[j] != h or name_off[j + 1] - a != length:
+                            continue
+                        t = 0
+                        while t < length and names[a + t] == buf[s + t]:
+                            t += 1
+                        if t == length:
+                            col = name_col[j]
+                            break
+                    hint_at[k - 1], hint_len[k - 1], hint_col[k - 1] = s, length, col
+                if col >= 0:
+                    out[i, col] = xxh64_span(buf, v, q - v, seed)
                 p = _skip_ws(buf, q + 1, end)
                 if p < end and buf[p] == _COMMA:
                     p = _skip_ws(buf, p + 1, end)

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -321,10 +322,13 @@ class Lookup:
                 "degraded": self.degraded, "ms": round(self.seconds * 1000, 3)}
 
 
-@dataclass
+@dataclass(eq=False, slots=True)  # eq=False: ``None in entries`` compares by identity, in C
 class _Entry:
     t: float
     values: dict[str, float]
+
+
+_ENTRY_T, _ENTRY_VALUES = attrgetter("t"), attrgetter("values")
 
 
 @dataclass
@@ -361,6 +365,12 @@ class FeatureCache:
         ttl, max_stale = self.ttl_s, self.max_stale_s
         for entity, keys in wanted.items():
             table, out, touched = self._data[entity], look.values[entity], self._touched[entity]
+            touched.update(keys)
+            entries = list(map(table.get, keys))
+            if entries and None not in entries and now - min(map(_ENTRY_T, entries)) < ttl:  # all fresh
+                out.update(zip(keys, map(_ENTRY_VALUES, entries), strict=True))
+                look.hits += len(out)
+                continue
             miss: list[str] = []
             for k in keys:
                 if k in out:
@@ -374,7 +384,6 @@ class FeatureCache:
                     look.stale += 1
                 else:
                     look.hits += 1
-            touched.update(keys)
             if miss:
                 missing[entity] = list(dict.fromkeys(miss))
         return look, missing

@@ -36,15 +36,11 @@ class Guard:
         endpoint = path if path in ENDPOINTS else "other"
         status = [500]
         limit = self.max
-        for name, value in scope["headers"]:
-            if name == b"content-length":
-                if not value.isdigit() or int(value) > limit:
-                    status[0] = 413 if value.isdigit() else 400
-                    msg = f"request body exceeds {limit} bytes" if value.isdigit() else "bad Content-Length"
-                    await _send_json(send, status[0], {"detail": msg})
-                    observe(endpoint, status[0], t0)
-                    return
-                break
+        refused = content_length_refusal(scope, limit)
+        if refused is not None:
+            await send_json(send, *refused)
+            observe(endpoint, refused[0], t0)
+            return
         received = 0
 
         async def limited_receive() -> dict:
@@ -67,7 +63,20 @@ class Guard:
             observe(endpoint, status[0], t0)
 
 
-async def _send_json(send: Callable, status: int, body: dict) -> None:
+def content_length_refusal(scope: dict, limit: int) -> tuple[int, dict] | None:
+    """(status, body) when the request's Content-Length exceeds ``limit`` (413) or is not a
+    number (400); None otherwise (absent: the body is counted while it is read)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                return 400, {"detail": "bad Content-Length"}
+            if int(value) > limit:
+                return 413, {"detail": f"request body exceeds {limit} bytes"}
+            return None
+    return None
+
+
+async def send_json(send: Callable, status: int, body: dict) -> None:
     data = msgspec.json.encode(body)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),

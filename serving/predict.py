@@ -3,15 +3,16 @@ a batched forward -> response body.
 
 :class:`Predictor` does one request with ONE model version (acquired once, named in the
 response). :class:`BatchScorer` scores the candidates of requests that are in flight together
-in one forward per version (dynamic batching). :class:`PredictPath` is the ASGI middleware that
-answers ``POST /predict`` straight from the server, ahead of FastAPI's routing, validation and
-dependency layers, which cost more than the scoring itself at these sizes; FastAPI still
-declares the route (the OpenAPI document) and serves it when the middleware is not in front.
+in one forward per version (dynamic batching). :class:`PredictPath` is the ASGI app that
+answers ``POST /predict`` straight from the server, in front of FastAPI's middleware, routing,
+validation and dependency layers, which cost more than the scoring itself at these sizes;
+FastAPI still declares the route (the OpenAPI document) and serves ``?explain=true``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -19,17 +20,18 @@ from typing import Any
 import msgspec
 import numpy as np
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from ctr.online_learner.encoding import EncodedBatch
 from ctr.serving.candidate_fields import DECLINE_REASONS, CandidateFields
 from ctr.serving.features import Lookup, record
-from ctr.serving.metrics import BATCH_REQUESTS, CANDIDATE_SCAN_DECLINED, CANDIDATES, SCORE_SECONDS
+from ctr.serving.guard import content_length_refusal, send_json
+from ctr.serving.metrics import BATCH_REQUESTS, CANDIDATE_SCAN_DECLINED, CANDIDATES, SCORE_SECONDS, observe
 from ctr.serving.registry import ModelVersion
 from ctr.serving.request_encoding import ATTRIBUTES, encode_request
 from ctr.serving.state import ServingState
 
 _JSON = [(b"content-type", b"application/json")]
+log = logging.getLogger(__name__)
 
 
 class Refusal(Exception):
@@ -249,35 +251,52 @@ class Predictor:
 
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
-ASGIApp = Callable[[dict[str, Any], Receive, Send], Awaitable[None]]
 
 
 class PredictPath:
-    """ASGI middleware: a plain ``POST /predict`` (no query string) answered by ``predictor``;
-    every other request goes on to ``app`` (FastAPI)."""
+    """ASGI app for a plain ``POST /predict`` (no query string), answered by ``predictor``
+    outside the FastAPI stack, with what that stack would add: the body-size limit (413, as
+    :class:`~ctr.serving.guard.Guard`), the request metrics, and a 500 for an unexpected error.
+    ``matches(scope)`` says which requests it answers; the app in front routes the rest to
+    FastAPI (:class:`ctr.serving.app.ServingAPI`)."""
 
-    def __init__(self, app: ASGIApp, predictor: Predictor) -> None:
-        self.app, self.predictor = app, predictor
+    def __init__(self, predictor: Predictor, max_body_bytes: int) -> None:
+        self.predictor, self.max = predictor, max_body_bytes
+
+    @staticmethod
+    def matches(scope: dict[str, Any]) -> bool:
+        return (scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST"
+                and not scope["query_string"])
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/predict" or scope["method"] != "POST" or scope["query_string"]:
-            await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        refused = content_length_refusal(scope, self.max)
+        if refused is not None:
+            await send_json(send, *refused)
+            observe("/predict", refused[0], t0)
             return
         chunks = []
+        size = 0
         status = 200
         try:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
-                chunks.append(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self.max:
+                    raise Refusal(413, f"request body exceeds {self.max} bytes")
+                chunks.append(chunk)
                 if not message.get("more_body", False):
                     break
             data = await self.predictor.respond(b"".join(chunks))
         except Refusal as refusal:
             status, data = refusal.status, msgspec.json.encode(refusal.body)
-        except HTTPException as err:  # the body-size guard's 413, raised while reading
-            status, data = err.status_code, msgspec.json.encode({"detail": err.detail})
+        except Exception as err:  # noqa: BLE001 - as FastAPI's handler: a 500, the server goes on
+            log.exception("unhandled error")
+            status, data = 500, msgspec.json.encode({"detail": f"internal error: {type(err).__name__}"})
         await send({"type": "http.response.start", "status": status,
                     "headers": [*_JSON, (b"content-length", str(len(data)).encode())]})
         await send({"type": "http.response.body", "body": data})
+        observe("/predict", status, t0)
