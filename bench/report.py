@@ -458,8 +458,9 @@ STATUS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
      "built; GPU kernel verified under the CUDA simulator and by PTX compilation, not timed (no GPU); "
      "calibrated from the first event on real logs (`ctr bench quality`); served scores unbiased by the "
      "label order (provisional emission, \"Label emission\")", ("hashing", "learner", "quality")),
-    ("serving: /predict, live refresh, rollback", "built; /predict answered ahead of FastAPI, concurrent "
-     "requests batched into one NumPy forward per version; `--workers N` HTTP workers over one shared-memory "
+    ("serving: /predict, live refresh, rollback", "built; /predict answered in front of FastAPI, candidates' "
+     "fields keyed from the request bytes in one compiled pass, concurrent requests batched into one "
+     "NumPy forward per version; `--workers N` HTTP workers over one shared-memory "
      "copy of each version, one updater; "
      "only updates signed by the learner's key applied (\"Signed model updates\")", ("serving", "freshness")),
     ("end-to-end demo", "broker + worker + reweighter + learner + serving, a steady prediction client and "
