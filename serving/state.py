@@ -9,9 +9,11 @@ import threading
 import time
 from typing import Any, Protocol
 
+import msgspec
 from threadpoolctl import threadpool_limits
 
 from ctr.online_learner.signing import verifier_from
+from ctr.serving.candidate_fields import CandidateFields
 from ctr.serving.config import ServingConfig
 from ctr.serving.features import (
     FeastProcessSource,
@@ -137,7 +139,8 @@ class ServingState:
             self._warm(mv)
 
     def _warm(self, mv: ModelVersion) -> None:
-        """First scoring compiles/loads the Numba hash kernels: do it before reporting ready.
+        """First scoring compiles/loads the Numba kernels (hashing, the request bytes pass): do
+        it before reporting ready.
 
         Then ``gc.freeze()``: torch, FastAPI, pydantic and the model leave ~300k objects that
         every full collection would walk (a pause of hundreds of ms every few thousand
@@ -145,6 +148,7 @@ class ServingState:
         young collections run every ``gc_threshold`` allocations instead of every 700."""
         row = {"categorical": {"user_id": "warmup", "item_id": "warmup", "position": "0"}, "numeric": {}}
         mv.predict(mv.encoder.encode([row] * 4))
+        CandidateFields(mv.config, ()).keys([msgspec.Raw(b'{"warmup": "x"}')])  # the request bytes pass
         gc.collect()
         gc.freeze()
         if self.config.gc_threshold:
