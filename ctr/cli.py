@@ -398,12 +398,17 @@ def up_cmd(
                            "infra/docker/prometheus/alerts.yml.")
     ] = False,
     monitor_port: Annotated[int, typer.Option(help="Prometheus' port on 127.0.0.1 (0: a free one).")] = 0,
+    profile: Annotated[
+        str, typer.Option(help="dev: one process per stage, SQLite online store. full: two Faust workers, a "
+                          "Redis-protocol online store (Valkey), two serving workers, Prometheus (--monitor).")
+    ] = "dev",
 ) -> None:
     """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
     from ctr.stack import up
 
     try:
-        state = up(kind=kind, feast_dir=feast_dir, serve_port=port, monitor=monitor, monitor_port=monitor_port)
+        state = up(kind=kind, feast_dir=feast_dir, serve_port=port, monitor=monitor, monitor_port=monitor_port,
+                   profile=profile)
     except RuntimeError as err:
         fail(str(err))
     typer.echo(json.dumps(state, indent=2))

@@ -15,6 +15,7 @@ import shutil
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -37,13 +38,16 @@ def find_prometheus() -> str:
     return exe
 
 
-def write_config(out_dir: Path, targets: dict[str, int], rules: Path = RULES) -> Path:
-    """``prometheus.yml`` scraping ``job -> port`` on 127.0.0.1, loading ``rules``."""
+def write_config(out_dir: Path, targets: Mapping[str, int | Sequence[int]], rules: Path = RULES) -> Path:
+    """``prometheus.yml`` scraping ``job -> port`` (or ports: one job, several processes) on
+    127.0.0.1, loading ``rules``."""
     cfg = {
         "global": {"scrape_interval": INTERVAL, "scrape_timeout": INTERVAL, "evaluation_interval": INTERVAL},
         "rule_files": [str(rules)],
         "scrape_configs": [
-            {"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]} for job, port in targets.items()
+            {"job_name": job, "static_configs": [{"targets": [
+                f"127.0.0.1:{port}" for port in ([ports] if isinstance(ports, int) else ports)]}]}
+            for job, ports in targets.items()
         ],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +57,7 @@ def write_config(out_dir: Path, targets: dict[str, int], rules: Path = RULES) ->
     return path
 
 
-def prometheus_service(out_dir: Path, targets: dict[str, int], port: int) -> Service:
+def prometheus_service(out_dir: Path, targets: Mapping[str, int | Sequence[int]], port: int) -> Service:
     """The Prometheus process for the supervisor: config and data under ``out_dir``."""
     config = write_config(out_dir, targets)
     argv = [

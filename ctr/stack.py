@@ -10,17 +10,23 @@ in the state; ``--monitor`` adds a Prometheus scraping them with the project's a
 from __future__ import annotations
 
 import json
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from ctr.infra.config import state_dir
-from ctr.infra.procs import free_port, pid_alive, stop_process
+from ctr.infra.procs import free_port, pid_alive, port_open, stop_process
 from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 
 #: Stop order: the watcher first (the others stopping are no alert), then consumers before what
 #: they consume from.
-STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "broker")
+STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "worker-2", "valkey", "broker")
+#: ``dev``: one process per stage, the SQLite online store. ``full``: the production topology on
+#: one machine -- two Faust workers sharing the partitions, a Redis-protocol online store
+#: (Valkey), two serving worker processes, Prometheus with the alert rules.
+PROFILES = ("dev", "full")
 
 
 def _state_path() -> Path:
@@ -28,12 +34,19 @@ def _state_path() -> Path:
 
 
 def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000,
-       say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0) -> dict:
+       say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0,
+       profile: str = "dev") -> dict:
     """Start broker, worker, reweighter, learner and serving detached (and Prometheus with
     ``monitor``, on ``monitor_port`` or a free one); returns the recorded state.
+    ``profile="full"`` (:data:`PROFILES`): two workers, a Valkey online store, two serving
+    workers and Prometheus.
     Model updates are signed (a key pair for the stack unless the environment names one)."""
     from ctr.infra.broker import EmbeddedBroker
 
+    if profile not in PROFILES:
+        raise RuntimeError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
+    full = profile == "full"
+    monitor = monitor or full
     path = _state_path()
     if path.exists() and any(pid_alive(s["pid"]) for s in json.loads(path.read_text())["services"].values()):
         raise RuntimeError("the stack is already up: `ctr status`, or `ctr down` first")
@@ -56,19 +69,41 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         say(f"model updates are signed with a key pair created for this stack ({root / 'keys'}; "
                       "set $CTR_SIGNING_KEY and $CTR_VERIFY_KEYS to use your own)")
     sign, verify = stage_flags(key)
-    services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log")}}
+    services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log"),
+                           "health": {"tcp": bs}}}  # fmt: skip
+    online: tuple[str, ...] = ()
+    if full:  # the online store first: the stages that use it open it at start
+        from ctr.features.valkey import Valkey
+
+        store = Valkey(root / "valkey")
+        valkey = sup.start(Service("valkey", store.argv(), detach=True))
+        assert valkey.proc is not None  # started
+        services["valkey"] = {"pid": valkey.proc.pid, "log": str(valkey.log_path), "health": {"redis": store.url}}
+        deadline = time.monotonic() + 30
+        while not store.ready():
+            if time.monotonic() > deadline or valkey.proc.poll() is not None:
+                stop_process(valkey.proc.pid)
+                from ctr.infra.broker import stop_broker
+
+                stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
+                (root / "broker.json").unlink(missing_ok=True)
+                raise RuntimeError(f"the Redis-protocol store did not start (log: {valkey.log_path})")
+            time.sleep(0.1)
+        online = ("--online", "redis", "--redis-url", store.url)
+    workers = [f"worker-{i}" if i > 1 else "worker" for i in range(1, 3 if full else 2)]
     # where each stage serves /metrics (serving on its own port); Prometheus' job names
-    metrics = {"worker": free_port(), "reweighter": free_port(), "learner": free_port(), "serve": serve_port}
+    metrics = {**{w: free_port() for w in workers}, "reweighter": free_port(), "learner": free_port(),
+               "serve": serve_port}  # fmt: skip
     mflag = {name: ("--metrics-port", str(port)) for name, port in metrics.items() if name != "serve"}
     plan = [
-        Service(
-            "worker",
-            ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1",
-                     *mflag["worker"]),
+        *(Service(
+            w,
+            ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id",
+                     f"stack-worker-{i}", *online, *mflag[w]),
             detach=True,
             nice=BATCH_NICE,
-        ),
-        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir),
+        ) for i, w in enumerate(workers, 1)),
+        Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir), *online,
                                        *mflag["reweighter"]), detach=True, nice=BATCH_NICE),
         Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign,
                                     *mflag["learner"]), detach=True, nice=BATCH_NICE),
@@ -84,6 +119,8 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
                 str(feast_dir),
                 "--port",
                 str(serve_port),
+                *online,
+                *(["--workers", "2"] if full else []),
                 *verify,
             ),
             detach=True,
@@ -95,8 +132,10 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
 
         monitor_port = monitor_port or free_port()
         prometheus_url = f"http://127.0.0.1:{monitor_port}"
-        # the compose config's job names, so both load the same rules
-        jobs = {"serving" if n == "serve" else n: p for n, p in metrics.items()}
+        # the compose config's job names, so both load the same rules (the workers: one job)
+        jobs: dict[str, list[int]] = {}
+        for n, p in metrics.items():
+            jobs.setdefault("serving" if n == "serve" else n.split("-")[0], []).append(p)
         plan.append(prometheus_service(root / "prometheus", jobs, monitor_port))
     for svc in plan:
         sup.start(svc)
@@ -104,7 +143,12 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         services[svc.name] = {"pid": svc.proc.pid, "log": str(svc.log_path)}
         if svc.name in metrics:
             services[svc.name]["metrics"] = f"http://127.0.0.1:{metrics[svc.name]}/metrics"
+            services[svc.name]["health"] = {"http": services[svc.name]["metrics"]}
+    services["serve"]["health"] = {"http": f"http://127.0.0.1:{serve_port}/readyz"}
+    if prometheus_url:
+        services["prometheus"]["health"] = {"http": f"{prometheus_url}/-/ready"}
     state = {
+        "profile": profile,
         "bootstrap": bs,
         "feast_dir": str(feast_dir),
         "predict_url": f"http://127.0.0.1:{serve_port}/predict",
@@ -121,6 +165,28 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             log = services["prometheus"]["log"]
             raise RuntimeError(f"Prometheus did not become ready; the stack is stopped (log: {log})")
     return state
+
+
+def healthy(check: dict[str, str], timeout_s: float = 2.0) -> bool:
+    """One service's health check as recorded in the state: ``{"http": url}`` answers 2xx,
+    ``{"tcp": "host:port"}`` accepts a connection, ``{"redis": "host:port"}`` answers PING."""
+    if "http" in check:
+        try:
+            with urllib.request.urlopen(check["http"], timeout=timeout_s) as r:  # noqa: S310 - loopback URLs we wrote
+                return 200 <= r.status < 300
+        except (OSError, ValueError):
+            return False
+    host, _, port = (check.get("tcp") or check.get("redis") or "").rpartition(":")
+    if not port_open(host, int(port or 0)):
+        return False
+    if "redis" in check:
+        import redis
+
+        try:
+            return bool(redis.Redis(host=host, port=int(port), socket_timeout=timeout_s).ping())
+        except redis.RedisError:
+            return False
+    return True
 
 
 def down() -> dict[str, str]:
@@ -154,9 +220,12 @@ def status() -> dict:
     state = json.loads(path.read_text())
     out = {
         "up": True,
+        "profile": state.get("profile", "dev"),
         "bootstrap": state["bootstrap"],
         "feast_dir": state["feast_dir"],
-        "services": {n: {**s, "alive": pid_alive(s["pid"])} for n, s in state["services"].items()},
+        "services": {n: {**s, "alive": (alive := pid_alive(s["pid"])),
+                         **({"healthy": alive and healthy(s["health"])} if "health" in s else {})}
+                     for n, s in state["services"].items()},  # fmt: skip
     }
     if "prometheus_url" in state:  # ctr up --monitor: its readiness and the alerts it holds
         from ctr.monitor import health

@@ -82,13 +82,18 @@ class Valkey:
         """The Feast connection string (``host:port``)."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 30.0) -> Valkey:
-        """Start and wait until it answers PING (after loading what it persisted)."""
+    def argv(self) -> list[str]:
+        """The server's command line (for a supervisor that keeps it beyond this process)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--protected-mode", "yes", "--daemonize", "no", *PERSISTENCE[self.persistence]]  # fmt: skip
         if self.aclfile is not None:
             args += ["--aclfile", str(self.aclfile)]
+        return args
+
+    def start(self, timeout_s: float = 30.0) -> Valkey:
+        """Start and wait until it answers PING (after loading what it persisted)."""
+        args = self.argv()
         with open(self.data_dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout_s

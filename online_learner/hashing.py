@@ -574,7 +574,7 @@ def numeric_keys(x: np.ndarray, resolution: int = 4) -> np.ndarray:
 
 
 @numba.njit(nogil=True, cache=True)
-def _numeric_keys_loop(x, resolution, out):  # type: ignore[no-untyped-def]
+def _numeric_keys_loop(x, resolution, out):
     # numeric_key's arithmetic per value (one compiled loop: a serving request's few hundred
     # values cost less than the NumPy ufunc calls' overhead)
     tag, missing = np.uint64(NUMERIC_TAG), np.uint64(MISSING_KEY)

@@ -4,7 +4,8 @@ reading it, and records every request's latency per endpoint."""
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
@@ -63,7 +64,7 @@ class Guard:
             observe(endpoint, status[0], t0)
 
 
-def content_length_refusal(scope: dict, limit: int) -> tuple[int, dict] | None:
+def content_length_refusal(scope: Mapping[str, Any], limit: int) -> tuple[int, dict] | None:
     """(status, body) when the request's Content-Length exceeds ``limit`` (413) or is not a
     number (400); None otherwise (absent: the body is counted while it is read)."""
     for name, value in scope["headers"]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -264,11 +264,11 @@ class PredictPath:
         self.predictor, self.max = predictor, max_body_bytes
 
     @staticmethod
-    def matches(scope: dict[str, Any]) -> bool:
+    def matches(scope: Mapping[str, Any]) -> bool:
         return (scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST"
                 and not scope["query_string"])
 
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Mapping[str, Any], receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
         refused = content_length_refusal(scope, self.max)
         if refused is not None:

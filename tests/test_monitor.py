@@ -24,6 +24,7 @@ import yaml
 
 from ctr.infra.procs import free_port, pid_alive
 from ctr.monitor import RULES, write_config
+from tests.stack_helpers import first_prediction
 from tests.test_compose import COMPOSE, DOCKER, REPO, exposed_metric_names
 from tests.test_stack import _ctr
 
@@ -170,4 +171,53 @@ def test_up_monitor_scrapes_every_stage_and_fires_on_a_kill(tmp_path: Path) -> N
     finally:
         down = _ctr("down", env=env)
     assert down.returncode == 0 and json.loads(down.stdout)["prometheus"] == "stopped"
+    assert not any(pid_alive(p) for p in pids.values())
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_up_full_profile_every_part_healthy(tmp_path: Path) -> None:
+    """``ctr up --profile full``: two Faust workers, a Valkey online store, two serving worker
+    processes and Prometheus; a replay lands in the Redis-protocol store, every part reports
+    healthy in ``ctr status`` and every scrape target (both workers) is up."""
+    import redis
+
+    _binary("prometheus")
+    env = {**os.environ, "CTR_STATE_DIR": str(tmp_path / "state")}
+    env.pop("CTR_BOOTSTRAP", None)
+    port = free_port()
+    up = _ctr("up", "--port", str(port), "--profile", "full", env=env, timeout=240)
+    assert up.returncode == 0, up.stderr[-2000:]
+    state = json.loads((tmp_path / "state" / "stack.json").read_text())
+    pids = {n: s["pid"] for n, s in state["services"].items()}
+    url = state["prometheus_url"]
+    try:
+        assert set(pids) == {"broker", "valkey", "worker", "worker-2", "reweighter", "learner", "serve", "prometheus"}
+        assert state["profile"] == "full"
+
+        def targets_up() -> bool:
+            active = httpx.get(f"{url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+            ups = [t["labels"]["job"] for t in active if t["health"] == "up"]
+            return sorted(ups) == sorted([*JOBS, "worker"])  # the worker job: two targets
+
+        _wait("every stage's /metrics (both workers) to be scraped", 240, targets_up)
+        replay = _ctr("replay", "--events", "2000", env=env)
+        assert replay.returncode == 0, replay.stderr[-2000:]
+        host, _, redis_port = state["services"]["valkey"]["health"]["redis"].rpartition(":")
+        store = redis.Redis(host=host, port=int(redis_port))
+        _wait("the workers' feature rows in the Redis-protocol store", 180, lambda: store.dbsize() > 0)
+        body = {"user_id": "u1", "candidates": [{"item_id": "ad1"}, {"item_id": "ad2"}]}
+        r = first_prediction(port, body, time.monotonic() + 180)
+        assert len(r.json()["predictions"]) == 2
+
+        def every_part_healthy() -> dict | None:
+            status = json.loads(_ctr("status", env=env).stdout)
+            ok = all(s["alive"] and s["healthy"] for s in status["services"].values())
+            return status if ok else None
+
+        status = _wait("every part healthy in `ctr status`", 120, every_part_healthy)
+        assert status["profile"] == "full" and status["prometheus"]["ready"]
+    finally:
+        down = _ctr("down", env=env)
+    assert down.returncode == 0
     assert not any(pid_alive(p) for p in pids.values())
