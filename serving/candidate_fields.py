@@ -44,17 +44,24 @@ def _skip_ws(buf, p, end):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(inline="always")
-def _string_end(buf, p, end):  # type: ignore[no-untyped-def]
-    """Index of the closing quote of the plain string starting at ``p`` (after its opening
-    quote); -1 at an escape, a control or non-ASCII byte; ``end`` if unterminated."""
-    while p < end:
-        c = buf[p]
-        if c == _QUOTE:
-            return p
+def _plain_string(buf, p, end, shortest, longest, not_a_string):  # type: ignore[no-untyped-def]
+    """The plain string whose opening quote should be at ``p``: ``(start, close, 0)`` with
+    ``buf[close]`` its closing quote, or ``(0, 0, reason)``: ``not_a_string`` (no quote at
+    ``p``), 2 (unterminated), 3 (an escape, a control or non-ASCII byte), 4 (its length is out
+    of ``[shortest, longest]``)."""
+    if p >= end or buf[p] != _QUOTE:
+        return 0, 0, not_a_string
+    start = q = p + 1
+    while q < end and buf[q] != _QUOTE:
+        c = buf[q]
         if c == _BACKSLASH or c < 32 or c >= 128:
-            return -1
-        p += 1
-    return end
+            return 0, 0, 3
+        q += 1
+    if q >= end:
+        return 0, 0, 2
+    if q - start < shortest or q - start > longest:
+        return 0, 0, 4
+    return start, q, 0
 
 
 @numba.njit(nogil=True, boundscheck=False, cache=True)
@@ -83,17 +90,10 @@ def _scan(buf, offsets, names, name_off, name_hash, name_col, out):  # type: ign
             p += 1
         else:
             while True:
-                if p >= end or buf[p] != _QUOTE:
-                    return 2
-                s = p + 1
-                q = _string_end(buf, s, end)
-                if q < 0:
-                    return 3
-                if q >= end:
-                    return 2
+                s, q, reason = _plain_string(buf, p, end, 1, _NAME_MAX, 2)
+                if reason:
+                    return reason
                 length = q - s
-                if length < 1 or length > _NAME_MAX:
-                    return 4
                 h = xxh64_span(buf, s, length, seed)
                 for j in range(k):
                     if seen[j] == h:
@@ -105,17 +105,9 @@ def _scan(buf, offsets, names, name_off, name_hash, name_col, out):  # type: ign
                 p = _skip_ws(buf, q + 1, end)
                 if p >= end or buf[p] != _COLON:
                     return 2
-                p = _skip_ws(buf, p + 1, end)
-                if p >= end or buf[p] != _QUOTE:
-                    return 7
-                v = p + 1
-                q = _string_end(buf, v, end)
-                if q < 0:
-                    return 3
-                if q >= end:
-                    return 2
-                if q - v > _VALUE_MAX:
-                    return 4
+                v, q, reason = _plain_string(buf, _skip_ws(buf, p + 1, end), end, 0, _VALUE_MAX, 7)
+                if reason:
+                    return reason
                 col = -2
                 a = hint_at[k - 1]
                 if a >= 0 and hint_len[k - 1] == length:
