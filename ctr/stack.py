@@ -10,6 +10,7 @@ in the state; ``--monitor`` adds a Prometheus scraping them with the project's a
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +20,54 @@ from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 
 #: Stop order: the watcher first (the others stopping are no alert), then consumers before what
-#: they consume from.
-STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "broker")
+#: they consume from. ``flink``: the Flink cluster, its job and the pusher (``--features flink``).
+STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "flink", "broker")
+#: Who computes the windowed features that reach Feast: the Faust worker's feature agent, or
+#: the PyFlink job on a standalone Flink cluster with the pusher writing its rows to Feast.
+FEATURE_ENGINES = ("faust", "flink")
+
+
+def flink_home() -> Path:
+    """FLINK_HOME and state of the cluster ``ctr flink up`` / ``ctr up --features flink`` start."""
+    return state_dir() / "flink"
+
+
+def start_pusher(home: Path, bootstrap: str, feast_dir: Path, topic: str = "flink-features") -> dict:
+    """Start the pusher (``python -m ctr.streams.flink.push``) detached beside the Flink
+    cluster at ``home``, recorded in its state so ``ctr flink down`` stops it too."""
+    from ctr.streams.flink import cluster
+
+    sup = Supervisor(home / "log")
+    svc = sup.start(Service("pusher", [sys.executable, "-m", "ctr.streams.flink.push", "--bootstrap", bootstrap,
+                                       "--feast-dir", str(feast_dir), "--topic", topic],
+                            detach=True, nice=BATCH_NICE))  # fmt: skip
+    assert svc.proc is not None  # started
+    cluster.register_process(home, "pusher", svc.proc.pid, str(svc.log_path))
+    return {"pid": svc.proc.pid, "log": str(svc.log_path)}
+
+
+def flink_features(bootstrap: str, feast_dir: Path, *, home: Path | None = None, taskmanagers: int = 1,
+                   parallelism: int = 1, say: Callable[[str], object] = print) -> dict:  # fmt: skip
+    """The Flink path for the windowed features: a standalone cluster (JobManager +
+    ``taskmanagers`` TaskManagers) unless one is up at ``home``, the job submitted (unbounded)
+    against ``bootstrap``, the pusher writing its rows to ``feast_dir``. Returns the cluster state."""
+    from ctr.streams.flink import cluster
+    from ctr.streams.flink.harness import create_output_topic
+
+    home = home or flink_home()
+    state = cluster.load_state(home)
+    if state is None or not pid_alive(state["processes"]["jobmanager"]["pid"]):
+        say(f"starting a Flink cluster in {home} (JobManager + {taskmanagers} TaskManager(s))")
+        state = cluster.up(home, cluster.ClusterConfig(taskmanagers=taskmanagers))
+    try:
+        create_output_topic(bootstrap, "flink-features")
+        job = cluster.submit(home, bootstrap, parallelism=parallelism)
+        say(f"submitted the windowed-feature job {job['job_id']} ({state['rest_url']})")
+        start_pusher(home, bootstrap, feast_dir)
+    except BaseException:
+        cluster.down(home)
+        raise
+    return cluster.load_state(home) or {}
 
 
 def _state_path() -> Path:
@@ -28,12 +75,18 @@ def _state_path() -> Path:
 
 
 def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000,
-       say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0) -> dict:
+       say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0,
+       features: str = "faust", taskmanagers: int = 1) -> dict:
     """Start broker, worker, reweighter, learner and serving detached (and Prometheus with
     ``monitor``, on ``monitor_port`` or a free one); returns the recorded state.
+    ``features="flink"``: the worker runs the label join only, and the windowed features come
+    from the Flink job on a standalone cluster (``taskmanagers`` TaskManagers) through the
+    pusher (:func:`flink_features`).
     Model updates are signed (a key pair for the stack unless the environment names one)."""
     from ctr.infra.broker import EmbeddedBroker
 
+    if features not in FEATURE_ENGINES:
+        raise RuntimeError(f"features={features!r}: choose one of {', '.join(FEATURE_ENGINES)}")
     path = _state_path()
     if path.exists() and any(pid_alive(s["pid"]) for s in json.loads(path.read_text())["services"].values()):
         raise RuntimeError("the stack is already up: `ctr status`, or `ctr down` first")
@@ -64,7 +117,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         Service(
             "worker",
             ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id", "stack-worker-1",
-                     *mflag["worker"]),
+                     *mflag["worker"], *(["--no-features"] if features == "flink" else [])),
             detach=True,
             nice=BATCH_NICE,
         ),
@@ -89,6 +142,18 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             detach=True,
         ),
     ]
+    if features == "flink":
+        try:
+            fl = flink_features(bs, feast_dir, taskmanagers=taskmanagers, say=say)
+        except BaseException:
+            from ctr.infra.broker import stop_broker
+
+            stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
+            (root / "broker.json").unlink(missing_ok=True)
+            raise
+        # one entry; `ctr down` stops the whole cluster (its state: .ctr/flink/cluster.json)
+        services["flink"] = {"pid": fl["processes"]["jobmanager"]["pid"], "log": str(flink_home() / "log"),
+                             "rest_url": fl["rest_url"]}  # fmt: skip
     prometheus_url = None
     if monitor:
         from ctr.monitor import prometheus_service
@@ -107,6 +172,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
     state = {
         "bootstrap": bs,
         "feast_dir": str(feast_dir),
+        "features": features,
         "predict_url": f"http://127.0.0.1:{serve_port}/predict",
         "services": services,
     }
@@ -136,7 +202,11 @@ def down() -> dict[str, str]:
         svc = state["services"].get(name)
         if svc:
             was = pid_alive(svc["pid"])
-            if name == "broker" and broker_file.exists():
+            if name == "flink":
+                from ctr.streams.flink import cluster
+
+                cluster.down(flink_home())
+            elif name == "broker" and broker_file.exists():
                 info = json.loads(broker_file.read_text())
                 stop_broker(svc["pid"], info["kind"], info.get("data_dir"), grace_s=15.0)
             else:
@@ -158,6 +228,10 @@ def status() -> dict:
         "feast_dir": state["feast_dir"],
         "services": {n: {**s, "alive": pid_alive(s["pid"])} for n, s in state["services"].items()},
     }
+    if state.get("features") == "flink":  # the cluster's own view: TaskManagers, jobs, pusher
+        from ctr.streams.flink import cluster
+
+        out["flink"] = cluster.status(flink_home())
     if "prometheus_url" in state:  # ctr up --monitor: its readiness and the alerts it holds
         from ctr.monitor import health
 

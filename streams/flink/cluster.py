@@ -151,8 +151,8 @@ def make_home(home: Path, venv: Path, cfg: ClusterConfig, rest_port: int, rpc_po
     (conf / "config.yaml").write_text(
         config_yaml(home, cfg, rest_port, rpc_port, venv / "bin" / "python", _java_opts(dist))
     )
-    for d in ("log", "pids", "checkpoints", "savepoints"):
-        (home / d).mkdir(exist_ok=True)
+    for sub in ("log", "pids", "checkpoints", "savepoints"):
+        (home / sub).mkdir(exist_ok=True)
     return home
 
 
@@ -279,6 +279,15 @@ def add_taskmanager(home: Path, state: dict[str, Any] | None = None) -> dict[str
     return dict(state["processes"][name])
 
 
+def register_process(home: Path, name: str, pid: int, log: str) -> None:
+    """Record a process started beside the cluster (the pusher) so :func:`down` stops it too."""
+    state = load_state(home)
+    if state is None:
+        raise RuntimeError(f"no Flink cluster at {home}")
+    state["processes"][name] = {"pid": pid, "log": log}
+    _save_state(Path(state["home"]), state)
+
+
 def running_jobs(state: dict[str, Any]) -> list[dict[str, Any]]:
     """Jobs the cluster holds that have not finished (RUNNING, RESTARTING, CREATED, ...)."""
     done = {"FINISHED", "CANCELED", "FAILED"}
@@ -370,7 +379,9 @@ def down(home: Path, grace_s: float = 15.0) -> dict[str, str]:
     if state is None:
         return {}
     out: dict[str, str] = {f"job {j}": "cancelled" for j in cancel_jobs(state)}
-    names = sorted((k for k in state["processes"] if k != "jobmanager"), reverse=True) + ["jobmanager"]
+    procs = state["processes"]
+    extras = [k for k in procs if k != "jobmanager" and not k.startswith("taskmanager-")]
+    names = extras + sorted((k for k in procs if k.startswith("taskmanager-")), reverse=True) + ["jobmanager"]
     for name in names:
         p = state["processes"].get(name)
         if p is None:
