@@ -31,6 +31,7 @@ from confluent_kafka import TopicPartition
 from bench.ground_truth import brute_force_buckets, truth_labels
 from ctr.features.spec import SPEC
 from ctr.infra.kafka_io import make_consumer
+from ctr.infra.procs import pid_alive, stop_process
 from ctr.infra.schema import WATERMARK_HEADER, Click, Impression
 from ctr.streams.datasets import open_source
 from ctr.streams.datasets.base import interleave_clicks
@@ -74,8 +75,10 @@ def flink_home(flink_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         assert set(state["processes"]) == {"jobmanager", "taskmanager-1"}
         yield home
     finally:
+        started = (cluster.load_state(home) or state)["processes"]  # the replacement TaskManager too
         ctr("flink", "down", "--home", str(home))
-        assert not any(cluster.pid_alive(p["pid"]) for p in state["processes"].values())
+        assert not any(pid_alive(p["pid"]) for p in started.values())
+        assert ctr("flink", "status", "--home", str(home)) == {"up": False}
 
 
 def rows_by_key(rows: list[dict]) -> dict[Key, tuple[int, int, float]]:
@@ -145,7 +148,7 @@ def test_the_job_reads_the_header_the_producers_write() -> None:
 
 
 def test_cluster_job_matches_the_faust_agent_and_its_pushed_rows_read_as_faust_rows(broker, tmp_path, flink_home):
-    records = list(open_source("synthetic", seed=23, events=1500, events_per_second=5.0, **SMALL))
+    records = list(open_source("synthetic", seed=23, events=1000, events_per_second=5.0, **SMALL))
     summary = replay(records, broker.bootstrap, producer_config=KAFKA_PRODUCER_CONFIG)  # Flink reads no zstd
     assert summary.failed == 0
     ends = end_offsets(broker.bootstrap)
@@ -197,20 +200,24 @@ def test_cluster_job_matches_the_faust_agent_and_its_pushed_rows_read_as_faust_r
         worker.stop()
 
 
-def test_a_quiet_click_topic_holds_the_windows_until_its_marker_and_no_click_is_lost(broker, flink_home):
+def test_a_quiet_click_topic_holds_the_windows_until_its_marker_and_no_click_is_lost(broker, flink_home, tmp_path):
     """The impressions run ahead while the click topic is quiet (its clicks are produced
     later, as a click topic consumed behind the impressions is). With an idle timeout the quiet
     source would stop holding the watermark and the late-arriving clicks would be dropped as
-    late; here nothing closes until the clicks and then a marker arrive, and all count."""
+    late; here nothing closes until the clicks and then a marker arrive, and all count.
+    Submitted as users do (``ctr flink submit``, the pusher started beside the job): the
+    pusher's Feast rows end equal to the job's windows."""
     records = list(open_source("synthetic", seed=5, events=300, events_per_second=2.0, **SMALL))
     events = list(interleave_clicks(records))
     imps = [e for e in events if isinstance(e, Impression)]
     clicks = [e for e in events if isinstance(e, Click)]
     assert sum(truth_labels(records).values()) >= 15
     group = f"quiet-{uuid.uuid4().hex[:6]}"
-    job_id = submit_unbounded(flink_home, broker.bootstrap, group)
+    job = ctr("flink", "submit", "--home", str(flink_home), "--bootstrap", broker.bootstrap, "--group", group,
+              "--feast-dir", str(tmp_path / "feast"))  # fmt: skip
+    job_id, pusher = job["job_id"], job["pusher"]["pid"]
     state = cluster.load_state(flink_home)
-    assert state is not None
+    assert state is not None and state["processes"]["pusher"]["pid"] == pusher
     try:
         replay_events(imps, broker.bootstrap, producer_config=KAFKA_PRODUCER_CONFIG, close_after_ms=None)
         ends = end_offsets(broker.bootstrap, ("impressions",))
@@ -226,9 +233,17 @@ def test_a_quiet_click_topic_holds_the_windows_until_its_marker_and_no_click_is_
         assert not diff(counts, want), diff(counts, want)
         assert sum(c for (etype, _, w, _), (_, c) in counts.items() if etype == "user" and w == "1h") == \
             60 * sum(truth_labels(records).values())  # every click, in each of the 60 hourly windows holding it
+        entities = sorted({(k[0], k[1]) for k in got})
+        deadline = time.monotonic() + 120
+        while bad := feast_mismatches(tmp_path / "feast", got, entities):  # the pusher (a service) catches up
+            assert pid_alive(pusher), Path(job["pusher"]["log"]).read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{len(bad)} pushed Feast rows differ from the job's, e.g. {bad[:5]}"
+            time.sleep(2.0)
     finally:
         cluster.cancel_jobs(state)
         assert rest_job(state, job_id)["state"] in ("CANCELLING", "CANCELED")
+        stop_process(pusher)  # `ctr flink down` would stop it too; the next test has its own broker
+
 
 
 def test_taskmanager_kill9_mid_job_recovers_from_its_checkpoint_with_exact_counts(broker, flink_home):
@@ -248,7 +263,7 @@ def test_taskmanager_kill9_mid_job_recovers_from_its_checkpoint_with_exact_count
         assert before > 0  # windows closed (by the first half's own event time) before the kill
 
         [tm] = [p["pid"] for name, p in state["processes"].items() if name.startswith("taskmanager-")
-                and cluster.pid_alive(p["pid"])]  # fmt: skip
+                and pid_alive(p["pid"])]  # fmt: skip
         os.kill(tm, signal.SIGKILL)
         t_kill = time.monotonic()
         cluster.add_taskmanager(home)  # the replacement (the job's only slot died with the first)
