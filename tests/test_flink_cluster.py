@@ -31,7 +31,7 @@ from confluent_kafka import TopicPartition
 from bench.ground_truth import brute_force_buckets, truth_labels
 from ctr.features.spec import SPEC
 from ctr.infra.kafka_io import make_consumer
-from ctr.infra.procs import pid_alive, stop_process
+from ctr.infra.procs import free_port, pid_alive, stop_process
 from ctr.infra.schema import WATERMARK_HEADER, Click, Impression
 from ctr.streams.datasets import open_source
 from ctr.streams.datasets.base import interleave_clicks
@@ -39,6 +39,7 @@ from ctr.streams.flink import KAFKA_PRODUCER_CONFIG, cluster, sql
 from ctr.streams.flink.harness import create_output_topic, end_offsets, flink_python, read_features
 from ctr.streams.replay import replay, replay_events
 from ctr.streams.watermarks import send_watermark
+from tests.stack_helpers import first_prediction
 from tests.test_flink_parity import diff, faust_buckets, feast_mismatches, windows_of
 from tests.test_stream_agents import SMALL, Worker
 
@@ -145,6 +146,61 @@ def test_the_job_reads_the_header_the_producers_write() -> None:
     ddl = sql.statements(SPEC, sql.JobConfig("b:9092"))
     sources = [s for s in ddl if s.startswith("CREATE TABLE") and "'format' = 'raw'" in s]
     assert len(sources) == 2 and all(f"headers['{WATERMARK_HEADER}']" in s for s in sources)
+
+
+def test_ctr_up_features_flink_serves_flink_computed_features(flink_venv, tmp_path):
+    """``ctr up --features flink``: the worker keeps the label join (the learner trains and
+    serving answers), the windowed features in Feast come from the job on the cluster through
+    the pusher; ``ctr status`` shows the cluster; ``ctr down`` stops all of it. First in the
+    module, so its cluster is down before the module's starts."""
+    env = {**os.environ, "CTR_STATE_DIR": str(tmp_path / "state"), "CTR_KAFKA_COMPRESSION": "lz4"}
+    env.pop("CTR_BOOTSTRAP", None)
+    port = free_port()
+
+    def run(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "ctr.cli", *args], env=env, capture_output=True, text=True,
+                             timeout=timeout, check=False)  # fmt: skip
+        assert out.returncode == 0, f"ctr {' '.join(args)}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        return out
+
+    run("up", "--features", "flink", "--port", str(port))
+    state = json.loads((tmp_path / "state" / "stack.json").read_text())
+    flink_state = cluster.load_state(tmp_path / "state" / "flink")
+    assert flink_state is not None
+    pids = [s["pid"] for s in state["services"].values()] + [p["pid"] for p in flink_state["processes"].values()]
+    try:
+        assert set(state["services"]) == {"broker", "flink", "worker", "reweighter", "learner", "serve"}
+        assert set(flink_state["processes"]) == {"jobmanager", "taskmanager-1", "pusher"}
+        run("replay", "--events", "2000")
+        status = json.loads(run("status").stdout)
+        assert all(s["alive"] for s in status["services"].values()), status
+        assert [j["state"] for j in status["flink"]["jobs"]] == ["RUNNING"], status["flink"]
+        assert status["flink"]["overview"]["taskmanagers"] == 1
+
+        # The newest closed 5 m window of the busiest item, as the job wrote it ...
+        deadline = time.monotonic() + 120
+        while not (rows := [r for r in read_features(state["bootstrap"], "flink-features")
+                            if r["entity_type"] == "item" and r["window"] == "5m"]):  # fmt: skip
+            assert time.monotonic() < deadline, "the job wrote no window"
+            time.sleep(2.0)
+        end = max(r["window_end_ms"] for r in rows)
+        top = max((r for r in rows if r["window_end_ms"] == end), key=lambda r: r["impressions"])
+        # ... is what `ctr features get` (serving's read) returns once the pusher wrote it.
+        while True:
+            got = json.loads(run("features", "get", "--item", top["entity_id"], "--dir", state["feast_dir"]).stdout)
+            vals = got["item"][top["entity_id"]]
+            if (vals["item_impressions_5m"], vals["item_clicks_5m"]) == (top["impressions"], top["clicks"]):
+                break
+            assert time.monotonic() < deadline, f"Feast holds {vals}, the job wrote {top}"
+            time.sleep(2.0)
+        assert vals["item_ctr_5m"] == pytest.approx(top["ctr"], abs=1e-12)
+        body = {"user_id": "u1", "candidates": [{"item_id": top["entity_id"]}, {"item_id": "ad2"}]}
+        r = first_prediction(port, body, time.monotonic() + 120)  # the label join still feeds the learner
+        assert len(r.json()["predictions"]) == 2
+    finally:
+        run("down")
+    assert not any(pid_alive(p) for p in pids)
+    assert not (tmp_path / "state" / "flink" / cluster.STATE_FILE).exists()
 
 
 def test_cluster_job_matches_the_faust_agent_and_its_pushed_rows_read_as_faust_rows(broker, tmp_path, flink_home):
