@@ -365,6 +365,12 @@ def demo_cmd(
     batch_nice: Annotated[
         int, typer.Option(help="Niceness of worker, reweighter and learner: serving's requests go first (0: equal).")
     ] = 10,
+    features: Annotated[
+        str, typer.Option(help="Who computes the windowed features: faust (the worker) or flink (a standalone Flink "
+                          "cluster, the job and the pusher; producers then write lz4).",
+                          callback=one_of(("faust", "flink")))
+    ] = "faust",
+    taskmanagers: Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")] = 1,
 ) -> None:
     """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
     from ctr.demo import run_demo
@@ -382,6 +388,8 @@ def demo_cmd(
             bootstrap=bootstrap,
             seed=seed,
             batch_nice=batch_nice,
+            features=features,
+            taskmanagers=taskmanagers,
         )
     except ValueError as err:
         fail(str(err))
