@@ -148,6 +148,23 @@ def test_the_job_reads_the_header_the_producers_write() -> None:
     assert len(sources) == 2 and all(f"headers['{WATERMARK_HEADER}']" in s for s in sources)
 
 
+def test_the_cluster_config_binds_loopback_caps_memory_and_restarts_from_checkpoints(tmp_path) -> None:
+    """What ``ctr flink up`` writes to ``conf/config.yaml`` (no JVM needed)."""
+    cfg = cluster.ClusterConfig(taskmanagers=2, slots=2)
+    text = cluster.config_yaml(tmp_path, cfg, 18081, 16123, tmp_path / "python", "--add-opens=x")
+    conf = {k: json.loads(v) for k, v in (line.split(": ", 1) for line in text.splitlines())}
+    hosts = ("jobmanager.bind-host", "taskmanager.bind-host", "rest.bind-address", "rest.address",
+             "jobmanager.rpc.address", "taskmanager.host")  # fmt: skip
+    assert {conf[k] for k in hosts} == {"127.0.0.1"}
+    assert (conf["rest.port"], conf["jobmanager.rpc.port"]) == ("18081", "16123")
+    assert conf["jobmanager.memory.process.size"] == conf["taskmanager.memory.process.size"] == "1024m"
+    assert conf["taskmanager.numberOfTaskSlots"] == "2"
+    assert conf["execution.checkpointing.dir"] == (tmp_path / "checkpoints").as_uri()
+    assert conf["restart-strategy.type"] == "fixed-delay"
+    assert conf["python.executable"] == conf["python.client.executable"] == str(tmp_path / "python")
+    assert conf["env.java.opts.all"] == "--add-opens=x"
+
+
 def test_ctr_up_features_flink_serves_flink_computed_features(flink_venv, tmp_path):
     """``ctr up --features flink``: the worker keeps the label join (the learner trains and
     serving answers), the windowed features in Feast come from the job on the cluster through
