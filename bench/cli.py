@@ -145,12 +145,13 @@ def bench_flink(
     events: Annotated[int, typer.Option(help="Impressions to replay (clicks come on top).")] = 200_000,
     parallelism: Annotated[list[int] | None, typer.Option(help="Flink parallelism; repeat for several.")] = None,
     skip_faust: Annotated[bool, typer.Option(help="Only the Flink job.")] = False,
+    skip_cluster: Annotated[bool, typer.Option(help="No row for the job on a standalone cluster.")] = False,
 ) -> None:
-    """Events/s of the PyFlink windowed-feature job on the mini-cluster (needs `make flink-setup`),
-    next to the Faust agents on the same input."""
+    """Events/s of the PyFlink windowed-feature job on the mini-cluster and on a standalone cluster
+    (`ctr flink up`; needs `make flink-setup`), next to the Faust agents on the same input."""
     from bench.flink import main
 
-    main(json_path, events, tuple(parallelism or (1, 2)), "noida", skip_faust)
+    main(json_path, events, tuple(parallelism or (1, 2)), "noida", skip_faust, skip_cluster)
 
 
 @bench_app.command("reliability")

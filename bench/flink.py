@@ -19,6 +19,12 @@ measure the broker swallowing gigabytes of sink output, not the aggregation. Row
   planning, code generation and compilation, deployment, JIT, and the ~54k window rows those
   events open. ``marginal_events_per_cpu_s`` of the rows above = the extra events / the extra
   CPU time over this row.
+* ``flink cluster p=1`` -- the same bounded job submitted with ``flink run -py`` to a standalone
+  cluster (``ctr flink up``: a JobManager and one TaskManager, separate JVMs, 1 GiB each),
+  started and warmed before the clock starts (the cluster runs for months; its JVM start is
+  not the job's). ``seconds`` = submission to the end, as above; ``cpu_s`` = CPU time of the
+  JobManager, the TaskManager and the ``flink run`` client (its JVM and Python) during it;
+  ``wall_s`` = the whole ``flink run``.
 * ``faust: join + features`` -- ``python -m ctr.streams.worker`` (label join, feature agent,
   Feast writer process) on the same topics, from its first event (its Prometheus counter,
   as in ``bench/stream.py``; start-up excluded) until the feature agent has committed every
@@ -118,7 +124,40 @@ def _flink_row(bootstrap: str, ends: dict, total: int, p: int, tmp: Path, label:
             "output_rows": out}  # fmt: skip
 
 
-def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str, skip_faust: bool) -> dict:
+def _cluster_row(bootstrap: str, ends: dict, total: int, tmp: Path) -> dict:
+    """The bounded job on a standalone cluster (``ctr.streams.flink.cluster``), 1 TaskManager."""
+    import json
+
+    from ctr.streams.flink import cluster
+    from ctr.streams.flink.harness import create_output_topic, end_offsets
+
+    home = tmp / "flink-cluster"
+    state = cluster.up(home, cluster.ClusterConfig(taskmanagers=1))
+    try:
+        jvms = [psutil.Process(p["pid"]) for p in state["processes"].values()]
+
+        def cpu() -> float:
+            return sum(t.user + t.system for t in (j.cpu_times() for j in jvms))
+
+        topic = "flink-features-cluster"
+        create_output_topic(bootstrap, topic)
+        c0, k0, t0 = cpu(), os.times(), time.perf_counter()
+        job = cluster.submit(home, bootstrap, group="bench-cluster", timeout_s=1800,
+                             job_args=("--end-offsets", json.dumps(ends), "--output-topic", topic))  # fmt: skip
+        wall = time.perf_counter() - t0
+        k1 = os.times()
+        client = (k1.children_user - k0.children_user) + (k1.children_system - k0.children_system)
+        cpu_s = cpu() - c0 + client
+        out = sum(end_offsets(bootstrap, (topic,))[topic].values())
+    finally:
+        cluster.down(home)
+    return {"name": "flink cluster p=1 (JobManager + 1 TaskManager, SQL HOP)", "events": total,
+            "seconds": job["seconds"], "events_per_s": round(total / job["seconds"], 1), "cpu_s": round(cpu_s, 2),
+            "events_per_cpu_s": round(total / cpu_s, 1), "wall_s": round(wall, 3), "output_rows": out}  # fmt: skip
+
+
+def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str, skip_faust: bool,
+         skip_cluster: bool = False) -> dict:  # fmt: skip
     from ctr.infra.broker import EmbeddedBroker
     from ctr.streams.datasets import open_source
     from ctr.streams.flink import KAFKA_PRODUCER_CONFIG
@@ -155,6 +194,9 @@ def main(json_path: Path, events: int, parallelisms: tuple[int, ...], kind: str,
             r["marginal_events_per_cpu_s"] = round((total - n_small) / extra_cpu, 1) if extra_cpu > 0 else None
             rows.append(r)
             print(rows[-1], flush=True)
+        if not skip_cluster:
+            rows.append(_cluster_row(broker.bootstrap, ends, total, tmp))
+            print(rows[-1], flush=True)
         if not skip_faust:
             rows.append(_faust_row(broker.bootstrap, total, tmp))
             print(rows[-1], flush=True)
@@ -172,8 +214,9 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--parallelism", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--kind", default="noida")
     ap.add_argument("--skip-faust", action="store_true")
+    ap.add_argument("--skip-cluster", action="store_true", help="no standalone-cluster row")
     a = ap.parse_args(argv)
-    main(a.json, a.events, tuple(a.parallelism), a.kind, a.skip_faust)
+    main(a.json, a.events, tuple(a.parallelism), a.kind, a.skip_faust, a.skip_cluster)
 
 
 if __name__ == "__main__":

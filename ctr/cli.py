@@ -365,6 +365,12 @@ def demo_cmd(
     batch_nice: Annotated[
         int, typer.Option(help="Niceness of worker, reweighter and learner: serving's requests go first (0: equal).")
     ] = 10,
+    features: Annotated[
+        str, typer.Option(help="Who computes the windowed features: faust (the worker) or flink (a standalone Flink "
+                          "cluster, the job and the pusher; producers then write lz4).",
+                          callback=one_of(("faust", "flink")))
+    ] = "faust",
+    taskmanagers: Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")] = 1,
 ) -> None:
     """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
     from ctr.demo import run_demo
@@ -382,9 +388,106 @@ def demo_cmd(
             bootstrap=bootstrap,
             seed=seed,
             batch_nice=batch_nice,
+            features=features,
+            taskmanagers=taskmanagers,
         )
     except ValueError as err:
         fail(str(err))
+
+
+# --------------------------------------------------------------------------- flink
+flink_app = typer.Typer(
+    help="A standalone Flink cluster (JobManager + TaskManagers, from .venv-flink) running the windowed-feature "
+    "job, its rows pushed into Feast.",
+    no_args_is_help=True,
+)
+app.add_typer(flink_app, name="flink")
+FlinkHome = Annotated[Path | None, typer.Option("--home", help="FLINK_HOME and cluster state (default .ctr/flink).")]
+
+
+def _flink_home(home: Path | None) -> Path:
+    from ctr.stack import flink_home
+
+    return (home or flink_home()).resolve()
+
+
+@flink_app.command("up")
+def flink_up(
+    taskmanagers: Annotated[int, typer.Option(min=1, help="TaskManager processes.")] = 1,
+    slots: Annotated[int, typer.Option(min=1, help="Task slots per TaskManager.")] = 1,
+    taskmanager_mb: Annotated[int, typer.Option(help="TaskManager process size (MiB).")] = 1024,
+    jobmanager_mb: Annotated[int, typer.Option(help="JobManager process size (MiB).")] = 1024,
+    home: FlinkHome = None,
+) -> None:
+    """Start a JobManager and N TaskManagers (Java 17, REST on 127.0.0.1, checkpoints under HOME)."""
+    from ctr.streams.flink import cluster
+
+    cfg = cluster.ClusterConfig(taskmanagers=taskmanagers, slots=slots, taskmanager_mb=taskmanager_mb,
+                                jobmanager_mb=jobmanager_mb)  # fmt: skip
+    try:
+        state = cluster.up(_flink_home(home), cfg)
+    except (RuntimeError, TimeoutError) as err:
+        fail(str(err))
+    typer.echo(json.dumps({"rest_url": state["rest_url"], "home": state["home"],
+                           "processes": state["processes"]}, indent=2))  # fmt: skip
+    typer.echo("submit the job with `ctr flink submit`, stop with `ctr flink down`")
+
+
+@flink_app.command("submit")
+def flink_submit(
+    bootstrap: Bootstrap = None,
+    parallelism: Annotated[int, typer.Option(min=1, help="The job's parallelism (needs as many free slots).")] = 1,
+    group: Annotated[str, typer.Option(help="The job's Kafka consumer group.")] = "ctr-flink-features",
+    push: Annotated[bool, typer.Option(help="Also start the pusher: the job's rows into the Feast store.")] = True,
+    feast_dir: Annotated[Path | None, typer.Option(help="Feast store the pusher writes (default .ctr/feast).")] = None,
+    end_offsets: Annotated[
+        str | None, typer.Option(help='Bounded: stop at these offsets, JSON {"impressions": {"0": N, ...}, ...}.')
+    ] = None,
+    home: FlinkHome = None,
+) -> None:
+    """Submit streams/flink/job.py (`flink run -py`) against the broker; with --push the pusher writes to Feast."""
+    from ctr.infra.config import state_dir
+    from ctr.stack import start_pusher
+    from ctr.streams.flink import cluster
+    from ctr.streams.flink.harness import create_output_topic
+
+    bs, h = bootstrap_or_exit(bootstrap), _flink_home(home)
+    try:
+        create_output_topic(bs, "flink-features")
+        job = cluster.submit(h, bs, parallelism=parallelism, group=group,
+                             job_args=("--end-offsets", end_offsets) if end_offsets else ())  # fmt: skip
+        if push:
+            job["pusher"] = start_pusher(h, bs, feast_dir or state_dir() / "feast")
+    except (RuntimeError, TimeoutError) as err:
+        fail(str(err))
+    typer.echo(json.dumps(job, indent=2))
+
+
+@flink_app.command("add-taskmanager")
+def flink_add_taskmanager(home: FlinkHome = None) -> None:
+    """Start one more TaskManager (more slots, or to replace a lost one)."""
+    from ctr.streams.flink import cluster
+
+    try:
+        typer.echo(json.dumps(cluster.add_taskmanager(_flink_home(home)), indent=2))
+    except RuntimeError as err:
+        fail(str(err))
+
+
+@flink_app.command("status")
+def flink_status(home: FlinkHome = None) -> None:
+    """The cluster's processes and, from its REST API, TaskManagers, slots and jobs."""
+    from ctr.streams.flink import cluster
+
+    typer.echo(json.dumps(cluster.status(_flink_home(home)), indent=2))
+
+
+@flink_app.command("down")
+def flink_down(home: FlinkHome = None) -> None:
+    """Cancel the jobs, stop the pusher, the TaskManagers and the JobManager."""
+    from ctr.streams.flink import cluster
+
+    typer.echo(json.dumps(cluster.down(_flink_home(home)) or {"up": False}, indent=2))
 
 
 # --------------------------------------------------------------------------- up / down / status
@@ -402,15 +505,23 @@ def up_cmd(
         str, typer.Option(help="dev: one process per stage, SQLite online store. full: two Faust workers, a "
                           "Redis-protocol online store (Valkey), two serving workers, Prometheus (--monitor).")
     ] = "dev",
+    features: Annotated[
+        str, typer.Option(help="Who computes the windowed features in Feast: faust (the worker's agent) or flink "
+                          "(a standalone Flink cluster, the job and the pusher; the worker keeps the label join).",
+                          callback=one_of(("faust", "flink")))
+    ] = "faust",
+    taskmanagers: Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")] = 1,
 ) -> None:
     """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
     from ctr.stack import up
 
     try:
         state = up(kind=kind, feast_dir=feast_dir, serve_port=port, monitor=monitor, monitor_port=monitor_port,
-                   profile=profile)
-    except RuntimeError as err:
+                   profile=profile, features=features, taskmanagers=taskmanagers)  # fmt: skip
+    except (RuntimeError, TimeoutError) as err:
         fail(str(err))
+    if features == "flink":
+        typer.echo("the Flink job reads no zstd: produce with CTR_KAFKA_COMPRESSION=lz4 (e.g. `ctr replay`)")
     typer.echo(json.dumps(state, indent=2))
     typer.echo("feed it with `ctr replay`, inspect with `ctr status` and `ctr features get`, stop with `ctr down`")
 

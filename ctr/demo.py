@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -83,6 +84,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 def _fmt(v: object) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, str):  # features, freshness_error
+        return v
     return f"{v:,.4f}" if isinstance(v, float) else f"{v:,}"
 
 
@@ -122,8 +125,18 @@ def run_demo(
     console: Console | None = None,
     predict_rate: float = 20.0,
     batch_nice: int = BATCH_NICE,
+    features: str = "faust",
+    taskmanagers: int = 1,
 ) -> dict:
+    """``features="flink"``: the windowed features come from the Flink job on a standalone
+    cluster (``taskmanagers`` TaskManagers, FLINK_HOME in ``out/flink``) through the pusher, the
+    worker runs the label join only; every producer of the run then writes lz4 (Flink reads no
+    zstd)."""
     console = console or Console()
+    if features == "flink":
+        os.environ["CTR_KAFKA_COMPRESSION"] = "lz4"  # this process's producers and the stages'
+    elif features != "faust":
+        raise ValueError(f"features={features!r}: choose faust or flink")
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if events is None:
@@ -144,7 +157,12 @@ def run_demo(
 
         fields = discover_fields([r.impression for r in open_source(data, mapping=mapping, seed=seed, events=1_000)])
         port = start_stages(sup, bs, out, frozen_after=max(2_000, events // 10), fields=fields, say=console.print,
-                            batch_nice=batch_nice)  # fmt: skip
+                            batch_nice=batch_nice, features=features)  # fmt: skip
+        if features == "flink":
+            from ctr.stack import flink_features
+
+            with console.status("starting the Flink cluster, the windowed-feature job and the pusher ..."):
+                flink_features(bs, out / "feast", home=out / "flink", taskmanagers=taskmanagers, say=console.print)
         client = SteadyClient(f"http://127.0.0.1:{port}/predict", rate=predict_rate)
         # one replayed impression in 40 is scored by serving as it is shown (~50 requests/s at
         # the default rate): the online quality of what was served
@@ -227,6 +245,7 @@ def run_demo(
             result["freshness_error"] = repr(prober.error)
         result.update(serving_summary(client.log))
         result["served_impressions_scored"] = scorer.scored
+        result["features"] = features
         result["dead_letters"] = _dead_letters(bs)
         weights = _field_weights(bs)
         from ctr.report import Timeline, write_report
@@ -236,6 +255,10 @@ def run_demo(
         write_report(out / "report.html", result, rows, weights, tl)
     finally:
         sup.stop_all()
+        if features == "flink":
+            from ctr.streams.flink import cluster
+
+            cluster.down(out / "flink")
         if broker:
             broker.stop(keep_data=True)
     _print_summary(console, result)
@@ -252,13 +275,15 @@ def start_stages(
     fields: tuple[Sequence[str], Sequence[str]] | None = None,
     say: Callable[[str], object] = print,
     batch_nice: int = BATCH_NICE,
+    features: str = "faust",
 ) -> int:
     """Start worker, reweighter, learner and serving under ``sup`` with their state in ``out``;
     returns the serving port (ready once :func:`ready` says so). ``fields``: the learner's
     (categorical, numeric) fields; None lets it discover them from its first examples. The
     learner signs every model update and serving accepts only those (a key pair for the run
     unless the environment names one). ``batch_nice``: the worker's, reweighter's and learner's
-    niceness (:data:`~ctr.supervisor.BATCH_NICE`; serving keeps the launcher's)."""
+    niceness (:data:`~ctr.supervisor.BATCH_NICE`; serving keeps the launcher's). ``features="flink"``:
+    the worker runs the label join only (the Flink job computes the features)."""
     feast_dir, learner_dir = str(out / "feast"), out / "learner"
     key, created = run_keys(out / "keys")
     if created:
@@ -269,7 +294,8 @@ def start_stages(
     if fields is not None:
         extra += ["--categorical", ",".join(fields[0]), "--numeric", ",".join(fields[1])]
     stages = {
-        "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1"],
+        "worker": ["worker", "--feast-dir", feast_dir, "--instance-id", "demo-worker-1",
+                   *(["--no-features"] if features == "flink" else [])],
         "reweighter": ["reweight", "--feast-dir", feast_dir, "--window", "20000", "--publish-every", "5000"],
         "learner": ["learn", "--state-dir", str(learner_dir), "--publish-interval", "1",
                     "--checkpoint-interval", "10", *sign, *extra],

@@ -10,10 +10,12 @@ in the state; ``--monitor`` adds a Prometheus scraping them with the project's a
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ctr.infra.config import state_dir
 from ctr.infra.procs import free_port, pid_alive, port_open, stop_process
@@ -21,12 +23,60 @@ from ctr.online_learner.signing import run_keys, stage_flags
 from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
 
 #: Stop order: the watcher first (the others stopping are no alert), then consumers before what
-#: they consume from.
-STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "worker-2", "valkey", "broker")
+#: they consume from. ``flink``: the Flink cluster, its job and the pusher (``--features flink``).
+STOP_ORDER = ("prometheus", "serve", "learner", "reweighter", "worker", "worker-2", "flink", "valkey", "broker")
 #: ``dev``: one process per stage, the SQLite online store. ``full``: the production topology on
 #: one machine -- two Faust workers sharing the partitions, a Redis-protocol online store
 #: (Valkey), two serving worker processes, Prometheus with the alert rules.
 PROFILES = ("dev", "full")
+#: Who computes the windowed features that reach Feast: the Faust worker's feature agent, or
+#: the PyFlink job on a standalone Flink cluster with the pusher writing its rows to Feast.
+FEATURE_ENGINES = ("faust", "flink")
+
+
+def flink_home() -> Path:
+    """FLINK_HOME and state of the cluster ``ctr flink up`` / ``ctr up --features flink`` start."""
+    return state_dir() / "flink"
+
+
+def start_pusher(home: Path, bootstrap: str, feast_dir: Path, topic: str = "flink-features",
+                 online: tuple[str, ...] = ()) -> dict:
+    """Start the pusher (``python -m ctr.streams.flink.push``) detached beside the Flink
+    cluster at ``home``, recorded in its state so ``ctr flink down`` stops it too."""
+    from ctr.streams.flink import cluster
+
+    sup = Supervisor(home / "log")
+    svc = sup.start(Service("pusher", [sys.executable, "-m", "ctr.streams.flink.push", "--bootstrap", bootstrap,
+                                       "--feast-dir", str(feast_dir), "--topic", topic, *online],
+                            detach=True, nice=BATCH_NICE))  # fmt: skip
+    assert svc.proc is not None  # started
+    cluster.register_process(home, "pusher", svc.proc.pid, str(svc.log_path))
+    return {"pid": svc.proc.pid, "log": str(svc.log_path)}
+
+
+def flink_features(bootstrap: str, feast_dir: Path, *, home: Path | None = None, taskmanagers: int = 1,
+                   parallelism: int = 1, say: Callable[[str], object] = print,
+                   online: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """The Flink path for the windowed features: a standalone cluster (JobManager +
+    ``taskmanagers`` TaskManagers) unless one is up at ``home``, the job submitted (unbounded)
+    against ``bootstrap``, the pusher writing its rows to ``feast_dir``. Returns the cluster state."""
+    from ctr.streams.flink import cluster
+    from ctr.streams.flink.harness import create_output_topic
+
+    home = home or flink_home()
+    state = cluster.load_state(home)
+    if state is None or not pid_alive(state["processes"]["jobmanager"]["pid"]):
+        say(f"starting a Flink cluster in {home} (JobManager + {taskmanagers} TaskManager(s))")
+        state = cluster.up(home, cluster.ClusterConfig(taskmanagers=taskmanagers))
+    try:
+        create_output_topic(bootstrap, "flink-features")
+        job = cluster.submit(home, bootstrap, parallelism=parallelism)
+        say(f"submitted the windowed-feature job {job['job_id']} ({state['rest_url']})")
+        start_pusher(home, bootstrap, feast_dir, online=online)
+    except BaseException:
+        cluster.down(home)
+        raise
+    return cluster.load_state(home) or {}
 
 
 def _state_path() -> Path:
@@ -35,16 +85,21 @@ def _state_path() -> Path:
 
 def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 8000,
        say: Callable[[str], object] = print, monitor: bool = False, monitor_port: int = 0,
-       profile: str = "dev") -> dict:
+       profile: str = "dev", features: str = "faust", taskmanagers: int = 1) -> dict:
     """Start broker, worker, reweighter, learner and serving detached (and Prometheus with
     ``monitor``, on ``monitor_port`` or a free one); returns the recorded state.
     ``profile="full"`` (:data:`PROFILES`): two workers, a Valkey online store, two serving
     workers and Prometheus.
+    ``features="flink"``: the worker runs the label join only, and the windowed features come
+    from the Flink job on a standalone cluster (``taskmanagers`` TaskManagers) through the
+    pusher (:func:`flink_features`).
     Model updates are signed (a key pair for the stack unless the environment names one)."""
     from ctr.infra.broker import EmbeddedBroker
 
     if profile not in PROFILES:
         raise RuntimeError(f"profile={profile!r}: choose one of {', '.join(PROFILES)}")
+    if features not in FEATURE_ENGINES:
+        raise RuntimeError(f"features={features!r}: choose one of {', '.join(FEATURE_ENGINES)}")
     full = profile == "full"
     monitor = monitor or full
     path = _state_path()
@@ -69,7 +124,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         say(f"model updates are signed with a key pair created for this stack ({root / 'keys'}; "
                       "set $CTR_SIGNING_KEY and $CTR_VERIFY_KEYS to use your own)")
     sign, verify = stage_flags(key)
-    services = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log"),
+    services: dict[str, dict[str, Any]] = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log"),
                            "health": {"tcp": bs}}}  # fmt: skip
     online: tuple[str, ...] = ()
     if full:  # the online store first: the stages that use it open it at start
@@ -99,7 +154,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         *(Service(
             w,
             ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id",
-                     f"stack-worker-{i}", *online, *mflag[w]),
+                     f"stack-worker-{i}", *online, *mflag[w], *(["--no-features"] if features == "flink" else [])),
             detach=True,
             nice=BATCH_NICE,
         ) for i, w in enumerate(workers, 1)),
@@ -126,6 +181,20 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             detach=True,
         ),
     ]
+    if features == "flink":
+        try:
+            fl = flink_features(bs, feast_dir, taskmanagers=taskmanagers, say=say, online=online)
+        except BaseException:
+            from ctr.infra.broker import stop_broker
+
+            if "valkey" in services:
+                stop_process(services["valkey"]["pid"])
+            stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
+            (root / "broker.json").unlink(missing_ok=True)
+            raise
+        # one entry; `ctr down` stops the whole cluster (its state: .ctr/flink/cluster.json)
+        services["flink"] = {"pid": fl["processes"]["jobmanager"]["pid"], "log": str(flink_home() / "log"),
+                             "rest_url": fl["rest_url"], "health": {"http": f"{fl['rest_url']}/overview"}}  # fmt: skip
     prometheus_url = None
     if monitor:
         from ctr.monitor import prometheus_service
@@ -151,6 +220,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         "profile": profile,
         "bootstrap": bs,
         "feast_dir": str(feast_dir),
+        "features": features,
         "predict_url": f"http://127.0.0.1:{serve_port}/predict",
         "services": services,
     }
@@ -202,7 +272,11 @@ def down() -> dict[str, str]:
         svc = state["services"].get(name)
         if svc:
             was = pid_alive(svc["pid"])
-            if name == "broker" and broker_file.exists():
+            if name == "flink":
+                from ctr.streams.flink import cluster
+
+                cluster.down(flink_home())
+            elif name == "broker" and broker_file.exists():
                 info = json.loads(broker_file.read_text())
                 stop_broker(svc["pid"], info["kind"], info.get("data_dir"), grace_s=15.0)
             else:
@@ -227,6 +301,10 @@ def status() -> dict:
                          **({"healthy": alive and healthy(s["health"])} if "health" in s else {})}
                      for n, s in state["services"].items()},  # fmt: skip
     }
+    if state.get("features") == "flink":  # the cluster's own view: TaskManagers, jobs, pusher
+        from ctr.streams.flink import cluster
+
+        out["flink"] = cluster.status(flink_home())
     if "prometheus_url" in state:  # ctr up --monitor: its readiness and the alerts it holds
         from ctr.monitor import health
 

@@ -110,7 +110,7 @@ def replay_events(
     if close_after_ms is not None and summary.events:
         from ctr.streams.watermarks import send_watermark
 
-        send_watermark(bootstrap, last_ms + close_after_ms)
+        send_watermark(bootstrap, last_ms + close_after_ms, producer_config=producer_config)
     summary.seconds = time.perf_counter() - start
     summary.delivered, summary.failed = tracker.delivered, tracker.failed
     summary.last_event_ms = last_ms if summary.events else 0

@@ -12,14 +12,20 @@ from ctr.infra.topics import CLICKS_TOPIC, IMPRESSIONS_TOPIC
 
 
 def send_watermark(
-    bootstrap: str, time_ms: int, topics: Sequence[str] = (IMPRESSIONS_TOPIC, CLICKS_TOPIC), partitions: int = 4
+    bootstrap: str,
+    time_ms: int,
+    topics: Sequence[str] = (IMPRESSIONS_TOPIC, CLICKS_TOPIC),
+    partitions: int = 4,
+    producer_config: dict | None = None,
 ) -> None:
     """Send a watermark control message (header ``ctr.watermark``) to every partition of
     ``topics``: the join treats event time as having reached ``time_ms`` there. A replay sends
-    one after its last event so the last windows close without waiting for more data."""
+    one after its last event so the last windows close without waiting for more data.
+    ``producer_config``: extra producer settings (the Flink job reads lz4, not zstd:
+    ``ctr.streams.flink.KAFKA_PRODUCER_CONFIG``)."""
     from ctr.infra.kafka_io import DeliveryTracker, flush, make_producer
 
-    p = make_producer(bootstrap)
+    p = make_producer(bootstrap, **(producer_config or {}))
     tracker = DeliveryTracker()
     for topic in topics:
         for part in range(partitions):

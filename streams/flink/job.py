@@ -59,7 +59,9 @@ def parse_offsets(text: str) -> dict[str, dict[int, int]]:
     return {topic: {int(p): int(o) for p, o in parts.items()} for topic, parts in raw.items()}
 
 
-def build_env(parallelism: int, jars: list[Path], bounded: bool, idle_timeout_ms: int) -> TableEnvironment:
+def build_env(
+    parallelism: int, jars: list[Path], bounded: bool, idle_timeout_ms: int, checkpoint_ms: int = 10_000
+) -> TableEnvironment:
     # The mini-cluster lives in the py4j gateway JVM, whose heap is otherwise uncapped (3.9 GB
     # at parallelism 2 was measured here); JVM_ARGS is read when the gateway starts.
     os.environ.setdefault("JVM_ARGS", "-Xmx1g")
@@ -94,12 +96,13 @@ def build_env(parallelism: int, jars: list[Path], bounded: bool, idle_timeout_ms
     if not bounded:
         # Offsets are committed and the at-least-once sink flushed on checkpoints. Rows are
         # whole-window values keyed by entity, so a replayed row overwrites with the same value.
-        opts["execution.checkpointing.interval"] = "10 s"
-        # A partition without traffic would hold the watermark (and every window) back forever.
-        # But an idle source stops holding it back at all: a burst that then reaches a
-        # long-idle click partition is behind the impressions' watermark, and its clicks are
-        # dropped as late (seen on the mini-cluster). Hence a long timeout: a click partition
-        # of a live stream is never quiet for a minute, a dead one stalls windows only that long.
+        opts["execution.checkpointing.interval"] = f"{checkpoint_ms} ms"
+        # A partition without traffic holds the watermark (and every window) back until a
+        # watermark control message arrives there (sql._source_table reads them), as in the
+        # Faust join. An idle timeout is an opt-in fallback for producers that send none: an
+        # idle source stops holding the watermark back at all, so a burst that then reaches a
+        # long-idle click partition is behind the impressions' watermark and its clicks are
+        # dropped as late (seen on the mini-cluster) -- hence off by default.
         if idle_timeout_ms > 0:
             opts["table.exec.source.idle-timeout"] = f"{idle_timeout_ms} ms"
         # Only the first-click deduplication keeps state per key without a watermark to clean
@@ -118,12 +121,13 @@ def run(
     parallelism: int,
     *,
     wait: bool,
-    idle_timeout_ms: int = 60_000,
+    idle_timeout_ms: int = 0,
+    checkpoint_ms: int = 10_000,
 ) -> float:
     """Submit the job; with ``wait`` block until a bounded job finishes. Returns seconds from
     submission to the end (or to submission for an unbounded job)."""
     bounded = cfg.end_offsets is not None or cfg.bounded_latest
-    env = build_env(parallelism, default_jars(), bounded, idle_timeout_ms)
+    env = build_env(parallelism, default_jars(), bounded, idle_timeout_ms, checkpoint_ms)
     stmts = statements(spec, cfg)
     for ddl in stmts:
         if not ddl.startswith("INSERT"):
@@ -149,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clicks-topic", default="clicks")
     ap.add_argument("--attribution-ms", type=int, default=DEFAULT_ATTRIBUTION_MS)
     ap.add_argument("--out-of-orderness-ms", type=int, default=5_000, help="watermark delay (see sql.JobConfig)")
-    ap.add_argument("--idle-timeout-ms", type=int, default=60_000, help="unbounded: idle partitions (0 = off)")
+    ap.add_argument("--idle-timeout-ms", type=int, default=0,
+                    help="unbounded: stop waiting for a partition idle this long (0 = off: markers move it on)")
+    ap.add_argument("--checkpoint-interval-ms", type=int, default=10_000, help="unbounded: checkpoint interval")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--bounded", action="store_true", help="stop at the end offsets the broker reports at start")
     mode.add_argument(
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     # The embedded mini-cluster lives in this process: leaving would end the job. Under
     # `flink run` an unbounded job belongs to the cluster once submitted (works with -d too).
     wait = bounded or "PYFLINK_GATEWAY_PORT" not in os.environ
-    seconds = run(SPEC, cfg, a.parallelism, wait=wait, idle_timeout_ms=a.idle_timeout_ms)
+    seconds = run(SPEC, cfg, a.parallelism, wait=wait, idle_timeout_ms=a.idle_timeout_ms,
+                  checkpoint_ms=a.checkpoint_interval_ms)
     # One machine-readable line for the bench and the tests.
     state = "done" if bounded else ("stopped" if wait else "submitted")
     print(json.dumps({"flink_job": state, "seconds": round(seconds, 3)}), flush=True)

@@ -29,6 +29,10 @@ from dataclasses import dataclass, field
 
 from ctr.features.spec import FeatureSpec, field_value_key
 
+#: ``ctr.infra.schema.WATERMARK_HEADER`` (that module needs msgspec, which the Flink
+#: environment does not have; tests/test_flink_cluster.py checks they agree).
+WATERMARK_HEADER = "ctr.watermark"
+
 #: Same default as the label join (``ctr.streams.agents.label_join.DEFAULT_WINDOW_MS``); that
 #: module imports msgspec/Faust pieces, which the Flink environment does not have.
 DEFAULT_ATTRIBUTION_MS = 30_000
@@ -88,11 +92,13 @@ def _source_options(cfg: JobConfig, topic: str) -> str:
         "properties.bootstrap.servers": cfg.bootstrap,
         "properties.group.id": cfg.group,
         "scan.startup.mode": "earliest-offset",
-        "format": "json",
-        # Watermark control messages (empty value) and malformed records are skipped; the
-        # Faust join dead-letters the malformed ones, so both count the same valid events.
-        "json.ignore-parse-errors": "true",
-        "json.fail-on-missing-field": "false",
+        # The value as it is (a JSON event, or empty for a watermark control message) --
+        # the json format would drop the control messages, and with them the watermark
+        # they carry. Fields are taken out with JSON_VALUE (:func:`_json`); malformed records
+        # get NULL fields and are skipped (the Faust join dead-letters them), so both
+        # count the same valid events.
+        "format": "raw",
+        "raw.charset": "UTF-8",
         **{f"properties.{k}": v for k, v in cfg.kafka_properties.items()},
     }
     if cfg.end_offsets is not None:
@@ -113,6 +119,40 @@ def _watermark(cfg: JobConfig) -> str:
     return f"WATERMARK FOR ts AS ts - {_interval_ms(cfg.out_of_orderness_ms)}"
 
 
+def _json(*path: str) -> str:
+    """``JSON_VALUE`` of ``payload`` at ``path`` (a STRING; NULL when absent or not JSON).
+
+    >>> _json("categorical", "C1")
+    "JSON_VALUE(payload, '$[''categorical''][''C1'']')"
+    """
+    return "JSON_VALUE(payload, " + _q("$" + "".join(f"['{p}']" for p in path)) + ")"
+
+
+def _bigint(expr: str) -> str:
+    # JSON_VALUE ... RETURNING BIGINT is rejected by the code generator (Flink 2.3.0).
+    return f"TRY_CAST({expr} AS BIGINT)"
+
+
+def _source_table(name: str, cfg: JobConfig, topic: str) -> str:
+    """A raw source on ``topic``: the value, the record headers, and the event time ``ts``
+    that drives the watermark -- a data record's ``event_time_ms``, or for a watermark
+    control message (empty value, header ``ctr.watermark``) the time in its header. The
+    Kafka source keeps a watermark per partition, so a marker moves its partition's watermark
+    on even when no event comes there: an idle partition stops holding the windows back
+    without an idle timeout, and without making anything late (a marker at ``T`` promises no
+    event before ``T`` on its partition; the watermark follows at ``T - out-of-orderness``).
+    A record that is neither gets time 0, which never moves a watermark."""
+    marker = _bigint(f"CAST(headers[{_q(WATERMARK_HEADER)}] AS STRING)")
+    return f"""CREATE TABLE {name} (
+  payload STRING,
+  headers MAP<STRING, BYTES> METADATA VIRTUAL,
+  ts AS TO_TIMESTAMP_LTZ(COALESCE({_bigint(_json("event_time_ms"))}, {marker}, 0), 3),
+  {_watermark(cfg)}
+) WITH (
+  {_source_options(cfg, topic)}
+)"""
+
+
 def _entities(spec: FeatureSpec, alias: str) -> str:
     """``CROSS JOIN UNNEST`` of (entity_type, entity_id) pairs of one impression; a missing
     stat field gives a NULL id, filtered by the caller."""
@@ -125,23 +165,10 @@ def _entities(spec: FeatureSpec, alias: str) -> str:
 
 def statements(spec: FeatureSpec, cfg: JobConfig) -> list[str]:
     """DDL, views and one INSERT per window of ``spec`` (run the INSERTs as one statement set)."""
-    wm = _watermark(cfg)
+    categorical = ", ".join(f"{_q(f)}, {_json('categorical', f)}" for f in spec.stat_fields)
     ddl = [
-        f"""CREATE TABLE impressions (
-  event_id STRING, event_time_ms BIGINT, user_id STRING, item_id STRING,
-  categorical MAP<STRING, STRING>,
-  ts AS TO_TIMESTAMP_LTZ(event_time_ms, 3),
-  {wm}
-) WITH (
-  {_source_options(cfg, cfg.impressions_topic)}
-)""",
-        f"""CREATE TABLE clicks (
-  impression_id STRING, event_time_ms BIGINT,
-  ts AS TO_TIMESTAMP_LTZ(event_time_ms, 3),
-  {wm}
-) WITH (
-  {_source_options(cfg, cfg.clicks_topic)}
-)""",
+        _source_table("impressions", cfg, cfg.impressions_topic),
+        _source_table("clicks", cfg, cfg.clicks_topic),
         f"""CREATE TABLE features_sink (
   entity_type STRING, entity_id STRING, `window` STRING, window_end_ms BIGINT,
   impressions BIGINT, clicks BIGINT, ctr DOUBLE
@@ -153,12 +180,21 @@ def statements(spec: FeatureSpec, cfg: JobConfig) -> list[str]:
 )""",
         # Valid events only: JSON that parsed but lacks the required fields is what the Faust
         # join would dead-letter.
-        """CREATE TEMPORARY VIEW valid_impressions AS
-SELECT * FROM impressions
+        f"""CREATE TEMPORARY VIEW valid_impressions AS
+SELECT * FROM (
+  SELECT {_json("event_id")} AS event_id, {_bigint(_json("event_time_ms"))} AS event_time_ms,
+    {_json("user_id")} AS user_id, {_json("item_id")} AS item_id,
+    {f"MAP[{categorical}]" if spec.stat_fields else "CAST(NULL AS MAP<STRING, STRING>)"} AS categorical, ts
+  FROM impressions
+)
 WHERE event_id IS NOT NULL AND event_time_ms IS NOT NULL AND user_id IS NOT NULL AND item_id IS NOT NULL""",
+        f"""CREATE TEMPORARY VIEW valid_clicks AS
+SELECT * FROM (SELECT {_json("impression_id")} AS impression_id, {_bigint(_json("event_time_ms"))} AS event_time_ms, ts
+  FROM clicks)
+WHERE impression_id IS NOT NULL AND event_time_ms IS NOT NULL""",
         f"""CREATE TEMPORARY VIEW attributed_clicks AS
 SELECT c.impression_id, c.ts, i.user_id, i.item_id, i.categorical
-FROM clicks c, valid_impressions i
+FROM valid_clicks c, valid_impressions i
 WHERE c.impression_id = i.event_id
   AND c.ts BETWEEN i.ts AND i.ts + {_interval_ms(cfg.attribution_ms)}""",
         # The label join counts only the first attributed click of an impression.
