@@ -27,5 +27,9 @@ for _var in ("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", "PROMETHEUS
     if _os.path.basename(_os.environ.get(_var, "").rstrip("/")).startswith("feast_metrics_"):
         del _os.environ[_var]
 # ... and prometheus_client's value class is chosen now, so a later Feast import in this
-# process cannot switch it either.
-import prometheus_client.values  # noqa: E402, F401
+# process cannot switch it either. (A checkout without the dependencies -- the GPU device's
+# ``bench/checkout_ctr.py`` -- imports ``ctr`` with the standard library only.)
+try:
+    import prometheus_client.values  # noqa: F401
+except ImportError:
+    pass
