@@ -24,6 +24,13 @@ from ctr.streams.cli import reweight_command, worker_command
 if TYPE_CHECKING:
     from ctr.streams.replay import ReplaySummary
 
+#: ``ctr demo`` and ``ctr up``: who computes the windowed features that reach Feast.
+FeaturesOpt = Annotated[str, typer.Option(
+    help="Who computes the windowed features in Feast: faust (the worker's agent) or flink (a standalone Flink "
+         "cluster, the job and the pusher; the worker keeps the label join; producers then write lz4).",
+    callback=one_of(("faust", "flink")))]
+TaskManagersOpt = Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")]
+
 app = typer.Typer(
     help="Real-time CTR adaptation: replay, stream processing, online learning, serving.",
     no_args_is_help=True,
@@ -365,12 +372,8 @@ def demo_cmd(
     batch_nice: Annotated[
         int, typer.Option(help="Niceness of worker, reweighter and learner: serving's requests go first (0: equal).")
     ] = 10,
-    features: Annotated[
-        str, typer.Option(help="Who computes the windowed features: faust (the worker) or flink (a standalone Flink "
-                          "cluster, the job and the pusher; producers then write lz4).",
-                          callback=one_of(("faust", "flink")))
-    ] = "faust",
-    taskmanagers: Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")] = 1,
+    features: FeaturesOpt = "faust",
+    taskmanagers: TaskManagersOpt = 1,
 ) -> None:
     """The main job: broker, Faust worker, online learner and a paced replay, with a live view and a summary."""
     from ctr.demo import run_demo
@@ -505,12 +508,8 @@ def up_cmd(
         str, typer.Option(help="dev: one process per stage, SQLite online store. full: two Faust workers, a "
                           "Redis-protocol online store (Valkey), two serving workers, Prometheus (--monitor).")
     ] = "dev",
-    features: Annotated[
-        str, typer.Option(help="Who computes the windowed features in Feast: faust (the worker's agent) or flink "
-                          "(a standalone Flink cluster, the job and the pusher; the worker keeps the label join).",
-                          callback=one_of(("faust", "flink")))
-    ] = "faust",
-    taskmanagers: Annotated[int, typer.Option(min=1, help="--features flink: TaskManager processes.")] = 1,
+    features: FeaturesOpt = "faust",
+    taskmanagers: TaskManagersOpt = 1,
 ) -> None:
     """Start broker, Faust worker, reweighter, learner and serving in the background (.ctr/stack.json)."""
     from ctr.stack import up

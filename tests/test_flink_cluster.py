@@ -40,7 +40,13 @@ from ctr.streams.flink.harness import create_output_topic, end_offsets, flink_py
 from ctr.streams.replay import replay, replay_events
 from ctr.streams.watermarks import send_watermark
 from tests.stack_helpers import first_prediction
-from tests.test_flink_parity import diff, faust_buckets, feast_mismatches, windows_of
+from tests.test_flink_parity import (
+    assert_agent_matches,
+    diff,
+    feast_mismatches,
+    wait_feast_matches,
+    windows_of,
+)
 from tests.test_stream_agents import SMALL, Worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -244,18 +250,7 @@ def test_cluster_job_matches_the_faust_agent_and_its_pushed_rows_read_as_faust_r
         assert not diff(flink_counts, truth), f"Flink cluster vs brute force: {diff(flink_counts, truth)}"
 
         n_imp, n_clk = summary.impressions, sum(truth_labels(records).values())
-        deadline = time.monotonic() + 180
-        while True:
-            faust = faust_buckets(broker.bootstrap, app_id)
-            users = [bk for (etype, _), bk in faust.items() if etype == "user"]
-            got = (sum(v[0] for bk in users for v in bk.values()), sum(v[1] for bk in users for v in bk.values()))
-            if got == (n_imp, n_clk):
-                break
-            assert worker.alive(), worker.text()[-3000:]
-            assert time.monotonic() < deadline, f"Faust agent counted {got}, expected {(n_imp, n_clk)}"
-            time.sleep(1.0)
-        faust_windows = windows_of(faust)
-        assert not diff(flink_counts, faust_windows), f"Flink vs Faust agent: {diff(flink_counts, faust_windows)}"
+        faust = assert_agent_matches(broker.bootstrap, app_id, worker, (n_imp, n_clk), flink_counts)
 
         # What serving reads: the pusher's Feast rows (Flink) and the agent's (Faust) both hold
         # exactly the Flink windows their event time names.
@@ -263,10 +258,7 @@ def test_cluster_job_matches_the_faust_agent_and_its_pushed_rows_read_as_faust_r
 
         assert push(broker.bootstrap, "flink-features", tmp_path / "feast-flink", until_end=True) > 0
         assert not (bad := feast_mismatches(tmp_path / "feast-flink", flink_rows, list(faust))), bad[:5]
-        deadline = time.monotonic() + 120
-        while bad := feast_mismatches(tmp_path / "feast", flink_rows, list(faust)):
-            assert time.monotonic() < deadline, f"{len(bad)} Faust Feast rows differ from Flink, e.g. {bad[:5]}"
-            time.sleep(2.0)
+        wait_feast_matches(tmp_path / "feast", flink_rows, list(faust))
         print(f"\ncluster parity: {len(flink_rows):,} windows from {summary.events:,} events; "
               f"`ctr flink submit` (bounded) {job_s:.1f}s, job {job['seconds']:.1f}s")  # fmt: skip
     finally:

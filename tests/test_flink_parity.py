@@ -104,6 +104,35 @@ def diff(got: dict[Key, tuple[int, int]], want: dict[Key, tuple[int, int]], limi
     return [f"missing {missing}", f"extra {extra}", f"different {wrong}"] if missing or extra or wrong else []
 
 
+def assert_agent_matches(bootstrap: str, app_id: str, worker: Worker, totals: tuple[int, int],
+                         flink_counts: dict[Key, tuple[int, int]], timeout_s: float = 180) -> dict:
+    """Wait until the Faust agent's user windows hold ``totals`` (impressions, clicks) -- it
+    has caught up -- then compare its windows with ``flink_counts`` window by window; returns
+    the agent's buckets."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        faust = faust_buckets(bootstrap, app_id)
+        users = [bk for (etype, _), bk in faust.items() if etype == "user"]
+        got = (sum(v[0] for bk in users for v in bk.values()), sum(v[1] for bk in users for v in bk.values()))
+        if got == totals:
+            break
+        assert worker.alive(), worker.text()[-3000:]
+        assert time.monotonic() < deadline, f"Faust agent counted {got}, expected {totals}"
+        time.sleep(1.0)
+    faust_windows = windows_of(faust)
+    assert not diff(flink_counts, faust_windows), f"Flink vs Faust agent: {diff(flink_counts, faust_windows)}"
+    return faust
+
+
+def wait_feast_matches(feast_dir: Path, flink: dict[Key, tuple[int, int, float]], entities: list,
+                       timeout_s: float = 120) -> None:
+    """Poll until the Feast rows in ``feast_dir`` match ``flink`` (a writer lags behind)."""
+    deadline = time.monotonic() + timeout_s
+    while bad := feast_mismatches(feast_dir, flink, entities):
+        assert time.monotonic() < deadline, f"{len(bad)} Feast rows in {feast_dir} differ from Flink, e.g. {bad[:5]}"
+        time.sleep(2.0)
+
+
 def feast_mismatches(feast_dir: Path, flink: dict[Key, tuple[int, int, float]], entities: list) -> list:
     """Each entity's Feast row holds the windows ending at the first hop boundary after the
     row's event time; they must equal Flink's rows for those windows (zeros when Flink has
@@ -156,24 +185,10 @@ def test_flink_job_and_faust_agent_produce_identical_windowed_features(broker, t
 
         # The agent has caught up when its counts match the totals; then compare window by window.
         n_imp, n_clk = summary.impressions, sum(truth_labels(records).values())
-        deadline = time.monotonic() + 180
-        while True:
-            faust = faust_buckets(broker.bootstrap, app_id)
-            users = [bk for (etype, _), bk in faust.items() if etype == "user"]
-            got = (sum(v[0] for bk in users for v in bk.values()), sum(v[1] for bk in users for v in bk.values()))
-            if got == (n_imp, n_clk):
-                break
-            assert worker.alive(), worker.text()[-3000:]
-            assert time.monotonic() < deadline, f"Faust agent counted {got}, expected {(n_imp, n_clk)}"
-            time.sleep(1.0)
-        faust_windows = windows_of(faust)
-        assert not diff(flink_counts, faust_windows), f"Flink vs Faust agent: {diff(flink_counts, faust_windows)}"
+        faust = assert_agent_matches(broker.bootstrap, app_id, worker, (n_imp, n_clk), flink_counts)
 
         # End to end: what the agent wrote to Feast (its writer lags; poll).
-        deadline = time.monotonic() + 120
-        while bad := feast_mismatches(tmp_path / "feast", flink_rows, list(faust)):
-            assert time.monotonic() < deadline, f"{len(bad)} Feast rows differ from Flink, e.g. {bad[:5]}"
-            time.sleep(2.0)
+        wait_feast_matches(tmp_path / "feast", flink_rows, list(faust))
         print(f"\nparity: {len(rows):,} windows from {summary.events:,} events identical; "
               f"Flink job {job['seconds']:.1f}s ({job['wall_s']:.1f}s with JVM start)")  # fmt: skip
     finally:
