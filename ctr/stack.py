@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -126,24 +125,29 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
     sign, verify = stage_flags(key)
     services: dict[str, dict[str, Any]] = {"broker": {"pid": pid, "log": str(root / f"broker-{kind}" / "broker.log"),
                            "health": {"tcp": bs}}}  # fmt: skip
+
+    def undo() -> None:
+        """A start-up step failed: stop what is already running (the online store, the broker)."""
+        from ctr.infra.broker import stop_broker
+
+        if "valkey" in services:
+            stop_process(services["valkey"]["pid"])
+        stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
+        (root / "broker.json").unlink(missing_ok=True)
+
     online: tuple[str, ...] = ()
     if full:  # the online store first: the stages that use it open it at start
         from ctr.features.valkey import Valkey
 
         store = Valkey(root / "valkey")
         valkey = sup.start(Service("valkey", store.argv(), detach=True))
-        assert valkey.proc is not None  # started
+        assert valkey.proc is not None and valkey.log_path is not None  # started
         services["valkey"] = {"pid": valkey.proc.pid, "log": str(valkey.log_path), "health": {"redis": store.url}}
-        deadline = time.monotonic() + 30
-        while not store.ready():
-            if time.monotonic() > deadline or valkey.proc.poll() is not None:
-                stop_process(valkey.proc.pid)
-                from ctr.infra.broker import stop_broker
-
-                stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
-                (root / "broker.json").unlink(missing_ok=True)
-                raise RuntimeError(f"the Redis-protocol store did not start (log: {valkey.log_path})")
-            time.sleep(0.1)
+        try:
+            store.wait_ready(valkey.proc, valkey.log_path)
+        except RuntimeError:
+            undo()
+            raise
         online = ("--online", "redis", "--redis-url", store.url)
     workers = [f"worker-{i}" if i > 1 else "worker" for i in range(1, 3 if full else 2)]
     # where each stage serves /metrics (serving on its own port); Prometheus' job names
@@ -185,12 +189,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         try:
             fl = flink_features(bs, feast_dir, taskmanagers=taskmanagers, say=say, online=online)
         except BaseException:
-            from ctr.infra.broker import stop_broker
-
-            if "valkey" in services:
-                stop_process(services["valkey"]["pid"])
-            stop_broker(pid, kind, str(root / f"broker-{kind}"), grace_s=15.0)
-            (root / "broker.json").unlink(missing_ok=True)
+            undo()
             raise
         # one entry; `ctr down` stops the whole cluster (its state: .ctr/flink/cluster.json)
         services["flink"] = {"pid": fl["processes"]["jobmanager"]["pid"], "log": str(flink_home() / "log"),

@@ -96,14 +96,22 @@ class Valkey:
         args = self.argv()
         with open(self.data_dir / "server.log", "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        try:
+            self.wait_ready(self.proc, self.data_dir / "server.log", timeout_s)
+        except RuntimeError:
+            self.kill()
+            raise
+        return self
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 30.0) -> None:
+        """Until the server ``proc`` (started from :meth:`argv`) answers PING; RuntimeError with
+        the tail of its ``log`` if it exits or ``timeout_s`` passes first."""
         deadline = time.monotonic() + timeout_s
         while not self.ready():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                tail = (self.data_dir / "server.log").read_text(errors="replace")[-2000:]
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"Redis-protocol server on port {self.port} did not start:\n{tail}")
             time.sleep(0.05)
-        return self
 
     def ready(self) -> bool:
         """Answers PING (a server still loading its files answers ``-LOADING``, not ``+PONG``)."""

@@ -163,12 +163,8 @@ class FollowerRegistry(ModelRegistry):
         if mv is None:
             return
         with self._lock:
-            n = self._inflight.get(id(mv), 0) - 1
-            if n > 0:
-                self._inflight[id(mv)] = n
-                return
-            self._inflight.pop(id(mv), None)
-            token = self._tokens.pop(id(mv), None) if mv is not self.current else None
+            last = self._unhold(mv)
+            token = self._tokens.pop(id(mv), None) if last and mv is not self.current else None
         if token is not None:
             self._outbox.put(("drop", token))
 

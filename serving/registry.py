@@ -396,11 +396,16 @@ class ModelRegistry:
         if mv is None:
             return
         with self._lock:
-            n = self._inflight.get(id(mv), 0) - 1
-            if n > 0:
-                self._inflight[id(mv)] = n
-            else:
-                self._inflight.pop(id(mv), None)
+            self._unhold(mv)
+
+    def _unhold(self, mv: ModelVersion) -> bool:
+        """One hold of ``mv`` fewer (call under the lock); True when none is left."""
+        n = self._inflight.get(id(mv), 0) - 1
+        if n > 0:
+            self._inflight[id(mv)] = n
+            return False
+        self._inflight.pop(id(mv), None)
+        return True
 
     def _retire(self, mv: ModelVersion) -> None:
         self._retired.append(mv)
