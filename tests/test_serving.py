@@ -115,6 +115,30 @@ class Replica:
         return self.log.read_text()[-3000:] if self.log.exists() else ""
 
 
+def write_stats(store, ustats: dict[str, dict], istats: dict[str, dict]) -> None:
+    """The users' and items' Feast rows (at T0_MS) that the scenario's requests read."""
+    from ctr.features.store import FeatureWriter
+
+    writer = FeatureWriter(store)
+    writer.write("user_stats", [{"user_id": u, **v} for u, v in ustats.items()], event_time_ms=T0_MS)
+    writer.write("item_stats", [{"item_id": i, **v} for i, v in istats.items()], event_time_ms=T0_MS)
+
+
+def start_trainer(bs: str, state_dir: Path, publish_interval_s: float):
+    """The real trainer on the test's MODEL, publishing every ``publish_interval_s``, in a
+    thread: (trainer, stop event, its result dict, the thread)."""
+    from ctr.online_learner.trainer import Trainer, TrainerConfig
+
+    cfg = TrainerConfig(bootstrap=bs, state_dir=state_dir, batch_size=256, publish_interval_s=publish_interval_s,
+                        checkpoint_interval_s=60, snapshot_interval_s=3600, gate_margin=1.0, model=MODEL,
+                        model_id=MODEL_ID, lr_table=0.2, lr_dense=3e-3)
+    stop_training, result = threading.Event(), {}
+    trainer = Trainer(cfg)
+    thread = threading.Thread(target=lambda: result.update(trainer.run(stop_training)), daemon=True)
+    thread.start()
+    return trainer, stop_training, result, thread
+
+
 def stats_for(exs) -> tuple[dict[str, dict], dict[str, dict]]:
     """Distinct, known Feast stats for some users/items (the rest read as the prior)."""
     users = sorted({e.impression.user_id for e in exs})[::2]
@@ -245,8 +269,7 @@ def assert_scores(resp: dict, req: dict, state: dict, ustats: dict, istats: dict
 # --------------------------------------------------------------------------- the scenario
 @pytest.mark.integration
 def test_live_refresh_end_to_end(broker, tmp_path: Path) -> None:
-    from ctr.features.store import FeatureWriter, open_store
-    from ctr.online_learner.trainer import Trainer, TrainerConfig
+    from ctr.features.store import open_store
 
     bs = broker.bootstrap
     state_dir, feast_dir = tmp_path / "learner", tmp_path / "feast"
@@ -258,17 +281,9 @@ def test_live_refresh_end_to_end(broker, tmp_path: Path) -> None:
     a = Replica(tmp_path, "a", bs, snapshots, feast_dir)
     store = open_store(feast_dir)  # applies the repo before the replica opens it
     a.start()
-    writer = FeatureWriter(store)
-    writer.write("user_stats", [{"user_id": u, **v} for u, v in ustats.items()], event_time_ms=T0_MS)
-    writer.write("item_stats", [{"item_id": i, **v} for i, v in istats.items()], event_time_ms=T0_MS)
+    write_stats(store, ustats, istats)
 
-    cfg = TrainerConfig(bootstrap=bs, state_dir=state_dir, batch_size=256, publish_interval_s=0.2,
-                        checkpoint_interval_s=60, snapshot_interval_s=3600, gate_margin=1.0, model=MODEL,
-                        model_id=MODEL_ID, lr_table=0.2, lr_dense=3e-3)
-    stop_training, result = threading.Event(), {}
-    trainer = Trainer(cfg)
-    thread = threading.Thread(target=lambda: result.update(trainer.run(stop_training)), daemon=True)
-    thread.start()
+    trainer, stop_training, result, thread = start_trainer(bs, state_dir, publish_interval_s=0.2)
     b: Replica | None = None
     try:
         a.wait_ready()

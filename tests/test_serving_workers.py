@@ -43,15 +43,15 @@ from tests.learner_helpers import examples, produce_examples
 from tests.test_serving import (
     ADMIN,
     ATOL,
-    MODEL,
     MODEL_ID,
-    T0_MS,
     Replica,
     expected_rows,
     make_request,
     published_states,
     reference_scores,
+    start_trainer,
     stats_for,
+    write_stats,
 )
 
 
@@ -138,8 +138,7 @@ def _same_answers(clients: dict[str, httpx.Client], reqs: list[dict]) -> int:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_workers_end_to_end(broker, tmp_path: Path) -> None:
-    from ctr.features.store import FeatureWriter, open_store
-    from ctr.online_learner.trainer import Trainer, TrainerConfig
+    from ctr.features.store import open_store
 
     bs = broker.bootstrap
     state_dir, feast_dir = tmp_path / "learner", tmp_path / "feast"
@@ -152,17 +151,9 @@ def test_two_workers_end_to_end(broker, tmp_path: Path) -> None:
     store = open_store(feast_dir)
     w = Workers(tmp_path, bs, snapshots, feast_dir).start()
     single = Replica(tmp_path, "single", bs, snapshots, feast_dir).start()
-    writer = FeatureWriter(store)
-    writer.write("user_stats", [{"user_id": u, **v} for u, v in ustats.items()], event_time_ms=T0_MS)
-    writer.write("item_stats", [{"item_id": i, **v} for i, v in istats.items()], event_time_ms=T0_MS)
+    write_stats(store, ustats, istats)
 
-    cfg = TrainerConfig(bootstrap=bs, state_dir=state_dir, batch_size=256, publish_interval_s=0.1,
-                        checkpoint_interval_s=60, snapshot_interval_s=3600, gate_margin=1.0, model=MODEL,
-                        model_id=MODEL_ID, lr_table=0.2, lr_dense=3e-3)
-    stop_training, result = threading.Event(), {}
-    trainer = Trainer(cfg)
-    thread = threading.Thread(target=lambda: result.update(trainer.run(stop_training)), daemon=True)
-    thread.start()
+    trainer, stop_training, result, thread = start_trainer(bs, state_dir, publish_interval_s=0.1)
     pids: dict[str, int] = {}
     try:
         w.wait_ready(timeout_s=180)
