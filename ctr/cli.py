@@ -370,7 +370,8 @@ def demo_cmd(
     bootstrap: Annotated[str | None, typer.Option(help="Use an external Kafka instead of the embedded broker.")] = None,
     seed: int = 0,
     batch_nice: Annotated[
-        int, typer.Option(help="Niceness of worker, reweighter and learner: serving's requests go first (0: equal).")
+        int, typer.Option(help="Niceness of worker and reweighter (the learner: at most 3): serving's requests go "
+                               "first (0: one priority).")
     ] = 10,
     features: FeaturesOpt = "faust",
     taskmanagers: TaskManagersOpt = 1,

@@ -30,11 +30,11 @@ from ctr.infra.broker import EmbeddedBroker
 from ctr.infra.procs import free_port
 from ctr.infra.topics import DEAD_LETTER_TOPIC, FIELD_WEIGHTS_TOPIC
 from ctr.online_learner.signing import run_keys, stage_flags
-from ctr.probe import FreshnessProbe, ProbeLoop, freshness_summary
+from ctr.probe import FreshnessProbe, ProbeLoop, ProbeResult, freshness_summary
 from ctr.streams.agents.label_join import DEFAULT_WINDOW_MS
 from ctr.streams.datasets import LabeledImpression, open_source
 from ctr.streams.replay import ReplaySummary, replay
-from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
+from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv, stage_nice
 from ctr.traffic import ServedImpressions, SteadyClient, TrafficLog
 
 
@@ -149,6 +149,7 @@ def run_demo(
     started = time.monotonic()
     console.print(f"[bold]ctr demo[/]: broker {kind if broker else 'external'} at {bs}; run folder {out}")
     result: dict = {}
+    trials: list[dict] | None = None
     try:
         # The learner learns every field of the data -- the fields `ctr learn` would discover
         # from its first examples, read here up front so that the first model (and serving's
@@ -241,6 +242,7 @@ def run_demo(
         result["clicks"] += prober.probe.impressions_sent
         result["events"] += 2 * prober.probe.impressions_sent
         result.update(freshness_summary(prober.probe.results))
+        trials = freshness_trials(prober.probe.results, rows)
         if prober.error is not None:
             result["freshness_error"] = repr(prober.error)
         result.update(serving_summary(client.log))
@@ -263,6 +265,8 @@ def run_demo(
             broker.stop(keep_data=True)
     _print_summary(console, result)
     (out / "summary.json").write_text(json.dumps(result, indent=2))
+    if trials is not None:
+        (out / "freshness_trials.json").write_text(json.dumps(trials, indent=1))
     console.print(f"wrote {out / 'summary.json'} and {out / 'report.html'}; logs in {out / 'logs'}")
     return result
 
@@ -281,8 +285,9 @@ def start_stages(
     returns the serving port (ready once :func:`ready` says so). ``fields``: the learner's
     (categorical, numeric) fields; None lets it discover them from its first examples. The
     learner signs every model update and serving accepts only those (a key pair for the run
-    unless the environment names one). ``batch_nice``: the worker's, reweighter's and learner's
-    niceness (:data:`~ctr.supervisor.BATCH_NICE`; serving keeps the launcher's). ``features="flink"``:
+    unless the environment names one). ``batch_nice``: the worker's and reweighter's niceness
+    (:data:`~ctr.supervisor.BATCH_NICE`), the learner's at most :data:`~ctr.supervisor.LEARNER_NICE`
+    (:func:`~ctr.supervisor.stage_nice`); serving keeps the launcher's. ``features="flink"``:
     the worker runs the label join only (the Flink job computes the features)."""
     feast_dir, learner_dir = str(out / "feast"), out / "learner"
     key, created = run_keys(out / "keys")
@@ -301,7 +306,8 @@ def start_stages(
                     "--checkpoint-interval", "10", *sign, *extra],
     }  # fmt: skip
     for name, args in stages.items():
-        sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:]), nice=batch_nice))
+        sup.start(Service(name, ctr_argv(args[0], "--bootstrap", bootstrap, *args[1:]),
+                          nice=stage_nice(name, batch_nice)))
     port = free_port()
     serve = ["serve", "--bootstrap", bootstrap, "--snapshot-dir", str(learner_dir / "snapshots"),
              "--feast-dir", feast_dir, "--port", str(port), *verify]  # fmt: skip
@@ -331,6 +337,28 @@ def serving_summary(log: TrafficLog) -> dict:
         "serving_p99_ms": pct(0.99),
         "model_versions_served": len({v for _, v in log.versions}),
     }
+
+
+def freshness_trials(results: list[ProbeResult], rows: list[dict]) -> list[dict]:
+    """Each freshness trial with its polling trace, every served version in it annotated with
+    when the learner published it (seconds after the trial's clicks; learner metrics ``rows``):
+    where a slow trial's seconds went -- no version published, one published but applied late,
+    or versions that carried the clicks but moved the score too little.
+
+    >>> r = ProbeResult(trial=0, fresh_s=1.2, specific=0.4, threshold=0.1, version=7, clicked_unix=100.0,
+    ...                 trace=((0.05, 6, 0.0), (1.2, 7, 0.4)))
+    >>> freshness_trials([r], [{"version": 7, "wall_ms": 100_900}])[0]["trace"][1]
+    {'after_click_s': 1.2, 'version': 7, 'specific': 0.4, 'published_after_click_s': 0.9}
+    """
+    published = {row["version"]: row["wall_ms"] / 1000 for row in rows if row.get("version") is not None}
+    out = []
+    for r in results:
+        d = r.as_dict()
+        d["trace"] = [{"after_click_s": t, "version": v, "specific": sp,
+                       "published_after_click_s": (round(published[v] - r.clicked_unix, 3) if v in published else None)}
+                      for t, v, sp in r.trace]
+        out.append(d)
+    return out
 
 
 def _dead_letters(bootstrap: str) -> int:

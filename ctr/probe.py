@@ -81,6 +81,12 @@ class ProbeResult:
     moved: float = 0.0
     #: the target's median score before the burst (a move in probability is smaller near 0 or 1)
     base: float = float("nan")
+    #: unix time the clicks were handed to the producer (the trial's clock starts there)
+    clicked_unix: float = float("nan")
+    #: ``(seconds since the clicks, version, specific move)`` at each served version seen while
+    #: polling, and at the move: where a slow trial's seconds went (no new version, or versions
+    #: that moved too little; a move without a new version came with the store's item statistics)
+    trace: tuple[tuple[float, int, float], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -176,7 +182,7 @@ class FreshnessProbe:
                              position=t.position, categorical=t.categorical, numeric=t.numeric)  # fmt: skip
             produce(self.producer, IMPRESSIONS_TOPIC, encode(imp), eid.encode(), tracker)
         flush(self.producer, tracker)
-        start = time.monotonic()
+        start, clicked_unix = time.monotonic(), time.time()
         for i, eid in enumerate(ids):
             click = Click(impression_id=eid, event_time_ms=t_event + i + 500)
             produce(self.producer, CLICKS_TOPIC, encode(click), eid.encode(), tracker)
@@ -184,16 +190,21 @@ class FreshnessProbe:
         self.impressions_sent += len(ids)
 
         moved, specific, fresh, version = 0.0, 0.0, None, None
+        trace: list[tuple[float, int, float]] = []
         while time.monotonic() - start < self.timeout_s:
             s = self._score(viewer, target, control)
             if s is not None:
+                seen = time.monotonic() - start
                 moved, specific = s[0] - base, log_odds_gap(s[0], s[1]) - base_diff
+                if not trace or trace[-1][1] != s[2] or specific > threshold:  # a new version, or the move
+                    trace.append((round(seen, 3), s[2], round(specific, 5)))
                 if specific > threshold:
-                    fresh, version = time.monotonic() - start, s[2]
+                    fresh, version = seen, s[2]
                     break
             time.sleep(self.poll_s)
         res = ProbeResult(trial=k, fresh_s=fresh, specific=round(specific, 5), threshold=round(threshold, 5),
-                          version=version, moved=round(moved, 5), base=round(base, 5))  # fmt: skip
+                          version=version, moved=round(moved, 5), base=round(base, 5),
+                          clicked_unix=round(clicked_unix, 3), trace=tuple(trace))  # fmt: skip
         self.results.append(res)
         return res
 

@@ -19,7 +19,7 @@ from typing import Any
 from ctr.infra.config import state_dir
 from ctr.infra.procs import free_port, pid_alive, port_open, stop_process
 from ctr.online_learner.signing import run_keys, stage_flags
-from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv
+from ctr.supervisor import BATCH_NICE, Service, Supervisor, ctr_argv, stage_nice
 
 #: Stop order: the watcher first (the others stopping are no alert), then consumers before what
 #: they consume from. ``flink``: the Flink cluster, its job and the pusher (``--features flink``).
@@ -165,7 +165,7 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
         Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir), *online,
                                        *mflag["reweighter"]), detach=True, nice=BATCH_NICE),
         Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign,
-                                    *mflag["learner"]), detach=True, nice=BATCH_NICE),
+                                    *mflag["learner"]), detach=True, nice=stage_nice("learner")),
         Service(
             "serve",
             ctr_argv(

@@ -24,6 +24,24 @@ from ctr.infra.procs import die_with_parent, stop_process
 #: batch stages still get every cycle. 0 runs everything at one priority.
 BATCH_NICE = 10
 
+#: The learner's niceness when the other batch stages run at :data:`BATCH_NICE`. The learner
+#: is on the click -> served score path and light (about a tenth of a core at the demo's 2,000
+#: events/s), but bursty: at nice 10, next to a worker, a reweighter and a broker that together
+#: kept both cores busy, each batch waited for a core five to six times as long as it computed,
+#: a 1 s publish interval stretched to 3-5 s, and the freshness tail grew with it. At 3 it
+#: outweighs the nice-10 stages about 3:1 and still yields to serving (nice 0).
+LEARNER_NICE = 3
+
+
+def stage_nice(stage: str, batch_nice: int = BATCH_NICE) -> int:
+    """The niceness of a batch ``stage`` (worker, reweighter, learner) when they run at
+    ``batch_nice``: the learner at no more than :data:`LEARNER_NICE`; 0 keeps one priority.
+
+    >>> stage_nice("worker"), stage_nice("learner"), stage_nice("learner", 0)
+    (10, 3, 0)
+    """
+    return min(batch_nice, LEARNER_NICE) if stage == "learner" else batch_nice
+
 log = logging.getLogger(__name__)
 
 

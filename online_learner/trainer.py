@@ -113,6 +113,37 @@ DEFAULT_MODEL_OPTIONS: dict = {"table_bits": 18, "prior_strength": 0.0, "probes"
 
 
 @dataclass
+class LoopClock:
+    """Where the learner loop's time went since the last metrics row (each row carries it): a
+    version that comes late because training was slow (``train_cpu_s`` near ``train_s``) or
+    because the process waited for a core (``train_s`` well above ``train_cpu_s``: other
+    processes had it; the learner runs niced under ``ctr demo``/``ctr up``).
+
+    >>> clock = LoopClock()
+    >>> clock.add(train_s=0.25, train_cpu_s=0.05, iteration_s=0.3)
+    >>> clock.take()
+    {'train_s': 0.25, 'train_cpu_s': 0.05, 'longest_iteration_s': 0.3}
+    >>> clock.take()["train_s"]
+    0.0
+    """
+
+    train_s: float = 0.0
+    train_cpu_s: float = 0.0
+    longest_iteration_s: float = 0.0
+
+    def add(self, train_s: float, train_cpu_s: float, iteration_s: float) -> None:
+        self.train_s += train_s
+        self.train_cpu_s += train_cpu_s
+        self.longest_iteration_s = max(self.longest_iteration_s, iteration_s)
+
+    def take(self) -> dict[str, float]:
+        """The totals since the last take, rounded; then zero."""
+        out = {k: round(v, 4) for k, v in vars(self).items()}
+        self.train_s = self.train_cpu_s = self.longest_iteration_s = 0.0
+        return out
+
+
+@dataclass
 class TrainerConfig:
     bootstrap: str
     state_dir: Path
@@ -229,6 +260,7 @@ class Trainer:
         self._first_at = 0.0
         self.event_time_ms = 0
         self.duplicates = 0
+        self.clock = LoopClock()
         self.model_id = config.model_id
         #: Set (SIGUSR1 under ``ctr learn``) to publish a snapshot at the next loop turn.
         self.snapshot_requested = threading.Event()
@@ -505,6 +537,7 @@ class Trainer:
             "field_weights_version": self.field_weights_version,
             **event,
             **{k: (None if not np.isfinite(v) else round(float(v), 6)) for k, v in summary.items()},
+            **self.clock.take(),
         }
         if self.learner is not None:
             # the calibration's trust in the network's score (a) and its offset (b): how much of
@@ -540,6 +573,7 @@ class Trainer:
         next_snapshot, last_data = now + cfg.snapshot_interval_s, now
         try:
             while not stop.is_set():
+                started = time.perf_counter()
                 msgs = [m for m in self._consumer.consume(cfg.batch_size, cfg.max_latency_s) if m.error() is None]
                 weights = [m for m in msgs if m.topic() == FIELD_WEIGHTS_TOPIC]
                 if weights:
@@ -548,6 +582,7 @@ class Trainer:
                 if scores:
                     self._apply_served_scores(scores)
                 batch = [m for m in msgs if m.topic() == EXAMPLES_TOPIC]
+                t_train, cpu_train = time.perf_counter(), time.thread_time()
                 if batch:
                     self._train(decode_batch(batch, decode_training_example, self.dlq))
                     for m in batch:
@@ -555,6 +590,8 @@ class Trainer:
                         assert p is not None and off is not None  # a consumed record has both
                         self.offsets[p] = off + 1
                     last_data = time.monotonic()  # after training: the first step JIT-compiles
+                done = time.perf_counter()
+                self.clock.add(done - t_train, time.thread_time() - cpu_train, done - started)
                 now = time.monotonic()
                 if self.publisher is None:  # no model yet, so nothing to publish or save
                     if self._first:

@@ -35,6 +35,15 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     # clicks on a brand-new ad, injected while the stream runs, reach its served score
     assert s["freshness_trials"] >= 2 and s["freshness_p50_s"] is not None, s
     assert s["probe_impressions"] > 0 and "freshness_error" not in s, s
+    # each trial's trace: the versions it was served, each with when the learner published it
+    trials = json.loads((out / "freshness_trials.json").read_text())
+    assert len(trials) == s["freshness_trials"]
+    for t in (t for t in trials if t["fresh_s"] is not None):
+        last = t["trace"][-1]
+        assert last["version"] == t["version"] and abs(last["after_click_s"] - t["fresh_s"]) < 0.001, t
+        # served after it was published (one machine's clock; both rounded to the ms)
+        assert last["published_after_click_s"] is not None and last["published_after_click_s"] <= last[
+            "after_click_s"] + 0.01, t
     # live refresh is worth something after the drift
     assert s["drift_event_time_ms"] is not None
     # (3-minute runs here: +0.019 to +0.048 in window AUC; the margin is the claim, not its size)

@@ -73,6 +73,10 @@ def test_served_scores_are_joined_to_labels_by_the_learner(broker, tmp_path: Pat
     # window of ~20 clicks, can sit anywhere (0.39 was seen under load); the last shows learning
     assert len(aucs) >= 2 and all(0 <= a <= 1 and 0 <= b <= 1 for a, b in aucs), aucs
     assert aucs[-1][0] > 0.55, aucs
+    # each row says where the loop's time went since the one before (LoopClock)
+    trained = [r for r in rows if r.get("version")]
+    assert all(r["train_s"] >= 0 and r["train_cpu_s"] >= 0 and r["longest_iteration_s"] >= 0 for r in trained)
+    assert sum(r["train_cpu_s"] for r in trained) > 0
     assert abs(result["served_auc"] - roc_auc(y, p)) < 1e-4
     assert abs(result["served_log_loss"] - log_loss(y, p)) < 1e-4
     # the frozen copy scored the same impressions
