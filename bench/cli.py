@@ -217,6 +217,15 @@ def bench_pacing(ctx: typer.Context) -> None:
     cli(ctx.args)
 
 
+@bench_app.command("broker-load", context_settings=_PASS_THROUGH, add_help_option=False)
+def bench_broker_load(ctx: typer.Context) -> None:
+    """The embedded broker's CPU and state size over time while `ctr up` runs a replay
+    (`ctr bench broker-load --help` for its options)."""
+    from bench.broker_load import cli
+
+    cli(ctx.args)
+
+
 @bench_app.command("stream", context_settings=_PASS_THROUGH, add_help_option=False)
 def bench_stream(ctx: typer.Context) -> None:
     """Faust agents events/s vs raw aiokafka, Feast write rows/s, feature freshness
