@@ -115,12 +115,15 @@ DEFAULT_MODEL_OPTIONS: dict = {"table_bits": 18, "prior_strength": 0.0, "probes"
 @dataclass
 class LoopClock:
     """Where the learner loop's time went since the last metrics row (each row carries it): a
-    version that comes late because training was slow (``train_cpu_s`` near ``train_s``) or
+    version that comes late because training was slow (``train_cpu_s`` near ``train_s``),
     because the process waited for a core (``train_s`` well above ``train_cpu_s``: other
-    processes had it; the learner runs niced under ``ctr demo``/``ctr up``).
+    processes had it; the learner runs niced under ``ctr demo``/``ctr up``), or because of the
+    rest of an iteration -- consuming, publishing, a checkpoint (``longest_iteration_s``, the
+    whole loop body, well above the training).
 
     >>> clock = LoopClock()
-    >>> clock.add(train_s=0.25, train_cpu_s=0.05, iteration_s=0.3)
+    >>> clock.trained(0.25, 0.05)
+    >>> clock.iterated(0.3)
     >>> clock.take()
     {'train_s': 0.25, 'train_cpu_s': 0.05, 'longest_iteration_s': 0.3}
     >>> clock.take()["train_s"]
@@ -131,10 +134,12 @@ class LoopClock:
     train_cpu_s: float = 0.0
     longest_iteration_s: float = 0.0
 
-    def add(self, train_s: float, train_cpu_s: float, iteration_s: float) -> None:
-        self.train_s += train_s
-        self.train_cpu_s += train_cpu_s
-        self.longest_iteration_s = max(self.longest_iteration_s, iteration_s)
+    def trained(self, wall_s: float, cpu_s: float) -> None:
+        self.train_s += wall_s
+        self.train_cpu_s += cpu_s
+
+    def iterated(self, wall_s: float) -> None:
+        self.longest_iteration_s = max(self.longest_iteration_s, wall_s)
 
     def take(self) -> dict[str, float]:
         """The totals since the last take, rounded; then zero."""
@@ -590,8 +595,7 @@ class Trainer:
                         assert p is not None and off is not None  # a consumed record has both
                         self.offsets[p] = off + 1
                     last_data = time.monotonic()  # after training: the first step JIT-compiles
-                done = time.perf_counter()
-                self.clock.add(done - t_train, time.thread_time() - cpu_train, done - started)
+                self.clock.trained(time.perf_counter() - t_train, time.thread_time() - cpu_train)
                 now = time.monotonic()
                 if self.publisher is None:  # no model yet, so nothing to publish or save
                     if self._first:
@@ -631,6 +635,7 @@ class Trainer:
                 if now >= next_ckpt:
                     next_ckpt = now + cfg.checkpoint_interval_s
                     self.checkpoint()
+                self.clock.iterated(time.perf_counter() - started)
                 if max_examples is not None and self.examples_seen >= max_examples:
                     break
                 if idle_exit_s is not None and now - last_data > idle_exit_s:
