@@ -341,7 +341,8 @@ def serving_summary(log: TrafficLog) -> dict:
 
 def freshness_trials(results: list[ProbeResult], rows: list[dict]) -> list[dict]:
     """Each freshness trial with its polling trace, every served version in it annotated with
-    when the learner published it (seconds after the trial's clicks; learner metrics ``rows``):
+    when the learner logged publishing it (seconds after the trial's clicks; learner metrics
+    ``rows``, written just after the version is produced, so under load a little late):
     where a slow trial's seconds went -- no version published, one published but applied late,
     or versions that carried the clicks but moved the score too little.
 

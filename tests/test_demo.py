@@ -41,9 +41,9 @@ def test_short_demo_writes_real_numbers(tmp_path) -> None:
     for t in (t for t in trials if t["fresh_s"] is not None):
         last = t["trace"][-1]
         assert last["version"] == t["version"] and abs(last["after_click_s"] - t["fresh_s"]) < 0.001, t
-        # served after it was published (one machine's clock; both rounded to the ms)
-        assert last["published_after_click_s"] is not None and last["published_after_click_s"] <= last[
-            "after_click_s"] + 0.01, t
+        # and joined to the learner's row for that version (the row's time is when the learner
+        # logged it, after producing it: on a busy machine that can be after serving applied it)
+        assert last["published_after_click_s"] is not None, t
     # live refresh is worth something after the drift
     assert s["drift_event_time_ms"] is not None
     # (3-minute runs here: +0.019 to +0.048 in window AUC; the margin is the claim, not its size)
