@@ -160,10 +160,10 @@ def up(kind: str = "noida", feast_dir: Path | None = None, serve_port: int = 800
             ctr_argv("worker", "--bootstrap", bs, "--feast-dir", str(feast_dir), "--instance-id",
                      f"stack-worker-{i}", *online, *mflag[w], *(["--no-features"] if features == "flink" else [])),
             detach=True,
-            nice=BATCH_NICE,
+            nice=stage_nice("worker"),
         ) for i, w in enumerate(workers, 1)),
         Service("reweighter", ctr_argv("reweight", "--bootstrap", bs, "--feast-dir", str(feast_dir), *online,
-                                       *mflag["reweighter"]), detach=True, nice=BATCH_NICE),
+                                       *mflag["reweighter"]), detach=True, nice=stage_nice("reweighter")),
         Service("learner", ctr_argv("learn", "--bootstrap", bs, "--state-dir", str(root / "learner"), *sign,
                                     *mflag["learner"]), detach=True, nice=stage_nice("learner")),
         Service(

@@ -26,10 +26,11 @@ BATCH_NICE = 10
 
 #: The learner's niceness when the other batch stages run at :data:`BATCH_NICE`. The learner
 #: is on the click -> served score path and light (its training about an eighth of a core at
-#: the demo's 2,000 events/s), but bursty: at nice 10, next to a worker, a reweighter and a broker that together
-#: kept both cores busy, each batch waited for a core five to six times as long as it computed,
-#: a 1 s publish interval stretched to 3-5 s, and the freshness tail grew with it. At 3 it
-#: outweighs the nice-10 stages about 3:1 and still yields to serving (nice 0).
+#: the demo's 2,000 events/s), but bursty: at nice 10, next to a worker, a reweighter and a
+#: broker that together kept both cores busy, each batch waited for a core five to six times
+#: as long as it computed, a 1 s publish interval stretched to 3-5 s, and the freshness tail
+#: grew with it. At 3 it outweighs the nice-10 stages about 3:1 and still yields to serving
+#: (nice 0).
 LEARNER_NICE = 3
 
 

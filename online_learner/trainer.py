@@ -144,7 +144,7 @@ class LoopClock:
     def take(self) -> dict[str, float]:
         """The totals since the last take, rounded; then zero."""
         out = {k: round(v, 4) for k, v in vars(self).items()}
-        self.train_s = self.train_cpu_s = self.longest_iteration_s = 0.0
+        vars(self).update(dict.fromkeys(out, 0.0))
         return out
 
 
